@@ -1,0 +1,38 @@
+# ov-sd-trainer: every target installs what it needs first (idempotent, quick when done).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Nothing downloads at run time: tests, demo and regression run offline.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install test test-slow quality format demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q -rs --durations=15
+
+test-slow: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q -rs -m slow
+
+quality: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP)
+	$(OFFLINE) $(PY) -m ov_sd_trainer.demo --output $(DEMO_DIR)
+
+clean:
+	rm -rf outputs build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,105 @@
+"""`ov-sd`: the project's command line (tiny pipelines, datasets, generation).
+
+Every user error is printed as one line `ov-sd: error: ...` with exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def _cmd_make_tiny(args):
+    from .models import TinySDConfig, build_tiny_pipeline
+    from .outputs import atomic_output_dir
+
+    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        build_tiny_pipeline(tmp, TinySDConfig(resolution=args.resolution, seed=args.seed))
+    print(f"tiny Stable Diffusion pipeline written to {args.output}")
+
+
+def _cmd_make_dataset(args):
+    from .outputs import atomic_output_dir
+    from .synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(args.num_samples, seed=args.seed, resolution=args.resolution)
+    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        import json
+
+        with open(tmp / "metadata.jsonl", "w") as f:
+            for i, row in enumerate(ds):
+                name = f"{i:06d}.png"
+                row["image"].save(tmp / name)
+                f.write(json.dumps({"file_name": name, "text": row["text"]}) + "\n")
+    print(f"{len(ds)} captioned images written to {args.output} (imagefolder layout)")
+
+
+def _cmd_generate(args):
+    from .generate import generate
+
+    info = generate(
+        args.model,
+        args.prompt,
+        args.output,
+        steps=args.steps,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        guidance_scale=args.guidance_scale,
+        backend=args.backend,
+        negative_prompt=args.negative_prompt,
+    )
+    print(
+        f"saved {args.output} ({info['width']}x{info['height']}, {info['steps']} steps): "
+        f"{info['step_s'] * 1000:.1f} ms/step, {info['total_s']:.2f} s generation, {info['load_s']:.1f} s load+compile"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ov-sd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny", help="write a randomly initialised tiny SD pipeline (offline)")
+    s.add_argument("--output", required=True)
+    s.add_argument("--resolution", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    s.set_defaults(func=_cmd_make_tiny)
+
+    s = sub.add_parser("make-dataset", help="write the synthetic captioned dataset as an imagefolder")
+    s.add_argument("--output", required=True)
+    s.add_argument("--num-samples", type=int, default=1000)
+    s.add_argument("--resolution", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_make_dataset)
+
+    s = sub.add_parser("generate", help="generate an image from an OpenVINO or diffusers pipeline")
+    s.add_argument("--model", required=True, help="OpenVINO export folder, diffusers folder or Hub id")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--output", required=True, help="PNG path")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=int, default=None, help="default: the size the model was trained at")
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--guidance-scale", type=float, default=7.5)
+    s.add_argument("--backend", choices=("openvino", "pytorch"), default="openvino")
+    s.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"ov-sd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

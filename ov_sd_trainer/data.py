@@ -1,0 +1,108 @@
+"""Captioned image datasets: the synthetic set, a local imagefolder, or a Hub dataset id.
+
+`load_captioned_dataset` returns a `datasets.Dataset` with the user's image and caption columns
+checked; `make_train_transform` turns rows into the tensors training needs (pixel values in
+[-1, 1] and caption ids padded to the tokenizer's max length, as at inference).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+SYNTHETIC = "synthetic"
+
+
+def load_captioned_dataset(
+    name: str = SYNTHETIC,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+    max_samples: int | None = None,
+    synthetic_size: int = 1000,
+    synthetic_resolution: int = 64,
+    seed: int = 0,
+    config_name: str | None = None,
+):
+    """Load a captioned dataset.
+
+    `name` is "synthetic" (or "synthetic:N" for N samples), a local folder in `imagefolder` layout
+    with metadata.jsonl / metadata.csv, or a Hub dataset id such as
+    `lambdalabs/pokemon-blip-captions` (needs network)."""
+    import datasets
+
+    if name == SYNTHETIC or name.startswith(SYNTHETIC + ":"):
+        from .synthetic import make_synthetic_dataset
+
+        n = synthetic_size
+        if ":" in name:
+            try:
+                n = int(name.split(":", 1)[1])
+            except ValueError:
+                raise UserError(f"dataset {name!r}: write synthetic:N with N a whole number, e.g. synthetic:500")
+        ds = make_synthetic_dataset(n, seed=seed, resolution=synthetic_resolution)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        if not any((folder / f).is_file() for f in ("metadata.jsonl", "metadata.csv")) and not any(
+            folder.glob("*/metadata.*")
+        ):
+            raise UserError(
+                f"dataset folder {name!r} has no metadata.jsonl or metadata.csv; add one with a file_name "
+                f"column and a caption column (see the datasets imagefolder docs)"
+            )
+        ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
+    elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        raise UserError(f"dataset path {name!r} does not exist or is not a folder; pass an imagefolder or a Hub id")
+    else:
+        try:
+            ds = datasets.load_dataset(name, config_name, split=split)
+        except Exception as e:  # network down, unknown id, gated set: all surface the same way
+            raise UserError(f"could not load dataset {name!r} from the Hub ({type(e).__name__}: {e}".splitlines()[0] + ")")
+    missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"dataset {name!r} has no column {missing[0]!r} (columns found: {ds.column_names}); "
+            f"set image_column / caption_column"
+        )
+    if max_samples is not None:
+        if max_samples < 1:
+            raise UserError(f"max_samples must be >= 1, got {max_samples}")
+        ds = ds.select(range(min(max_samples, len(ds))))
+    return ds
+
+
+def check_captions(ds, caption_column: str) -> None:
+    """Reject empty captions: SD would learn the unconditional prompt from them by accident."""
+    empty = [i for i, t in enumerate(ds[caption_column]) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise UserError(
+            f"{len(empty)} empty caption(s) in column {caption_column!r} (first at row {empty[0]}); "
+            "fill or drop them before training"
+        )
+
+
+def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_flip: bool, image_column: str,
+                         caption_column: str):  # fmt: skip
+    """A `Dataset.with_transform` function: rows -> pixel_values [B,3,H,W] in [-1,1], input_ids [B,77]."""
+    from torchvision import transforms
+
+    image_tf = transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+            transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda x: x),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+    def transform(batch):
+        images = [image_tf(img.convert("RGB")) for img in batch[image_column]]
+        captions = batch[caption_column]
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return {"pixel_values": images, "input_ids": list(ids)}
+
+    return transform

@@ -1,0 +1,155 @@
+"""Tiny Stable Diffusion pipelines built offline, and loading of user pipelines with clear errors.
+
+The tiny pipeline has SD's structure at a small scale: a CLIP text encoder, a KL autoencoder,
+and a UNet whose highest-resolution blocks hold transformer blocks with self-attention and
+cross-attention to the text (so quantization and token merging meet the same ops as in SD 1.5).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import synthetic
+from .errors import UserError
+from .tokenizer import build_clip_tokenizer
+
+
+@dataclass
+class TinySDConfig:
+    resolution: int = 64  # image side in pixels
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks -> VAE factor 4: 64 px -> 16x16 latents (256 tokens)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_layers_per_block: int = 1
+    attention_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    norm_groups: int = 8
+    seed: int = 0
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+# SD 1.x's noise schedule, so that training targets and inference schedulers behave like SD's.
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build_components(cfg: TinySDConfig | None = None, tokenizer_dir: str | Path | None = None):
+    """Return (tokenizer, text_encoder, vae, unet, scheduler), randomly initialised from cfg.seed."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = cfg or TinySDConfig()
+    if cfg.resolution % cfg.vae_factor:
+        raise UserError(f"resolution {cfg.resolution} is not divisible by the VAE factor {cfg.vae_factor}")
+    torch.manual_seed(cfg.seed)
+    tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="ov-sd-tok-")
+    tokenizer = build_clip_tokenizer(tokenizer_dir, synthetic.vocabulary())
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_hidden * 4,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=cfg.text_hidden,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=cfg.resolution,
+    )
+    m = len(cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // cfg.vae_factor,
+        in_channels=4,
+        out_channels=4,
+        # cross-attention blocks at every resolution but the lowest, like SD 1.5
+        down_block_types=("CrossAttnDownBlock2D",) * (m - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (m - 1),
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.attention_heads,  # diffusers' SD configs use this field as the head count
+        norm_num_groups=cfg.norm_groups,
+    )
+    scheduler = PNDMScheduler(**SD_SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def build_tiny_pipeline(output_dir: str | Path | None = None, cfg: TinySDConfig | None = None):
+    """A randomly initialised tiny `StableDiffusionPipeline`; saved as a diffusers folder if asked."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder, vae, unet, scheduler = build_components(cfg)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if output_dir is not None:
+        pipe.save_pretrained(output_dir, safe_serialization=True)
+    return pipe
+
+
+def check_pipeline_source(name_or_path: str) -> None:
+    """Fail early with a clear message for a local path that is missing or not an SD pipeline.
+
+    Anything that does not look like a local path is taken for a Hub id and left to diffusers."""
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if not looks_local:
+        return
+    if not path.exists():
+        raise UserError(f"model path {name_or_path!r} does not exist; pass a diffusers pipeline folder or a Hub id")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(
+            f"{name_or_path!r} is not a Stable Diffusion pipeline folder (no model_index.json); "
+            "pass the folder written by StableDiffusionPipeline.save_pretrained"
+        )
+    components = json.loads(index.read_text())
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
+    if missing:
+        raise UserError(f"{name_or_path!r} is not a Stable Diffusion pipeline: model_index.json lacks {missing}")
+
+
+def load_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load a diffusers `StableDiffusionPipeline` from a local folder or a Hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    check_pipeline_source(name_or_path)
+    return StableDiffusionPipeline.from_pretrained(
+        name_or_path, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
