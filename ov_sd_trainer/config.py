@@ -1,0 +1,194 @@
+"""`QATConfig`: every knob of UNet quantization-aware training, as `TrainingArguments` fields.
+
+Recipes (`--recipe file.json`) hold these field names; their values become parser defaults and
+command-line flags override them, as TRL's `TrlParser` does. Unknown keys and wrong types are
+one-line errors that name the key.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import UserError
+
+REFERENCE = "reference"  # the bundled reference model (ov_sd_trainer/assets/reference)
+PRESETS = ("mixed", "performance")
+OVERFLOW_FIX = ("disable", "enable", "first_layer_only")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class QATConfig(TrainingArguments):
+    # --- model -------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = field(
+        default=REFERENCE,
+        metadata={"help": "diffusers SD pipeline: local folder, Hub id, or 'reference' for the bundled model"},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the pipeline"})
+    # --- data --------------------------------------------------------------------------------
+    dataset_name: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic', 'synthetic:N', a local imagefolder, or a Hub dataset id"},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
+    image_column: str = field(default="image", metadata={"help": "dataset column holding the images"})
+    caption_column: str = field(default="text", metadata={"help": "dataset column holding the captions"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "truncate the dataset to N rows"})
+    synthetic_size: int = field(default=1000, metadata={"help": "rows of the synthetic dataset"})
+    resolution: int = field(default=64, metadata={"help": "training image side in pixels (512 for SD 1.5)"})
+    center_crop: bool = field(default=False, metadata={"help": "centre crop instead of random crop"})
+    random_flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    # --- quantization ------------------------------------------------------------------------
+    quantization_preset: str = field(
+        default="mixed", metadata={"help": f"NNCF preset: {' | '.join(PRESETS)} (mixed: asymmetric activations)"}
+    )
+    num_calibration_samples: int = field(
+        default=300, metadata={"help": "UNet inputs from the training data used to initialise quantizer ranges"}
+    )
+    overflow_fix: str = field(default="disable", metadata={"help": f"NNCF overflow fix: {' | '.join(OVERFLOW_FIX)}"})
+    ignored_scope: list[str] | None = field(
+        default=None, metadata={"help": "regex patterns of node names NNCF must not quantize"}
+    )
+    tune_quantizers_only: bool = field(
+        default=False, metadata={"help": "train only the quantizer parameters (scales), keep weights frozen"}
+    )
+    # --- losses ------------------------------------------------------------------------------
+    distillation_weight: float = field(
+        default=1.0, metadata={"help": "weight of MSE(student, FP32 teacher) added to the task loss"}
+    )
+    prediction_type: str | None = field(
+        default=None, metadata={"help": "epsilon | v_prediction | sample; default: the scheduler's"}
+    )
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR loss weighting gamma (5.0 is common)"})
+    noise_offset: float = field(default=0.0, metadata={"help": "noise offset (0 = off)"})
+    # --- EMA ---------------------------------------------------------------------------------
+    use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the student's trainable parameters"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay ceiling"})
+    ema_device: str = field(default="cpu", metadata={"help": "where the EMA shadow lives (cpu keeps GPU free)"})
+    ema_use_warmup: bool = field(default=False, metadata={"help": "diffusers' power-law EMA warm-up"})
+    ema_power: float = field(default=2 / 3, metadata={"help": "power of the EMA warm-up"})
+    # --- token merging -----------------------------------------------------------------------
+    tome_ratio: float = field(default=0.0, metadata={"help": "token merging ratio on the student (0 = off, <= 0.75)"})
+    # --- optimizer ---------------------------------------------------------------------------
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (same as optim=adamw_8bit)"})
+    # --- output ------------------------------------------------------------------------------
+    overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output_dir (resume is always allowed)"})
+    export: bool = field(default=True, metadata={"help": "export the OpenVINO pipeline to output_dir/openvino at the end"})
+
+    def __post_init__(self):
+        if self.use_8bit_adam:
+            self.optim = "adamw_bnb_8bit"
+        super().__post_init__()
+        if self.quantization_preset not in PRESETS:
+            raise UserError(f"quantization_preset={self.quantization_preset!r}: use one of {PRESETS}")
+        if self.overflow_fix not in OVERFLOW_FIX:
+            raise UserError(f"overflow_fix={self.overflow_fix!r}: use one of {OVERFLOW_FIX}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"prediction_type={self.prediction_type!r}: use one of {PREDICTION_TYPES} or leave unset")
+        if not 0.0 <= self.tome_ratio <= 0.75:
+            raise UserError(f"tome_ratio={self.tome_ratio}: must be between 0 and 0.75")
+        if self.num_calibration_samples < 1:
+            raise UserError(f"num_calibration_samples={self.num_calibration_samples}: must be >= 1")
+        if self.resolution < 8 or self.resolution % 8:
+            raise UserError(f"resolution={self.resolution}: must be a multiple of 8 (the VAE factor of SD)")
+        if self.distillation_weight < 0:
+            raise UserError(f"distillation_weight={self.distillation_weight}: must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"snr_gamma={self.snr_gamma}: must be > 0 or unset")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise UserError(f"max_train_samples={self.max_train_samples}: must be >= 1 or unset")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def _accepts(tp, value) -> bool:
+    """Whether a JSON value fits a dataclass field annotation (as HfArgumentParser would parse it)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (typing.Any,)
+        return isinstance(value, list) and all(_accepts(inner, v) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, str):  # str enums (IntervalStrategy, ...)
+        return isinstance(value, str)
+    return True  # types we do not know how to check are left to __post_init__
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def load_recipe(path: str | Path, config_cls=QATConfig) -> dict:
+    """Read a JSON recipe and check every key is a field of `config_cls` with a value of its type."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {str(path)!r} not found; pass a JSON file such as recipes/reference-int8.json")
+    try:
+        recipe = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"recipe {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe {str(path)!r} must hold a JSON object of config fields")
+    hints = typing.get_type_hints(config_cls)
+    known = {f.name for f in fields(config_cls) if f.init}
+    for key, value in recipe.items():
+        if key not in known:
+            close = [k for k in known if k.replace("_", "") == key.replace("_", "").lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"recipe {path.name}: unknown key {key!r}{hint}; keys are QATConfig field names")
+        if not _accepts(hints[key], value):
+            raise UserError(
+                f"recipe {path.name}: key {key!r} has value {value!r} of type {type(value).__name__}, "
+                f"expected {_type_name(hints[key])}"
+            )
+    return recipe
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):  # one-line errors instead of argparse's usage dump
+        raise UserError(f"{message}; see `python train.py --help`")
+
+
+def parse_config(argv: list[str] | None = None, config_cls=QATConfig) -> tuple:
+    """Parse `[--recipe FILE] [--field value ...]` into a config. Flags override the recipe.
+
+    Returns (config, recipe_dict) where recipe_dict holds the recipe's own keys (or {})."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_path = None
+    if "--recipe" in argv:
+        i = argv.index("--recipe")
+        if i + 1 >= len(argv):
+            raise UserError("--recipe needs a path to a JSON file")
+        recipe_path = argv[i + 1]
+        del argv[i : i + 2]
+    recipe = load_recipe(recipe_path, config_cls) if recipe_path else {}
+    parser = _Parser(config_cls)
+    parser.add_argument("--recipe", help="JSON file whose keys are config fields; flags override it")
+    parser.set_defaults(**recipe)
+    cfg, *_ = parser.parse_args_into_dataclasses(args=argv)
+    return cfg, recipe

@@ -1,0 +1,81 @@
+"""EMA of the student's trainable parameters, kept in CPU RAM, as a `TrainerCallback`.
+
+The decay follows diffusers' `EMAModel.get_decay` exactly (warm-up `(1+s)/(10+s)` or the power
+law, capped at `decay`). The 2023 reference workflow re-assigned `decay` every step, which made
+its "EMA" a two-step average; here the decay only depends on the step count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+EMA_FILE = "ema.safetensors"
+
+
+def ema_decay(step: int, decay: float, use_warmup: bool = False, power: float = 2 / 3, inv_gamma: float = 1.0,
+              update_after_step: int = 0, min_decay: float = 0.0) -> float:  # fmt: skip
+    """Decay for optimization step `step` (1-based), identical to diffusers' `EMAModel.get_decay`."""
+    s = max(0, step - update_after_step - 1)
+    if s <= 0:
+        return 0.0
+    value = 1 - (1 + s / inv_gamma) ** -power if use_warmup else (1 + s) / (10 + s)
+    return max(min(value, decay), min_decay)
+
+
+class EMACallback(TrainerCallback):
+    """fp32 shadow copies of `module`'s trainable parameters on `device` (default CPU).
+
+    `on_step_end` runs after every optimizer step: shadow -= (1 - decay) * (shadow - param)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.9999, device: str = "cpu", use_warmup: bool = False,
+                 power: float = 2 / 3):  # fmt: skip
+        self.module = module
+        self.decay, self.device, self.use_warmup, self.power = decay, torch.device(device), use_warmup, power
+        self.optimization_step = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            n: p.detach().to(self.device, torch.float32, copy=True) for n, p in self._params()
+        }
+
+    def _params(self):
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def step(self):
+        self.optimization_step += 1
+        decay = ema_decay(self.optimization_step, self.decay, self.use_warmup, self.power)
+        params = self._params()
+        names = list(self.shadow)
+        for name, (pname, p) in zip(names, params, strict=True):
+            assert name == pname, f"EMA parameter order changed: {name} != {pname}"
+            s = self.shadow[name]
+            s.sub_((1 - decay) * (s - p.detach().to(self.device, torch.float32)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step()
+        return control
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module | None = None):
+        """Write the EMA weights into the module (the student by default)."""
+        params = dict((module or self.module).named_parameters())
+        for name, s in self.shadow.items():
+            params[name].copy_(s.to(params[name].device, params[name].dtype))
+
+    def save(self, directory: str | Path):
+        meta = {"optimization_step": str(self.optimization_step), "decay": str(self.decay)}
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(Path(directory) / EMA_FILE), metadata=meta)
+
+    def load(self, directory: str | Path):
+        from safetensors import safe_open
+
+        path = Path(directory) / EMA_FILE
+        tensors = load_file(str(path), device=str(self.device))
+        if set(tensors) != set(self.shadow):
+            raise ValueError(f"{path} does not match the student's trainable parameters")
+        self.shadow = {k: tensors[k] for k in self.shadow}
+        with safe_open(str(path), "pt") as f:
+            self.optimization_step = int(f.metadata()["optimization_step"])

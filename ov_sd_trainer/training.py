@@ -1,0 +1,170 @@
+"""The QAT recipe: setup (pipeline, data, calibration, student/teacher) -> train -> save -> export.
+
+`run(config)` is what `train.py` calls; each stage is a function so tests can drive them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import quantization
+from .config import REFERENCE, QATConfig
+from .data import check_captions, load_captioned_dataset, make_train_transform
+from .ema import EMACallback
+from .errors import UserError
+from .models import load_pipeline
+from .trainer import QATModel, QATTrainer
+
+logger = logging.getLogger(__name__)
+FINAL_DIR = "final"  # output_dir/final: the trained student (EMA applied), NNCF config + state dict
+
+
+def resolve_model_path(name: str) -> str:
+    if name == REFERENCE:
+        from .reference import reference_model_path
+
+        return str(reference_model_path())
+    return name
+
+
+def collate(rows):
+    return {
+        "pixel_values": torch.stack([r["pixel_values"] for r in rows]).contiguous(),
+        "input_ids": torch.stack([r["input_ids"] for r in rows]),
+    }
+
+
+def prepare_dataset(cfg: QATConfig, tokenizer):
+    ds = load_captioned_dataset(
+        cfg.dataset_name,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        max_samples=cfg.max_train_samples,
+        synthetic_size=cfg.synthetic_size,
+        synthetic_resolution=cfg.resolution,
+        seed=cfg.seed,
+        config_name=cfg.dataset_config_name,
+    )
+    check_captions(ds, cfg.caption_column)
+    if cfg.num_calibration_samples > len(ds):
+        raise UserError(
+            f"num_calibration_samples={cfg.num_calibration_samples} exceeds the dataset's {len(ds)} rows; "
+            f"lower it or use more data"
+        )
+    transform = make_train_transform(
+        tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_column, cfg.caption_column
+    )
+    return ds.with_transform(transform)
+
+
+@torch.no_grad()
+def collect_calibration_inputs(model: QATModel, dataset, num_samples: int, seed: int, device) -> list[dict]:
+    """Real UNet inputs for NNCF's range initialisation: noisy latents of training images at random
+    timesteps with their caption embeddings, one sample per item (as training sees them)."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)[:num_samples].tolist()
+    fork = torch.random.fork_rng(devices=[])  # keep the training RNG stream untouched by calibration
+    with fork:
+        torch.manual_seed(seed)
+        items = []
+        for i in tqdm(order, desc="calibration inputs", leave=False):
+            row = collate([dataset[i]])
+            latents, states = model.encode(row["pixel_values"].to(device), row["input_ids"].to(device))
+            noisy, _, t = model.noisy_inputs(latents)
+            items.append({"sample": noisy, "timestep": t, "encoder_hidden_states": states})
+    return items
+
+
+def build(cfg: QATConfig):
+    """Load everything and quantize the student. Returns (model, train_dataset, pipeline)."""
+    path = resolve_model_path(cfg.pretrained_model_name_or_path)
+    pipe = load_pipeline(path, revision=cfg.revision)
+    factor = pipe.vae_scale_factor
+    if cfg.resolution % factor:
+        raise UserError(f"resolution={cfg.resolution} is not divisible by the VAE factor {factor} of {path}")
+    if cfg.tome_ratio > 0:
+        raise UserError("tome_ratio > 0: token merging is not available in this version yet; set tome_ratio to 0")
+    train_ds = prepare_dataset(cfg, pipe.tokenizer)
+    device = cfg.device
+    teacher = pipe.unet.to(device).eval().requires_grad_(False)
+    model = QATModel(
+        student=teacher,  # replaced below by its quantized copy
+        teacher=teacher,
+        vae=pipe.vae.to(device),
+        text_encoder=pipe.text_encoder.to(device),
+        noise_scheduler=_noise_scheduler(path, cfg.revision),
+        distillation_weight=cfg.distillation_weight,
+        prediction_type=cfg.prediction_type,
+        snr_gamma=cfg.snr_gamma,
+        noise_offset=cfg.noise_offset,
+    )
+    calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
+    t0 = time.perf_counter()
+    student = quantization.quantize_unet(
+        teacher, calib, preset=cfg.quantization_preset, overflow_fix=cfg.overflow_fix, ignored_scope=cfg.ignored_scope
+    )
+    logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
+    student.train()
+    student.requires_grad_(True)
+    if cfg.tune_quantizers_only:
+        for _, p in quantization.weight_parameters(student):
+            p.requires_grad_(False)
+    model.student = student
+    return model, train_ds, pipe
+
+
+def _noise_scheduler(path: str, revision: str | None):
+    """The training scheduler: DDPM with the pipeline's noise schedule and prediction type."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+
+
+def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
+    """Train and save; returns the output folder."""
+    out = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(
+            f"output_dir {str(out)!r} exists and is not empty; pass --overwrite true to reuse it "
+            f"or --resume_from_checkpoint latest to continue"
+        )
+    if cfg.resume_from_checkpoint == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {str(out)!r}")
+        cfg.resume_from_checkpoint = last
+    cfg.remove_unused_columns = False  # the transform needs the raw image and caption columns
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model, train_ds, pipe = build(cfg)
+    ema = None
+    if cfg.use_ema:
+        ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
+    trainer = QATTrainer(model=model, args=cfg, train_dataset=train_ds, data_collator=collate, ema=ema)
+    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    if ema is not None:
+        ema.copy_to(model.student)  # the exported model is the EMA model
+    if trainer.is_world_process_zero():
+        final = out / FINAL_DIR
+        quantization.save_quantized(model.student, final / "student")
+        info = {
+            "base_model": cfg.pretrained_model_name_or_path,
+            "resolved_model_path": resolve_model_path(cfg.pretrained_model_name_or_path),
+            "recipe": recipe or {},
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "total_runtime_s": time.perf_counter() - t0,
+            "global_step": trainer.state.global_step,
+            "log_history": trainer.state.log_history,
+        }
+        (final / "training_info.json").write_text(json.dumps(info, indent=2, default=str))
+        (final / "config.json").write_text(cfg.to_json_string())
+    return out
