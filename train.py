@@ -1,7 +1,7 @@
 """Quantization-aware training of a Stable Diffusion UNet for OpenVINO.
 
-    accelerate launch train.py --recipe recipes/reference-int8.json [--field value ...]
-    python train.py --recipe recipes/reference-int8.json --max_steps 10
+accelerate launch train.py --recipe recipes/reference-int8.json [--field value ...]
+python train.py --recipe recipes/reference-int8.json --max_steps 10
 """
 
 import sys

@@ -80,7 +80,9 @@ class QATConfig(TrainingArguments):
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (same as optim=adamw_8bit)"})
     # --- output ------------------------------------------------------------------------------
     overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output_dir (resume is always allowed)"})
-    export: bool = field(default=True, metadata={"help": "export the OpenVINO pipeline to output_dir/openvino at the end"})
+    export: bool = field(
+        default=True, metadata={"help": "export the OpenVINO pipeline to output_dir/openvino at the end"}
+    )
 
     def __post_init__(self):
         if self.use_8bit_adam:
@@ -190,5 +192,10 @@ def parse_config(argv: list[str] | None = None, config_cls=QATConfig) -> tuple:
     parser = _Parser(config_cls)
     parser.add_argument("--recipe", help="JSON file whose keys are config fields; flags override it")
     parser.set_defaults(**recipe)
-    cfg, *_ = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        cfg, *_, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # TrainingArguments' own checks (incompatible options, bad strategies, ...)
+        raise UserError(str(e).strip().splitlines()[0]) from None
+    if remaining:
+        raise UserError(f"unrecognized arguments: {' '.join(remaining)}; see `python train.py --help`")
     return cfg, recipe

@@ -58,7 +58,9 @@ def load_captioned_dataset(
         try:
             ds = datasets.load_dataset(name, config_name, split=split)
         except Exception as e:  # network down, unknown id, gated set: all surface the same way
-            raise UserError(f"could not load dataset {name!r} from the Hub ({type(e).__name__}: {e}".splitlines()[0] + ")")
+            raise UserError(
+                f"could not load dataset {name!r} from the Hub ({type(e).__name__}: {e}".splitlines()[0] + ")"
+            )
     missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
     if missing:
         raise UserError(

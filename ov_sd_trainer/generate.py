@@ -111,7 +111,9 @@ def _default_size(model: str) -> tuple[int, int]:
     root = Path(model)
     try:
         unet_cfg = json.loads((root / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((root / ("vae_decoder" if is_openvino_folder(root) else "vae") / "config.json").read_text())
+        vae_cfg = json.loads(
+            (root / ("vae_decoder" if is_openvino_folder(root) else "vae") / "config.json").read_text()
+        )
         factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         return unet_cfg["sample_size"] * factor, unet_cfg["sample_size"] * factor
     except (OSError, KeyError, ValueError):

@@ -42,11 +42,7 @@ def caption_for(shape: str, color: str, background: str) -> str:
 
 def all_combinations() -> list[tuple[str, str, str]]:
     """Every (shape, color, background) the generator can draw; shape colour != background."""
-    return [
-        (s, c, b)
-        for s, c, b in itertools.product(SHAPES, COLORS, BACKGROUNDS)
-        if COLORS[c] != BACKGROUNDS[b]
-    ]
+    return [(s, c, b) for s, c, b in itertools.product(SHAPES, COLORS, BACKGROUNDS) if COLORS[c] != BACKGROUNDS[b]]
 
 
 def vocabulary() -> list[str]:

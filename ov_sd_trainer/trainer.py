@@ -67,7 +67,9 @@ class QATModel(nn.Module):
         noise = torch.randn_like(latents)
         if self.noise_offset:
             noise += self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         return noisy, noise, t.long()
 

@@ -1,0 +1,93 @@
+"""Recipes and the config: every shipped recipe loads; bad keys/types are one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ov_sd_trainer.config import QATConfig, load_recipe, parse_config
+from ov_sd_trainer.errors import UserError
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.json"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {
+        "reference-int8.json",
+        "reference-tome-int8.json",
+        "sd15-pokemon-int8.json",
+        "sd15-pokemon-tome-int8.json",
+    } <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(recipe):
+    cfg, raw = parse_config(["--recipe", str(recipe)])
+    assert isinstance(cfg, QATConfig)
+    for key, value in raw.items():
+        got = getattr(cfg, key)
+        got = getattr(got, "value", got)  # str enums
+        if key == "report_to":
+            got = got if isinstance(got, str) else got[0] if got else "none"
+        assert got == value, key
+
+
+def test_sd15_recipes_follow_the_published_workflow():
+    cfg, _ = parse_config(["--recipe", "recipes/sd15-pokemon-int8.json"])
+    assert cfg.max_steps == 4096 and cfg.learning_rate == 1e-5 and cfg.resolution == 512
+    assert cfg.per_device_train_batch_size == 1 and cfg.gradient_accumulation_steps == 4
+    assert cfg.num_calibration_samples == 300 and cfg.ema_device == "cpu" and cfg.gradient_checkpointing
+    assert cfg.distillation_weight > 0 and cfg.dataset_name == "lambdalabs/pokemon-blip-captions"
+
+
+def test_flags_override_recipe():
+    cfg, _ = parse_config(["--recipe", "recipes/reference-int8.json", "--max_steps", "7", "--ema_decay", "0.5"])
+    assert cfg.max_steps == 7 and cfg.ema_decay == 0.5
+
+
+def _write(tmp_path, data):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"learning_rat": 1e-5}, r"unknown key 'learning_rat'"),
+        ({"max_steps": "ten"}, r"key 'max_steps' has value 'ten' of type str, expected int"),
+        ({"use_ema": "yes"}, r"key 'use_ema' .* expected bool"),
+        ({"ignored_scope": "conv_in"}, r"key 'ignored_scope' .* expected"),
+        ("{not json", r"not valid JSON"),
+        ([1, 2], r"must hold a JSON object"),
+    ],
+)
+def test_recipe_errors(tmp_path, data, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe(_write(tmp_path, data))
+
+
+def test_missing_recipe_file():
+    with pytest.raises(UserError, match="not found"):
+        parse_config(["--recipe", "recipes/nope.json"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tome_ratio", "0.9"], "tome_ratio=0.9: must be between 0 and 0.75"),
+        (["--resolution", "100"], "multiple of 8"),
+        (["--quantization_preset", "fast"], "quantization_preset='fast'"),
+        (["--max_steps", "x"], "invalid int value"),
+        (["--no_such_flag", "1"], "unrecognized arguments"),
+    ],
+)
+def test_cli_value_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_config(["--output_dir", "x"] + argv)
+
+
+def test_8bit_adam_flag_sets_optimizer():
+    cfg, _ = parse_config(["--output_dir", "x", "--use_8bit_adam", "true"])
+    assert cfg.optim == "adamw_bnb_8bit"
