@@ -40,7 +40,7 @@ def load_captioned_dataset(
             try:
                 n = int(name.split(":", 1)[1])
             except ValueError:
-                raise UserError(f"dataset {name!r}: write synthetic:N with N a whole number, e.g. synthetic:500")
+                raise UserError(f"dataset {name!r}: write synthetic:N with N a whole number, e.g. synthetic:500") from None
         ds = make_synthetic_dataset(n, seed=seed, resolution=synthetic_resolution)
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
@@ -60,7 +60,7 @@ def load_captioned_dataset(
         except Exception as e:  # network down, unknown id, gated set: all surface the same way
             raise UserError(
                 f"could not load dataset {name!r} from the Hub ({type(e).__name__}: {e}".splitlines()[0] + ")"
-            )
+            ) from None
     missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
     if missing:
         raise UserError(
