@@ -56,6 +56,36 @@ def _cmd_generate(args):
     )
 
 
+def _cmd_export(args):
+    from .export import export_openvino_pipeline, load_student_from_checkpoint
+    from .outputs import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)  # fail before the slow load
+    student, cfg, base, recipe = load_student_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
+    export_openvino_pipeline(
+        base,
+        student,
+        args.output,
+        overwrite=args.overwrite,
+        recipe=recipe,
+        sample_prompts=args.sample_prompt,
+        sample_steps=args.sample_steps,
+        resolution=cfg.get("resolution"),
+    )
+    print(f"OpenVINO pipeline written to {args.output}")
+
+
+def _cmd_push(args):
+    from .hub import push_to_hub, upload_plan
+
+    files = upload_plan(args.model)
+    if args.dry_run:
+        print("\n".join(files))
+        return
+    url = push_to_hub(args.model, args.repo_id, token=args.token, private=args.private)
+    print(f"uploaded {len(files)} files to {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ov-sd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float, default=7.5)
     s.add_argument("--backend", choices=("openvino", "pytorch"), default="openvino")
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("export", help="export a training checkpoint to an OpenVINO pipeline folder (int8 UNet)")
+    s.add_argument("--checkpoint", required=True, help="output_dir/final or output_dir/checkpoint-N")
+    s.add_argument("--output", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    s.add_argument("--no-ema", action="store_true", help="export the raw student, not its EMA (checkpoint-N only)")
+    s.add_argument("--sample-prompt", action="append", default=None, help="render a sample image (repeatable)")
+    s.add_argument("--sample-steps", type=int, default=20)
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("push", help="upload an exported OpenVINO folder to the Hugging Face Hub")
+    s.add_argument("--model", required=True, help="the exported OpenVINO folder")
+    s.add_argument("--repo-id", required=True, help="user/name")
+    s.add_argument("--token", default=None, help="default: $HF_TOKEN or the stored login")
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded")
+    s.set_defaults(func=_cmd_push)
     return p
 
 

@@ -87,7 +87,12 @@ class QATConfig(TrainingArguments):
     def __post_init__(self):
         if self.use_8bit_adam:
             self.optim = "adamw_bnb_8bit"
+        # Trainer would push torch checkpoints; we push the exported OpenVINO folder ourselves.
+        self.push_openvino = bool(self.push_to_hub)
+        self.push_to_hub = False
         super().__post_init__()
+        if self.push_openvino and not self.hub_model_id:
+            raise UserError("push_to_hub needs hub_model_id (user/name)")
         if self.quantization_preset not in PRESETS:
             raise UserError(f"quantization_preset={self.quantization_preset!r}: use one of {PRESETS}")
         if self.overflow_fix not in OVERFLOW_FIX:

@@ -26,6 +26,22 @@ def ema_decay(step: int, decay: float, use_warmup: bool = False, power: float = 
     return max(min(value, decay), min_decay)
 
 
+@torch.no_grad()
+def copy_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+    params = dict(module.named_parameters())
+    for name, s in tensors.items():
+        params[name].copy_(s.to(params[name].device, params[name].dtype))
+
+
+def apply_ema_file(module: torch.nn.Module, directory: str | Path) -> bool:
+    """Copy the EMA weights saved in `directory` (if any) into `module`; True if there were some."""
+    path = Path(directory) / EMA_FILE
+    if not path.is_file():
+        return False
+    copy_into(module, load_file(str(path)))
+    return True
+
+
 class EMACallback(TrainerCallback):
     """fp32 shadow copies of `module`'s trainable parameters on `device` (default CPU).
 
@@ -58,12 +74,9 @@ class EMACallback(TrainerCallback):
         self.step()
         return control
 
-    @torch.no_grad()
     def copy_to(self, module: torch.nn.Module | None = None):
         """Write the EMA weights into the module (the student by default)."""
-        params = dict((module or self.module).named_parameters())
-        for name, s in self.shadow.items():
-            params[name].copy_(s.to(params[name].device, params[name].dtype))
+        copy_into(module or self.module, self.shadow)
 
     def save(self, directory: str | Path):
         meta = {"optimization_step": str(self.optimization_step), "decay": str(self.decay)}

@@ -58,8 +58,11 @@ def build_components(cfg: TinySDConfig | None = None, tokenizer_dir: str | Path 
     if cfg.resolution % cfg.vae_factor:
         raise UserError(f"resolution {cfg.resolution} is not divisible by the VAE factor {cfg.vae_factor}")
     torch.manual_seed(cfg.seed)
-    tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="ov-sd-tok-")
-    tokenizer = build_clip_tokenizer(tokenizer_dir, synthetic.vocabulary())
+    if tokenizer_dir is None:  # the tokenizer lives in memory once loaded: its files can go
+        with tempfile.TemporaryDirectory(prefix="ov-sd-tok-") as tmp:
+            tokenizer = build_clip_tokenizer(tmp, synthetic.vocabulary())
+    else:
+        tokenizer = build_clip_tokenizer(tokenizer_dir, synthetic.vocabulary())
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.text_hidden,

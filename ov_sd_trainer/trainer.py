@@ -148,12 +148,13 @@ class QATTrainer(Trainer):
         quantization.save_quantized(student, Path(output_dir) / STUDENT_DIR)
         if self.ema is not None:
             self.ema.save(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        Path(output_dir, "config.json").write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.accelerator.unwrap_model(model or self.model)
         src = Path(resume_from_checkpoint)
-        state = quantization.load_quantized_state_dict(src / STUDENT_DIR)
+        # Rebuild from the saved NNCF config on the teacher (a copy), then take its exact state.
+        state = quantization.load_quantized(model.teacher, src / STUDENT_DIR).state_dict()
         model.student.load_state_dict(state)
         if self.ema is not None and (src / EMA_FILE).is_file():
             self.ema.load(src)

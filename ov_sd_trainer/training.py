@@ -17,10 +17,12 @@ from .config import REFERENCE, QATConfig
 from .data import check_captions, load_captioned_dataset, make_train_transform
 from .ema import EMACallback
 from .errors import UserError
+from .export import RECIPE_FILE, export_openvino_pipeline
 from .models import load_pipeline
 from .trainer import QATModel, QATTrainer
 
 logger = logging.getLogger(__name__)
+OPENVINO_DIR = "openvino"  # output_dir/openvino: the exported pipeline folder
 FINAL_DIR = "final"  # output_dir/final: the trained student (EMA applied), NNCF config + state dict
 
 
@@ -112,7 +114,8 @@ def build(cfg: QATConfig):
     )
     logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
     student.train()
-    student.requires_grad_(True)
+    for p in student.parameters():  # NNCF also keeps integer buffers-as-parameters (e.g. bit widths)
+        p.requires_grad_(p.is_floating_point())
     if cfg.tune_quantizers_only:
         for _, p in quantization.weight_parameters(student):
             p.requires_grad_(False)
@@ -143,6 +146,8 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {str(out)!r}")
         cfg.resume_from_checkpoint = last
     cfg.remove_unused_columns = False  # the transform needs the raw image and caption columns
+    if cfg.push_openvino and not cfg.export:
+        raise UserError("push_to_hub needs export=true: the OpenVINO folder is what gets uploaded")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, train_ds, pipe = build(cfg)
@@ -150,6 +155,9 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     if cfg.use_ema:
         ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
     trainer = QATTrainer(model=model, args=cfg, train_dataset=train_ds, data_collator=collate, ema=ema)
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2))
     result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     if ema is not None:
         ema.copy_to(model.student)  # the exported model is the EMA model
@@ -167,4 +175,23 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         }
         (final / "training_info.json").write_text(json.dumps(info, indent=2, default=str))
         (final / "config.json").write_text(cfg.to_json_string())
+        if cfg.export:
+            export_openvino_pipeline(
+                resolve_model_path(cfg.pretrained_model_name_or_path),
+                model.student,
+                out / OPENVINO_DIR,
+                overwrite=True,  # this run's own export; the run already owns output_dir
+                recipe=recipe or {},
+                training_info=info,
+                sample_prompts=[_sample_prompt(train_ds.with_transform(None), cfg.caption_column)],
+                resolution=cfg.resolution,
+            )
+        if cfg.push_openvino:
+            from .hub import push_to_hub
+
+            push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
     return out
+
+
+def _sample_prompt(ds, caption_column: str) -> str:
+    return ds[0][caption_column]

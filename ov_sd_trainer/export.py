@@ -1,0 +1,130 @@
+"""Export a trained student to an OpenVINO pipeline folder that optimum-intel loads unchanged.
+
+Text encoder, VAE, tokenizer and scheduler go through optimum-intel's own exporter (so the
+folder is exactly what `OVStableDiffusionPipeline.from_pretrained` expects); the UNet is the
+trained NNCF student converted with `openvino.convert_model`, keeping its FakeQuantize ops, so
+`openvino.save_model` stores its weights as int8. The folder is written to a temporary sibling
+and renamed on success: a failed export leaves any previous one untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+from . import quantization
+from .errors import UserError
+from .outputs import atomic_output_dir, check_output_dir
+
+logger = logging.getLogger(__name__)
+RESULTS_FILE = "results.json"
+RECIPE_FILE = "training_recipe.json"
+UNET_XML = Path("unet") / "openvino_model.xml"
+
+
+def _bin_size(xml: Path) -> int:
+    return xml.with_suffix(".bin").stat().st_size
+
+
+def export_openvino_pipeline(
+    base_model: str,
+    student,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    recipe: dict | None = None,
+    training_info: dict | None = None,
+    sample_prompts: list[str] | None = None,
+    sample_steps: int = 20,
+    resolution: int | None = None,
+) -> Path:
+    """Write the OpenVINO pipeline folder. `student` is the quantized UNet (EMA already applied).
+
+    Returns the folder. Results (sizes, FakeQuantize count, timings) go to results.json."""
+    import openvino as ov
+    from optimum.intel import OVStableDiffusionPipeline
+
+    from .hub import write_model_card
+
+    check_output_dir(output_dir, overwrite)
+    if not quantization.is_quantized(student):
+        raise UserError("the student UNet is not quantized; export needs a checkpoint written by QAT training")
+    t0 = time.perf_counter()
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        logger.info("exporting text encoder, VAE, tokenizer and scheduler with optimum-intel")
+        pipe = OVStableDiffusionPipeline.from_pretrained(base_model, export=True, compile=False)
+        pipe.save_pretrained(tmp)
+        del pipe
+        fp32_bytes = _bin_size(tmp / UNET_XML)
+        logger.info("converting the quantized student UNet")
+        ov_unet = quantization.convert_unet_to_openvino(student)
+        ov.save_model(ov_unet, tmp / UNET_XML, compress_to_fp16=False)
+        int8_bytes = _bin_size(tmp / UNET_XML)
+        saved = ov.Core().read_model(tmp / UNET_XML)
+        n_int8, int8_const_bytes = quantization.int8_constant_stats(saved)
+        results = {
+            "unet_fp32_bytes": fp32_bytes,
+            "unet_int8_bytes": int8_bytes,
+            "unet_size_ratio": round(int8_bytes / fp32_bytes, 4),
+            "fake_quantize_ops": quantization.count_fake_quantize(saved),
+            "int8_constants": n_int8,
+            "int8_constant_bytes": int8_const_bytes,
+            "total_bytes": sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()),
+            "export_s": None,
+        }
+        if training_info:
+            results["training"] = {k: v for k, v in training_info.items() if k != "log_history"}
+        samples = []
+        if sample_prompts:
+            samples = _render_samples(tmp, sample_prompts, sample_steps, resolution)
+        results["export_s"] = round(time.perf_counter() - t0, 1)
+        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2, default=str))
+        write_model_card(tmp, base_model=base_model, recipe=recipe or {}, results=results, samples=samples)
+    logger.info("OpenVINO pipeline written to %s (UNet %.3fx of FP32)", output_dir, results["unet_size_ratio"])
+    return Path(output_dir)
+
+
+def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: int | None) -> list[dict]:
+    """Generate sample images with the exported folder itself: proves it loads and runs."""
+    import numpy as np
+
+    from .generate import _default_size, load_ov_pipeline
+
+    h, w = (resolution, resolution) if resolution else _default_size(str(folder))
+    pipe = load_ov_pipeline(str(folder), h, w)
+    (folder / "samples").mkdir(exist_ok=True)
+    out = []
+    for i, prompt in enumerate(prompts):
+        image = pipe(prompt, num_inference_steps=steps, generator=np.random.RandomState(i)).images[0]
+        name = f"samples/sample_{i}.png"
+        image.save(folder / name)
+        out.append({"prompt": prompt, "file": name, "seed": i, "steps": steps})
+    return out
+
+
+def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
+    """(student, config dict, base model path, recipe) from a training checkpoint or final folder."""
+    from .models import load_pipeline
+    from .training import resolve_model_path
+
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint {str(ckpt)!r} does not exist; pass output_dir/final or output_dir/checkpoint-N")
+    cfg_file = ckpt / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{str(ckpt)!r} is not a training checkpoint (no config.json); pass one written by train.py")
+    cfg = json.loads(cfg_file.read_text())
+    base = resolve_model_path(cfg["pretrained_model_name_or_path"])
+    pipe = load_pipeline(base, revision=cfg.get("revision"))
+    student = quantization.load_quantized(copy.deepcopy(pipe.unet), ckpt / "student")
+    if use_ema:
+        from .ema import apply_ema_file
+
+        apply_ema_file(student, ckpt)  # checkpoint-N folders hold the EMA apart; final/ has it applied
+    recipe_file = ckpt.parent / RECIPE_FILE  # written by training.run next to the checkpoints
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else cfg
+    return student, cfg, base, recipe

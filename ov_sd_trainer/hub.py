@@ -1,0 +1,148 @@
+"""Model card and Hub upload of an exported OpenVINO pipeline folder (`huggingface_hub`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+CARD_FILE = "README.md"
+# Never uploaded: torch training state that can sit next to an export by accident.
+EXCLUDE = ["*.pt", "*.pth", "*.safetensors", "checkpoint-*/**", "student/**", ".*"]
+
+
+def _md_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def card_metadata(base_model: str, recipe: dict, results: dict) -> dict:
+    base = recipe.get("pretrained_model_name_or_path", base_model)
+    meta = {
+        "library_name": "optimum-intel",
+        "pipeline_tag": "text-to-image",
+        "tags": [
+            "openvino",
+            "stable-diffusion",
+            "text-to-image",
+            "int8",
+            "nncf",
+            "quantization-aware-training",
+            "ov-sd-trainer",
+        ],  # fmt: skip
+        "license": "openrail",
+    }
+    if "/" in base and not Path(base).exists():  # a Hub id: link the base model on the Hub
+        meta["base_model"] = base
+    dataset = recipe.get("dataset_name")
+    if dataset and "/" in dataset and not Path(dataset).exists():
+        meta["datasets"] = [dataset]
+    if results.get("model_index"):
+        meta["model-index"] = results["model_index"]
+    return meta
+
+
+def _yaml(meta: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(meta, sort_keys=False).strip()
+
+
+def write_model_card(folder: str | Path, base_model: str, recipe: dict, results: dict, samples: list[dict]):
+    """README.md with Hub metadata, what the model is, how it was made, its numbers and usage."""
+    folder = Path(folder)
+    meta = card_metadata(base_model, recipe, results)
+    training = results.get("training", {})
+    size_rows = [
+        {
+            "UNet FP32 (MB)": f"{results['unet_fp32_bytes'] / 1e6:.2f}",
+            "UNet int8 (MB)": f"{results['unet_int8_bytes'] / 1e6:.2f}",
+            "ratio": results["unet_size_ratio"],
+            "FakeQuantize ops": results["fake_quantize_ops"],
+        }
+    ]
+    res = recipe.get("resolution", 512)
+    parts = [
+        f"---\n{_yaml(meta)}\n---",
+        f"# {folder.name if not folder.name.startswith('.') else 'OpenVINO int8 Stable Diffusion'}",
+        "An OpenVINO Stable Diffusion pipeline whose UNet was quantized to 8 bits with quantization-aware "
+        "training (NNCF, distillation from the FP32 UNet, EMA) by "
+        "[ov-sd-trainer](https://github.com/ov-sd-trainer/ov-sd-trainer). Text encoder and VAE are exported "
+        "unchanged with optimum-intel.",
+        "## Training",
+        f"- base model: `{recipe.get('pretrained_model_name_or_path', base_model)}`",
+        f"- dataset: `{recipe.get('dataset_name', 'n/a')}`",
+        f"- steps: {training.get('global_step', recipe.get('max_steps', 'n/a'))}, "
+        f"training time: {training.get('train_runtime_s', 'n/a')} s",
+        "",
+        "Recipe:",
+        "```json\n" + json.dumps(recipe, indent=2, default=str) + "\n```",
+        "## Size",
+        _md_table(size_rows),
+    ]
+    for title, key in (("Benchmark", "benchmark"), ("Fidelity to the FP32 model", "fidelity")):
+        if results.get(key):
+            parts += [f"## {title}", _md_table(results[key])]
+    if samples:
+        parts.append("## Samples")
+        parts += [
+            f"![{s['prompt']}]({s['file']})  \n`{s['prompt']}` (seed {s['seed']}, {s['steps']} steps)" for s in samples
+        ]
+    parts += [
+        "## Usage",
+        "```python\nfrom optimum.intel import OVStableDiffusionPipeline\n\n"
+        f'pipe = OVStableDiffusionPipeline.from_pretrained("<this folder or repo id>", compile=False)\n'
+        f"pipe.reshape(batch_size=1, height={res}, width={res}, num_images_per_prompt=1)\n"
+        "pipe.compile()\n"
+        f'image = pipe("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps=50).images[0]\n```',
+    ]
+    (folder / CARD_FILE).write_text("\n\n".join(p for p in parts if p is not None) + "\n")
+
+
+def upload_plan(folder: str | Path) -> list[str]:
+    """The files `push_to_hub` uploads, relative to the folder (sorted)."""
+    import fnmatch
+
+    folder = Path(folder)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in EXCLUDE))
+
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False, api=None,
+                commit_message: str = "Upload OpenVINO int8 pipeline (ov-sd-trainer)") -> str:  # fmt: skip
+    """Create the repo (if needed) and upload the OpenVINO folder. Returns the repo URL.
+
+    `api` defaults to `huggingface_hub.HfApi`; tests pass a recording stand-in."""
+    folder = Path(folder)
+    if not (folder / "unet" / "openvino_model.xml").is_file() or not (folder / "model_index.json").is_file():
+        raise UserError(f"{str(folder)!r} is not an exported OpenVINO pipeline; run `ov-sd export` first")
+    if "/" not in repo_id or repo_id.count("/") != 1:
+        raise UserError(f"repo id {repo_id!r} must look like user/name")
+    if api is None:
+        import huggingface_hub
+
+        token = token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
+        api = huggingface_hub.HfApi(token=token)
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded")
+    try:
+        url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message,
+            ignore_patterns=EXCLUDE,
+        )
+    except Exception as e:  # offline, 401, 403: the local folder stays as it is
+        raise UserError(
+            f"upload to {repo_id!r} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the folder {str(folder)!r} is unchanged, retry with `ov-sd push`"
+        ) from None
+    return str(url)

@@ -1,0 +1,197 @@
+"""Export of a tiny QAT run to an OpenVINO pipeline folder; model card; Hub push plan; atomicity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ov_sd_trainer import quantization
+from ov_sd_trainer.config import parse_config
+from ov_sd_trainer.errors import UserError
+from ov_sd_trainer.export import RESULTS_FILE, export_openvino_pipeline, load_student_from_checkpoint
+from ov_sd_trainer.hub import push_to_hub, upload_plan
+from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.training import FINAL_DIR, OPENVINO_DIR, run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step QAT run of a tiny pipeline with export at the end."""
+    root = tmp_path_factory.mktemp("export")
+    base = root / "base"
+    build_tiny_pipeline(base, TinySDConfig(seed=2))
+    argv = [
+        "--pretrained_model_name_or_path", str(base), "--dataset_name", "synthetic:12",
+        "--output_dir", str(root / "run"), "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--learning_rate", "1e-4",
+    ]  # fmt: skip
+    cfg, recipe = parse_config(argv)
+    out = run(cfg, {"pretrained_model_name_or_path": str(base), "max_steps": 3})
+    return {"base": base, "out": out, "ov": out / OPENVINO_DIR, "root": root}
+
+
+def test_export_folder_layout_int8_and_size(trained):
+    import openvino as ov
+
+    ov_dir = trained["ov"]
+    for sub in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
+        assert (ov_dir / sub / "openvino_model.xml").is_file(), sub
+    for f in ("model_index.json", "README.md", RESULTS_FILE, "training_recipe.json", "samples/sample_0.png"):
+        assert (ov_dir / f).is_file(), f
+    unet = ov.Core().read_model(ov_dir / "unet" / "openvino_model.xml")
+    assert quantization.count_fake_quantize(unet) > 0
+    assert quantization.count_int8_constants(unet) > 0
+    assert [i.get_any_name() for i in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert "out_sample" in unet.outputs[0].get_names()
+    results = json.loads((ov_dir / RESULTS_FILE).read_text())
+    # tiny models keep proportionally more float biases/norms than SD 1.5 (0.251x there)
+    assert results["unet_size_ratio"] <= 0.27, results
+    assert results["unet_int8_bytes"] == (ov_dir / "unet" / "openvino_model.bin").stat().st_size
+
+
+def test_optimum_pipeline_loads_reshapes_and_generates(trained):
+    from optimum.intel import OVStableDiffusionPipeline
+
+    pipe = OVStableDiffusionPipeline.from_pretrained(trained["ov"], compile=False)
+    pipe.reshape(batch_size=1, height=64, width=64, num_images_per_prompt=1)
+    pipe.compile()
+    image = pipe("a red circle on a blue background", num_inference_steps=3).images[0]
+    assert image.size == (64, 64)
+
+
+def test_parity_ov_unet_vs_pytorch_student_and_teacher(trained):
+    """The exported int8 UNet reproduces the fake-quant PyTorch student; optimum's FP32 export the teacher."""
+    import openvino as ov
+    from optimum.intel import OVStableDiffusionPipeline
+
+    student, _, base, _ = load_student_from_checkpoint(trained["out"] / FINAL_DIR)
+    student.eval()
+    inputs = quantization.unet_example_inputs(student, batch=2, height=16, width=16)
+    with torch.no_grad():
+        ref = student(**inputs, return_dict=False)[0].numpy()
+    core = ov.Core()
+    compiled = core.compile_model(
+        trained["ov"] / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    got = compiled({k: v.numpy() for k, v in inputs.items()})[0]
+    # FakeQuantize in OV and NNCF's torch kernel round identically except for values that fall within float
+    # error of a rounding boundary: those move by one quantization step. We bound the relative L2 error.
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 0.02, rel
+
+    fp32 = trained["root"] / "fp32"
+    OVStableDiffusionPipeline.from_pretrained(base, export=True, compile=False).save_pretrained(fp32)
+    teacher = load_pipe_unet(base)
+    with torch.no_grad():
+        ref_t = teacher(**inputs, return_dict=False)[0].numpy()
+    got_t = core.compile_model(fp32 / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        {k: v.numpy() for k, v in inputs.items()}
+    )[0]
+    assert np.abs(got_t - ref_t).max() < 1e-4 * max(1.0, np.abs(ref_t).max())
+    # and the student really is quantized: it differs from the teacher more than FP32 rounding does
+    assert np.abs(ref - ref_t).max() > 1e-4
+
+
+def load_pipe_unet(base):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
+
+
+def test_model_card_fields(trained):
+    text = (trained["ov"] / "README.md").read_text()
+    assert text.startswith("---\n")
+    import yaml
+
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "optimum-intel" and meta["pipeline_tag"] == "text-to-image"
+    assert {"openvino", "int8", "nncf"} <= set(meta["tags"])
+    assert "OVStableDiffusionPipeline.from_pretrained" in text and "pipe.reshape" in text
+    assert "samples/sample_0.png" in text and "UNet int8 (MB)" in text
+
+
+class RecordingApi:
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def create_repo(self, **kw):
+        self.calls.append(("create_repo", kw))
+        if self.fail:
+            raise self.fail
+        return f"https://huggingface.co/{kw['repo_id']}"
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw))
+
+
+def test_push_plan_and_calls(trained, tmp_path):
+    plan = upload_plan(trained["ov"])
+    assert "unet/openvino_model.bin" in plan and "README.md" in plan and "model_index.json" in plan
+    assert not any(p.endswith((".safetensors", ".pt")) for p in plan)
+    api = RecordingApi()
+    url = push_to_hub(trained["ov"], "me/tiny-int8", token="t0k", private=True, api=api)
+    assert url == "https://huggingface.co/me/tiny-int8"
+    (name1, kw1), (name2, kw2) = api.calls
+    assert name1 == "create_repo" and kw1 == {
+        "repo_id": "me/tiny-int8",
+        "private": True,
+        "exist_ok": True,
+        "repo_type": "model",
+    }
+    assert name2 == "upload_folder" and kw2["folder_path"] == str(trained["ov"]) and kw2["repo_id"] == "me/tiny-int8"
+
+
+def test_push_failures_are_clear_and_lose_nothing(trained, monkeypatch):
+    before = sorted(p.stat().st_mtime_ns for p in trained["ov"].rglob("*") if p.is_file())
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(UserError, match="no Hugging Face token"):
+        push_to_hub(trained["ov"], "me/x")
+    with pytest.raises(UserError, match="upload to 'me/x' failed .*unchanged"):
+        push_to_hub(trained["ov"], "me/x", token="t", api=RecordingApi(fail=ConnectionError("offline")))
+    with pytest.raises(UserError, match="not an exported OpenVINO pipeline"):
+        push_to_hub(trained["base"], "me/x", token="t", api=RecordingApi())
+    assert before == sorted(p.stat().st_mtime_ns for p in trained["ov"].rglob("*") if p.is_file())
+
+
+def test_export_is_atomic(trained, tmp_path, monkeypatch):
+    student, _, base, _ = load_student_from_checkpoint(trained["out"] / FINAL_DIR)
+    target = tmp_path / "ov"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="--overwrite"):
+        export_openvino_pipeline(base, student, target)
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quantization, "convert_unet_to_openvino", boom)
+    with pytest.raises(OSError, match="No space left"):
+        export_openvino_pipeline(base, student, target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ov"]  # no temporary folder left behind
+    assert (target / "precious.txt").read_text() == "keep me"
+
+
+def test_cli_export_generate_and_errors(trained, tmp_path):
+    cli = [sys.executable, "-m", "ov_sd_trainer.cli"]
+    out = tmp_path / "cli-ov"
+    r = subprocess.run(cli + ["export", "--checkpoint", str(trained["out"] / FINAL_DIR), "--output", str(out)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "unet" / "openvino_model.xml").is_file()
+    png = tmp_path / "x.png"
+    r = subprocess.run(cli + ["generate", "--model", str(out), "--prompt", "a blue square on a white background",
+                              "--steps", "3", "--output", str(png)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert png.is_file() and "ms/step" in r.stdout
+    r = subprocess.run(cli + ["export", "--checkpoint", str(trained["base"]), "--output", str(tmp_path / "y")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "not a training checkpoint" in r.stderr
+    assert not (tmp_path / "y").exists()

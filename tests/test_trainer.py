@@ -1,0 +1,144 @@
+"""QAT training end to end on a tiny pipeline: losses, weights and scales move, EMA, resume, 8-bit Adam, bf16."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from ov_sd_trainer import quantization
+from ov_sd_trainer.config import parse_config
+from ov_sd_trainer.ema import EMACallback
+from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.trainer import QATTrainer
+from ov_sd_trainer.training import FINAL_DIR, build, collate, run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    build_tiny_pipeline(path, TinySDConfig(seed=1))
+    return str(path)
+
+
+def make_cfg(tiny_model, out, *extra):
+    argv = [
+        "--pretrained_model_name_or_path", tiny_model,
+        "--dataset_name", "synthetic:16",
+        "--output_dir", str(out),
+        "--resolution", "64",
+        "--max_steps", "4",
+        "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3",  # large so that 4 steps move quantizer scales measurably
+        "--num_calibration_samples", "4",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--use_cpu", "true",
+        "--ema_decay", "0.9",
+        "--export", "false",
+        "--seed", "0",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+    cfg, _ = parse_config(argv)
+    return cfg
+
+
+def train_direct(cfg):
+    """Build + train with access to the trainer (run() hides it)."""
+    cfg.remove_unused_columns = False
+    torch.manual_seed(cfg.seed)
+    model, ds, _ = build(cfg)
+    ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device) if cfg.use_ema else None
+    trainer = QATTrainer(model=model, args=cfg, train_dataset=ds, data_collator=collate, ema=ema)
+    before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
+    trainer.train()
+    return trainer, model, ema, before
+
+
+def test_four_steps_move_weights_scales_and_log_separate_losses(tiny_model, tmp_path):
+    trainer, model, ema, before = train_direct(make_cfg(tiny_model, tmp_path / "run"))
+    after = dict(model.student.named_parameters())
+    qnames = {n for n, _ in quantization.quantizer_parameters(model.student)}
+    wnames = {n for n, _ in quantization.weight_parameters(model.student)}
+    assert qnames and wnames and not (qnames & wnames)
+    assert any(not torch.equal(before[n], after[n]) for n in qnames), "no quantizer scale changed"
+    assert any(not torch.equal(before[n], after[n]) for n in wnames), "no weight changed"
+    # the teacher is untouched and frozen
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    for h in logs:
+        for key in ("loss", "task_loss", "distillation_loss"):
+            assert math.isfinite(h[key]), (key, h)
+        assert h["task_loss"] != h["distillation_loss"]
+        assert h["distillation_loss"] > 0
+    # the EMA lives on the CPU and differs from the student
+    assert ema.optimization_step == 4
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ema.shadow.values())
+    diffs = [not torch.equal(ema.shadow[n], after[n].detach().cpu()) for n in ema.shadow]
+    assert any(diffs)
+
+
+def test_no_weight_decay_on_quantizer_parameters(tiny_model, tmp_path):
+    cfg = make_cfg(tiny_model, tmp_path / "run", "--max_steps", "1", "--weight_decay", "0.1")
+    trainer, model, _, _ = train_direct(cfg)
+    decay_ids = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decay_ids, "some weights should decay"
+    assert not decay_ids & {id(p) for _, p in quantization.quantizer_parameters(model.student)}
+
+
+def test_tune_quantizers_only_keeps_weights(tiny_model, tmp_path):
+    cfg = make_cfg(tiny_model, tmp_path / "run", "--max_steps", "2", "--tune_quantizers_only", "true")
+    _, model, _, before = train_direct(cfg)
+    after = dict(model.student.named_parameters())
+    for n, _ in quantization.weight_parameters(model.student):
+        assert torch.equal(before[n], after[n]), n
+    assert any(not torch.equal(before[n], after[n]) for n, _ in quantization.quantizer_parameters(model.student))
+
+
+def test_resume_after_two_of_four_steps_matches_uninterrupted(tiny_model, tmp_path):
+    save = ["--save_strategy", "steps", "--save_steps", "2"]
+    full = run(make_cfg(tiny_model, tmp_path / "full", *save))
+    first = make_cfg(tiny_model, tmp_path / "part", *save, "--max_steps", "2")
+    run(first)
+    # a fresh process would re-parse the same recipe with max_steps 4 and resume from checkpoint-2
+    resumed = run(make_cfg(tiny_model, tmp_path / "part", *save, "--resume_from_checkpoint", "latest"))
+    from safetensors.torch import load_file
+
+    sa = load_file(str(full / FINAL_DIR / "student" / quantization.STATE_SAFETENSORS))
+    sb = load_file(str(resumed / FINAL_DIR / "student" / quantization.STATE_SAFETENSORS))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
+    info = json.loads((resumed / FINAL_DIR / "training_info.json").read_text())
+    assert info["global_step"] == 4
+
+
+@pytest.mark.parametrize("extra", [["--use_8bit_adam", "true"], ["--bf16", "true"]], ids=["adamw8bit", "bf16"])
+def test_8bit_adam_and_bf16_train(tiny_model, tmp_path, extra):
+    trainer, model, _, before = train_direct(make_cfg(tiny_model, tmp_path / "run", "--max_steps", "2", *extra))
+    if "--use_8bit_adam" in extra:
+        import bitsandbytes as bnb
+
+        assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit | bnb.optim.AdamW)
+        states = [s for s in trainer.optimizer.optimizer.state.values() if "state1" in s]
+        assert states and any(s["state1"].dtype == torch.uint8 for s in states)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    after = dict(model.student.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_gradient_checkpointing_through_trainer(tiny_model, tmp_path):
+    a, _, _, _ = train_direct(make_cfg(tiny_model, tmp_path / "a", "--max_steps", "2"))
+    b, _, _, _ = train_direct(
+        make_cfg(tiny_model, tmp_path / "b", "--max_steps", "2", "--gradient_checkpointing", "true")
+    )
+    la = [h["loss"] for h in a.state.log_history if "loss" in h]
+    lb = [h["loss"] for h in b.state.log_history if "loss" in h]
+    assert la == pytest.approx(lb, rel=1e-5)
