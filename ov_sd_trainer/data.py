@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 
 SYNTHETIC = "synthetic"
@@ -40,7 +42,9 @@ def load_captioned_dataset(
             try:
                 n = int(name.split(":", 1)[1])
             except ValueError:
-                raise UserError(f"dataset {name!r}: write synthetic:N with N a whole number, e.g. synthetic:500") from None
+                raise UserError(
+                    f"dataset {name!r}: write synthetic:N with N a whole number, e.g. synthetic:500"
+                ) from None
         ds = make_synthetic_dataset(n, seed=seed, resolution=synthetic_resolution)
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
@@ -84,26 +88,54 @@ def check_captions(ds, caption_column: str) -> None:
         )
 
 
-def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_flip: bool, image_column: str,
-                         caption_column: str):  # fmt: skip
-    """A `Dataset.with_transform` function: rows -> pixel_values [B,3,H,W] in [-1,1], input_ids [B,77]."""
-    from torchvision import transforms
+INDEX_COLUMN = "__row"  # added by prepare_dataset: seeds each row's augmentation
 
-    image_tf = transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-            transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda x: x),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
+
+class Augmentation:
+    """Random crop and flip drawn from a generator seeded by (seed, epoch, row), not torch's global RNG.
+
+    That makes a resumed run see exactly the crops and flips an uninterrupted one would: Trainer
+    skips the batches it already trained on without loading them, so a global RNG stream would
+    shift. `epoch` is set by the trainer at each epoch start."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.epoch = 0
+
+    def generator(self, row: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + row)
+
+
+def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_flip: bool, image_column: str,
+                         caption_column: str, augmentation: Augmentation | None = None):  # fmt: skip
+    """A `Dataset.with_transform` function: rows -> pixel_values [B,3,H,W] in [-1,1], input_ids [B,77]."""
+    from torchvision.transforms import functional as TF
+
+    augmentation = augmentation or Augmentation(0)
+
+    def image_tf(img, row: int):
+        x = TF.to_tensor(TF.resize(img.convert("RGB"), resolution, interpolation=TF.InterpolationMode.BILINEAR))
+        g = augmentation.generator(row)
+        h, w = x.shape[-2:]
+        if center_crop:
+            top, left = (h - resolution) // 2, (w - resolution) // 2
+        else:
+            top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
+        x = x[:, top : top + resolution, left : left + resolution]
+        if random_flip and torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        return x * 2 - 1
 
     def transform(batch):
-        images = [image_tf(img.convert("RGB")) for img in batch[image_column]]
-        captions = batch[caption_column]
+        rows = batch.get(INDEX_COLUMN) or list(range(len(batch[image_column])))
+        images = [image_tf(img, r) for img, r in zip(batch[image_column], rows)]
         ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            batch[caption_column],
+            padding="max_length",  # as at inference: SD's text encoder always sees 77 tokens
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return {"pixel_values": images, "input_ids": list(ids)}
 

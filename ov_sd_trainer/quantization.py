@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import json
 import os
 from collections import defaultdict
@@ -38,9 +39,7 @@ CHECKPOINT_FORMAT = "ov-sd-trainer/nncf-quantized-unet"
 CHECKPOINT_VERSION = 1
 META_FILE = "quantization.json"
 CONFIG_JSON = "nncf_config.json"
-CONFIG_PT = "nncf_config.pt"
 STATE_SAFETENSORS = "quantized_state.safetensors"
-STATE_PT = "quantized_state.pt"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def quantize_unet(
     overflow_fix: str = "disable",
     ignored_scope: Any = None,
     subset_size: int | None = None,
-    smooth_quant: bool = True,
+    smooth_quant: bool = False,
     bias_correction: bool = True,
 ) -> torch.nn.Module:
     """Return an NNCF-quantized deep copy of `unet` (8-bit weights and activations, ranges from the calibration data).
@@ -132,7 +131,9 @@ def quantize_unet(
     "enable" or "first_layer_only" (7-bit weights against int8 overflow on pre-VNNI CPUs).
     `ignored_scope`: an `nncf.IgnoredScope` or a list of regex patterns over NNCF node names.
     `subset_size`: how many calibration items to use (default: all). `smooth_quant`: NNCF's SmoothQuant for
-    matmuls (its default for transformers). `bias_correction`: NNCF's fast bias correction.
+    matmuls (NNCF's default for transformers; off here: measured on the tiny UNet, the OpenVINO IR of a
+    SmoothQuant-ed student drifted 7% from its PyTorch fake-quant outputs, 0.2% without it, and QAT tunes the
+    ranges anyway). `bias_correction`: NNCF's fast bias correction.
     The input model is left unchanged (it stays the FP32 teacher).
     """
     import nncf
@@ -230,8 +231,9 @@ def _is_hook_parameter(name: str) -> bool:
 def quantizer_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """Learnable parameters of NNCF's hook modules: quantizer ranges (`_scale_value`, `input_low`,
     `_input_range_value`, ...) and SmoothQuant scales. Train these alone for `tune_quantizers_only`;
-    keep them out of weight decay."""
-    return [(n, p) for n, p in _unwrap(model).named_parameters() if _is_hook_parameter(n)]
+    keep them out of weight decay. (NNCF's integer state such as `_num_bits` and `signed_tensor` is also held
+    in Parameters; it is in neither list and must not be given to an optimizer.)"""
+    return [(n, p) for n, p in _unwrap(model).named_parameters() if _is_hook_parameter(n) and p.is_floating_point()]
 
 
 def weight_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -244,9 +246,75 @@ def weight_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parame
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _encode_config(value: Any) -> Any:
+    """NNCF config -> JSON-safe data; tuples and enums are tagged so that decoding restores them exactly."""
+    if isinstance(value, enum.Enum):
+        cls = type(value)
+        return {"__enum__": f"{cls.__module__}:{cls.__qualname__}", "value": _encode_config(value.value)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode_config(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode_config(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value) or "__enum__" in value or "__tuple__" in value:
+            raise TypeError("unsupported dict keys in the NNCF config")
+        return {k: _encode_config(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot encode {type(value).__name__} in the NNCF config")
+
+
+def _decode_config(value: Any) -> Any:
+    """Inverse of `_encode_config`; enums are only imported from NNCF's own modules."""
+    if isinstance(value, list):
+        return [_decode_config(v) for v in value]
+    if isinstance(value, dict):
+        if "__tuple__" in value:
+            return tuple(_decode_config(v) for v in value["__tuple__"])
+        if "__enum__" in value:
+            import importlib
+
+            module_name, _, qualname = value["__enum__"].partition(":")
+            if module_name.split(".")[0] != "nncf":
+                raise UserError(f"the quantized checkpoint names an enum outside NNCF ({value['__enum__']!r})")
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            if not (isinstance(obj, type) and issubclass(obj, enum.Enum)):
+                raise UserError(f"the quantized checkpoint names {value['__enum__']!r}, which is not an enum")
+            return obj(_decode_config(value["value"]))
+        return {k: _decode_config(v) for k, v in value.items()}
+    return value
+
+
+def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state_dict into unique tensors and aliases (NNCF shares one hook module, e.g. a SmoothQuant scale,
+    between q/k/v, so its tensors appear under several names; safetensors refuses shared storage)."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_view: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        view = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and view in by_view:
+            aliases[name] = by_view[view]
+            continue
+        if tensor.numel() and ptr in storages:  # another view of a shared storage: store its own copy
+            tensor = tensor.clone()
+        elif tensor.numel():
+            storages.add(ptr)
+            by_view[view] = name
+        unique[name] = tensor
+    return unique, aliases
+
+
 def save_quantized(model: torch.nn.Module, directory: str | Path) -> Path:
-    """Write the NNCF config (JSON) and the full state_dict (safetensors) of a quantized UNet to `directory`."""
+    """Write a quantized UNet exactly: NNCF config (`nncf.torch.get_config`, tagged JSON) and the full state_dict
+    (safetensors; tensors shared between hook names stored once) plus `quantization.json` to `directory`."""
     import nncf.torch
+    from safetensors.torch import save_file
 
     model = _unwrap(model)
     if not is_quantized(model):
@@ -254,27 +322,22 @@ def save_quantized(model: torch.nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = nncf.torch.get_config(model)
-    meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
-    try:
-        text = json.dumps(config, indent=1)
-        if json.loads(text) != config:
-            raise TypeError("config does not round-trip through JSON")
-        (directory / CONFIG_JSON).write_text(text)
-        meta["config"] = CONFIG_JSON
-    except (TypeError, ValueError):
-        torch.save(config, directory / CONFIG_PT)
-        meta["config"] = CONFIG_PT
+    encoded = _encode_config(config)
+    if _decode_config(json.loads(json.dumps(encoded))) != config:  # guard against a lossy encoding
+        raise RuntimeError("the NNCF config does not round-trip through JSON")
+    (directory / CONFIG_JSON).write_text(json.dumps(encoded, indent=1))
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        from safetensors.torch import save_file
-
-        save_file(state, str(directory / STATE_SAFETENSORS), metadata={"format": CHECKPOINT_FORMAT})
-        meta["state_dict"] = STATE_SAFETENSORS
-    except (RuntimeError, ValueError):  # e.g. tensors sharing memory
-        torch.save(state, directory / STATE_PT)
-        meta["state_dict"] = STATE_PT
-    meta["num_quantizers"] = count_quantizers(model)
+    unique, aliases = _dedup_state(model.state_dict())
+    save_file(unique, str(directory / STATE_SAFETENSORS), metadata={"format": CHECKPOINT_FORMAT})
+    meta: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": CONFIG_JSON,
+        "state_dict": STATE_SAFETENSORS,
+        "aliases": aliases,
+        "num_quantizers": count_quantizers(model),
+        "model_class": type(model).__name__,
+    }
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
@@ -314,18 +377,14 @@ def load_quantized(fp32_unet: torch.nn.Module, directory: str | Path, inplace: b
     fp32_unet = _unwrap(fp32_unet)
     if is_quantized(fp32_unet):
         raise UserError("load_quantized needs the FP32 UNet; the given one is already quantized")
-    config_path = directory / meta["config"]
-    if config_path.suffix == ".json":
-        config = json.loads(config_path.read_text())
-    else:
-        config = torch.load(config_path, map_location="cpu", weights_only=True)
-    state_path = directory / meta["state_dict"]
-    if state_path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        state = load_file(str(state_path))
-    else:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    config = _decode_config(json.loads((directory / meta["config"]).read_text()))
+    state = load_file(str(directory / meta["state_dict"]))
+    for alias, name in meta.get("aliases", {}).items():
+        if name not in state:
+            raise UserError(f"{str(directory)!r} is a damaged quantized checkpoint: {name} is missing")
+        state[alias] = state[name]
 
     model = fp32_unet if inplace else copy.deepcopy(fp32_unet)
     model = nncf.torch.load_from_config(model, config)
@@ -483,13 +542,30 @@ def convert_unet_to_openvino(
     model.eval()
     try:
         with torch.no_grad():
-            ov_model = ov.convert_model(_UNetForExport(model), example_input=example, input=inputs)
+            wrapper = _UNetForExport(model)
+            decoder = _torchscript_decoder(wrapper, example)
+            if decoder is wrapper:
+                ov_model = ov.convert_model(wrapper, example_input=example, input=inputs)
+            else:
+                ov_model = ov.convert_model(decoder, input=inputs)
     finally:
         model.train(was_training)
     for port, name in zip(ov_model.inputs, UNET_INPUT_NAMES, strict=True):
         port.get_tensor().set_names({name})
     ov_model.outputs[0].get_tensor().set_names({UNET_OUTPUT_NAME})
     return ov_model
+
+
+def _torchscript_decoder(module: torch.nn.Module, example: tuple):
+    """OpenVINO's TorchScript decoder with torch.jit.trace's check_trace off: the check re-runs the model twice
+    (slow through NNCF's hooks) and, for a quantized UNet, only reports that NNCF's export-time FakeQuantize
+    rounds a few ties differently from its training-time quantizer."""
+    try:
+        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+        return TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
+    except (ImportError, TypeError):  # older/newer OpenVINO without trace_kwargs: let convert_model trace
+        return module
 
 
 def count_fake_quantize(ov_model) -> int:

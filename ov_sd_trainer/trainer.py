@@ -12,6 +12,7 @@ The Trainer is customised only through its hooks (`compute_loss`, `log`, `_save`
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import quantization
 from .ema import EMA_FILE, EMACallback
@@ -42,6 +43,15 @@ class QATModel(nn.Module):
         self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
+        self.generator: torch.Generator | None = None
+
+    def set_noise_seed(self, seed: int, stream: int, index: int):
+        """Seed the noise, timesteps and latent sampling of the next forward.
+
+        Each micro-batch draws from a generator seeded by (seed, stream, index), never from torch's
+        global RNG, so a run resumed from a checkpoint draws exactly what an uninterrupted run would."""
+        device = next(self.student.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + stream) * 1_000_033) + index)
 
     def train(self, mode: bool = True):
         # Only the student ever trains; the frozen parts stay in eval (no dropout, fixed norms).
@@ -57,19 +67,19 @@ class QATModel(nn.Module):
     @torch.no_grad()
     def encode(self, pixel_values, input_ids):
         """pixel_values [B,3,H,W] in [-1,1], input_ids [B,77] -> latents [B,4,h,w], text states [B,77,D]."""
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample(generator=self.generator)
         latents = latents * self.vae.config.scaling_factor
         states = self.text_encoder(input_ids, return_dict=False)[0]
         return latents.float(), states
 
     def noisy_inputs(self, latents):
         """Sample noise and timesteps as diffusers' train_text_to_image.py does."""
-        noise = torch.randn_like(latents)
+        g, dev = self.generator, latents.device
+        noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
         if self.noise_offset:
-            noise += self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-        )
+            noise += self.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g, device=dev)
+        n_t = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, n_t, (latents.shape[0],), generator=g, device=dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         return noisy, noise, t.long()
 
@@ -106,18 +116,36 @@ class QATModel(nn.Module):
         return {"loss": loss, "task_loss": task.detach(), "distillation_loss": distill.detach()}
 
 
+class _EpochToAugmentation(TrainerCallback):
+    """Tells the data augmentation which epoch it is (its random draws are seeded by epoch and row)."""
+
+    def __init__(self, augmentation):
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.augmentation.epoch = math.floor((state.epoch or 0) + 1e-6)
+
+
 class QATTrainer(Trainer):
     """Trainer for `QATModel`: separate loss logging, quantizer-aware weight decay, NNCF checkpoints, EMA."""
 
-    def __init__(self, *args, ema: EMACallback | None = None, **kwargs):
+    def __init__(self, *args, ema: EMACallback | None = None, augmentation=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ema = ema
         if ema is not None:
             self.add_callback(ema)
+        if augmentation is not None:
+            self.add_callback(_EpochToAugmentation(augmentation))
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._micro = (-1, 0)  # (global step, micro-batch within it)
 
     # --- loss ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step, micro = self._micro
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._micro = (self.state.global_step, micro)
+        index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * self.args.world_size
+        self.accelerator.unwrap_model(model).set_noise_seed(self.args.seed, 0, index + self.args.process_index)
         out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"])
         for key in ("task_loss", "distillation_loss"):
             self._metrics[key].append(out[key].item())

@@ -14,7 +14,7 @@ import torch
 
 from . import quantization
 from .config import REFERENCE, QATConfig
-from .data import check_captions, load_captioned_dataset, make_train_transform
+from .data import INDEX_COLUMN, Augmentation, check_captions, load_captioned_dataset, make_train_transform
 from .ema import EMACallback
 from .errors import UserError
 from .export import RECIPE_FILE, export_openvino_pipeline
@@ -58,10 +58,18 @@ def prepare_dataset(cfg: QATConfig, tokenizer):
             f"num_calibration_samples={cfg.num_calibration_samples} exceeds the dataset's {len(ds)} rows; "
             f"lower it or use more data"
         )
+    augmentation = Augmentation(cfg.seed)
     transform = make_train_transform(
-        tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.image_column, cfg.caption_column
+        tokenizer,
+        cfg.resolution,
+        cfg.center_crop,
+        cfg.random_flip,
+        cfg.image_column,
+        cfg.caption_column,
+        augmentation,
     )
-    return ds.with_transform(transform)
+    ds = ds.add_column(INDEX_COLUMN, list(range(len(ds))))
+    return ds.with_transform(transform), augmentation
 
 
 @torch.no_grad()
@@ -72,20 +80,18 @@ def collect_calibration_inputs(model: QATModel, dataset, num_samples: int, seed:
 
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)[:num_samples].tolist()
-    fork = torch.random.fork_rng(devices=[])  # keep the training RNG stream untouched by calibration
-    with fork:
-        torch.manual_seed(seed)
-        items = []
-        for i in tqdm(order, desc="calibration inputs", leave=False):
-            row = collate([dataset[i]])
-            latents, states = model.encode(row["pixel_values"].to(device), row["input_ids"].to(device))
-            noisy, _, t = model.noisy_inputs(latents)
-            items.append({"sample": noisy, "timestep": t, "encoder_hidden_states": states})
+    items = []
+    for n, i in enumerate(tqdm(order, desc="calibration inputs", leave=False)):
+        row = collate([dataset[i]])
+        model.set_noise_seed(seed, stream=1, index=n)  # a stream of its own, apart from training's
+        latents, states = model.encode(row["pixel_values"].to(device), row["input_ids"].to(device))
+        noisy, _, t = model.noisy_inputs(latents)
+        items.append({"sample": noisy, "timestep": t, "encoder_hidden_states": states})
     return items
 
 
 def build(cfg: QATConfig):
-    """Load everything and quantize the student. Returns (model, train_dataset, pipeline)."""
+    """Load everything and quantize the student. Returns (model, train_dataset, augmentation)."""
     path = resolve_model_path(cfg.pretrained_model_name_or_path)
     pipe = load_pipeline(path, revision=cfg.revision)
     factor = pipe.vae_scale_factor
@@ -93,7 +99,7 @@ def build(cfg: QATConfig):
         raise UserError(f"resolution={cfg.resolution} is not divisible by the VAE factor {factor} of {path}")
     if cfg.tome_ratio > 0:
         raise UserError("tome_ratio > 0: token merging is not available in this version yet; set tome_ratio to 0")
-    train_ds = prepare_dataset(cfg, pipe.tokenizer)
+    train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
     device = cfg.device
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     model = QATModel(
@@ -120,7 +126,7 @@ def build(cfg: QATConfig):
         for _, p in quantization.weight_parameters(student):
             p.requires_grad_(False)
     model.student = student
-    return model, train_ds, pipe
+    return model, train_ds, augmentation
 
 
 def _noise_scheduler(path: str, revision: str | None):
@@ -150,11 +156,13 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         raise UserError("push_to_hub needs export=true: the OpenVINO folder is what gets uploaded")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model, train_ds, pipe = build(cfg)
+    model, train_ds, augmentation = build(cfg)
     ema = None
     if cfg.use_ema:
         ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
-    trainer = QATTrainer(model=model, args=cfg, train_dataset=train_ds, data_collator=collate, ema=ema)
+    trainer = QATTrainer(
+        model=model, args=cfg, train_dataset=train_ds, data_collator=collate, ema=ema, augmentation=augmentation
+    )
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2))
@@ -183,7 +191,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
                 overwrite=True,  # this run's own export; the run already owns output_dir
                 recipe=recipe or {},
                 training_info=info,
-                sample_prompts=[_sample_prompt(train_ds.with_transform(None), cfg.caption_column)],
+                sample_prompts=[train_ds.with_format(None)[0][cfg.caption_column]],
                 resolution=cfg.resolution,
             )
         if cfg.push_openvino:
@@ -192,6 +200,3 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
     return out
 
-
-def _sample_prompt(ds, caption_column: str) -> str:
-    return ds[0][caption_column]
