@@ -183,6 +183,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         }
         (final / "training_info.json").write_text(json.dumps(info, indent=2, default=str))
         (final / "config.json").write_text(cfg.to_json_string())
+        plot_losses(trainer.state.log_history, out / "loss.png")
         if cfg.export:
             export_openvino_pipeline(
                 resolve_model_path(cfg.pretrained_model_name_or_path),
@@ -200,3 +201,28 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
     return out
 
+
+def plot_losses(log_history: list[dict], path: Path) -> Path | None:
+    """Task, distillation and total loss against the step (matplotlib, headless)."""
+    rows = [h for h in log_history if "loss" in h]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [h["step"] for h in rows]
+    for key, label in (("loss", "total"), ("task_loss", "task (vs target)"), ("distillation_loss", "distillation")):
+        if all(key in h for h in rows):
+            ax.plot(steps, [h[key] for h in rows], label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

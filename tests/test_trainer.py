@@ -145,3 +145,42 @@ def test_gradient_checkpointing_through_trainer(tiny_model, tmp_path):
     la = [h["loss"] for h in a.state.log_history if "loss" in h]
     lb = [h["loss"] for h in b.state.log_history if "loss" in h]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_accelerate_launch_train_py(tiny_model, tmp_path):
+    """The real launcher: `accelerate launch train.py --recipe ...` with flags overriding the recipe."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text(
+        json.dumps(
+            {
+                "pretrained_model_name_or_path": tiny_model,
+                "dataset_name": "synthetic:8",
+                "max_steps": 50,
+                "per_device_train_batch_size": 2,
+                "num_calibration_samples": 2,
+                "report_to": "none",
+                "use_cpu": True,
+                "export": False,
+                "save_strategy": "no",
+                "logging_steps": 1,
+            }
+        )  # fmt: skip
+    )
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(root / "train.py"), "--recipe", str(recipe), "--max_steps", "2", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "o" / FINAL_DIR / "training_info.json").read_text())
+    assert info["global_step"] == 2  # the flag beat the recipe's 50
+    assert (tmp_path / "o" / "loss.png").is_file()
+    # bad input through the same entry point: one line, exit 2, nothing written
+    r = subprocess.run([sys.executable, str(root / "train.py"), "--recipe", str(recipe), "--tome_ratio", "2",
+                        "--output_dir", str(tmp_path / "bad")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("train.py: error: tome_ratio=2.0")
+    assert not (tmp_path / "bad").exists()
