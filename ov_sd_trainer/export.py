@@ -95,7 +95,7 @@ def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: in
     from .generate import _default_size, load_ov_pipeline
 
     h, w = (resolution, resolution) if resolution else _default_size(str(folder))
-    pipe = load_ov_pipeline(str(folder), h, w)
+    pipe = load_ov_pipeline(str(folder.resolve()), h, w)  # absolute: a relative path reads as a Hub id
     (folder / "samples").mkdir(exist_ok=True)
     out = []
     for i, prompt in enumerate(prompts):

@@ -27,7 +27,9 @@ embeddings (132 captions + "") are computed once instead of every step.
 
 Speed tricks (2 CPU cores): images are drawn once and kept as uint8; the VAE posterior (mean, std)
 of every training image is computed once and latents are re-sampled from it each step; the caption
-embeddings are precomputed; AdamW with linear warm-up and cosine decay; `torch.set_num_threads`.
+embeddings are precomputed; AdamW with linear warm-up and cosine decay; `torch.set_num_threads(--threads)`, default 1: on
+the shared 2-core machine the model was trained on, two threads contending with other jobs ran about
+3x slower than one.
 
 The output folder gets the pipeline (safetensors, no safety checker, the PNDM scheduler of
 `models.build_components` so it infers like SD 1.5) and `training_log.json` (command line, seed,
@@ -56,7 +58,7 @@ from .models import SD_SCHEDULER_CONFIG, TinySDConfig, build_components
 REFERENCE_CONFIG = dict(
     resolution=64,
     vae_channels=(16, 32, 64),  # VAE factor 4 -> 16x16 latents = 256 self-attention tokens
-    unet_channels=(64, 96, 128),
+    unet_channels=(48, 96, 128),
     unet_layers_per_block=1,
     attention_heads=4,
     text_hidden=64,
@@ -129,7 +131,9 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{running:.4f}", kl=f"{kl.item():.1f}")
-            log.append(dict(step=step, loss=round(loss.item(), 6), rec=round(rec_loss.item(), 6), kl=round(kl.item(), 3)))
+            log.append(
+                dict(step=step, loss=round(loss.item(), 6), rec=round(rec_loss.item(), 6), kl=round(kl.item(), 3))
+            )
     vae.eval()
 
 
@@ -230,19 +234,19 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m ov_sd_trainer.reference", description=__doc__.split("\n")[0])
     p.add_argument("--output", required=True, help="folder for the pipeline and training_log.json")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=16000, help="synthetic training images")
+    p.add_argument("--num-images", type=int, default=8000, help="synthetic training images")
     p.add_argument("--eval-images", type=int, default=512, help="held-out images for the VAE PSNR")
-    p.add_argument("--vae-steps", type=int, default=1000)
-    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch-size", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--unet-steps", type=int, default=1100)
     p.add_argument("--unet-batch-size", type=int, default=32)
-    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--unet-lr", type=float, default=6e-4)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by ''")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 disables")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a shared 2-core machine")
     args = p.parse_args(argv)
 
     from diffusers import StableDiffusionPipeline
