@@ -32,9 +32,17 @@ def trained(tmp_path_factory):
         "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
         "--disable_tqdm", "true", "--learning_rate", "1e-4",
     ]  # fmt: skip
+    argv += ["--push_to_hub", "true", "--hub_model_id", "me/tiny-int8", "--hub_token", "t0k"]
     cfg, recipe = parse_config(argv)
-    out = run(cfg, {"pretrained_model_name_or_path": str(base), "max_steps": 3})
-    return {"base": base, "out": out, "ov": out / OPENVINO_DIR, "root": root}
+    pushed = []
+    with pytest.MonkeyPatch.context() as mp:  # the recipe's push goes through hub.push_to_hub: record it
+        mp.setattr("ov_sd_trainer.hub.push_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
+        out = run(cfg, {"pretrained_model_name_or_path": str(base), "max_steps": 3})
+    return {"base": base, "out": out, "ov": out / OPENVINO_DIR, "root": root, "pushed": pushed}
+
+
+def test_recipe_push_uploads_the_openvino_folder(trained):
+    assert trained["pushed"] == [(trained["ov"], "me/tiny-int8", {"token": "t0k", "private": False})]
 
 
 def test_export_folder_layout_int8_and_size(trained):

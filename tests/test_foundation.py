@@ -124,6 +124,11 @@ def test_tiny_pipeline_exports_to_openvino(tiny_dir, tmp_path):
     pipe.save_pretrained(tmp_path / "ov")
     for sub in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
         assert (tmp_path / "ov" / sub / "openvino_model.xml").is_file()
+    # `ov-sd generate` reads any optimum-intel export, at the size the model was made for
+    from ov_sd_trainer.generate import generate
+
+    info = generate(str(tmp_path / "ov"), "a red circle on a blue background", str(tmp_path / "g.png"), steps=2)
+    assert (tmp_path / "g.png").is_file() and (info["height"], info["width"]) == (64, 64) and info["step_s"] > 0
 
 
 def test_check_pipeline_source(tmp_path):
