@@ -200,6 +200,7 @@ def parse_config(argv: list[str] | None = None, config_cls=QATConfig) -> tuple:
         del argv[i : i + 2]
     recipe = load_recipe(recipe_path, config_cls) if recipe_path else {}
     parser = _Parser(config_cls)
+    parser.allow_abbrev = False  # `--learning_rat` must be an error, not silently --learning_rate
     parser.add_argument("--recipe", help="JSON file whose keys are config fields; flags override it")
     parser.set_defaults(**recipe)
     try:

@@ -78,6 +78,40 @@ def load_captioned_dataset(
     return ds
 
 
+def drop_unreadable_images(ds, image_column: str):
+    """Skip rows whose image file is missing, truncated or not an image; say how many.
+
+    Checks each file's header and data with PIL's `verify()` (no full decode), so a corrupt file is
+    caught here instead of crashing a training run hours in. Returns (dataset, skipped count)."""
+    import io
+    import logging
+
+    import datasets
+    from PIL import Image
+
+    feature = ds.features.get(image_column)
+    if not isinstance(feature, datasets.Image):
+        return ds, 0
+    raw = ds.cast_column(image_column, datasets.Image(decode=False))
+    bad = []
+    for i, value in enumerate(raw[image_column]):
+        try:
+            src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with Image.open(src) as im:
+                im.verify()
+        except Exception:
+            bad.append(i)
+    if len(bad) == len(ds):
+        raise UserError(f"none of the {len(ds)} images in column {image_column!r} can be read; check the files")
+    if bad:
+        logging.getLogger(__name__).warning(
+            "skipped %d unreadable image(s) of %d (first at row %d)", len(bad), len(ds), bad[0]
+        )
+        keep = sorted(set(range(len(ds))) - set(bad))
+        ds = ds.select(keep)
+    return ds, len(bad)
+
+
 def check_captions(ds, caption_column: str) -> None:
     """Reject empty captions: SD would learn the unconditional prompt from them by accident."""
     empty = [i for i, t in enumerate(ds[caption_column]) if not isinstance(t, str) or not t.strip()]

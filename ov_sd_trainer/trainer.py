@@ -12,6 +12,7 @@ The Trainer is customised only through its hooks (`compute_loss`, `log`, `_save`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -26,6 +27,20 @@ from . import quantization
 from .ema import EMA_FILE, EMACallback
 
 STUDENT_DIR = "student"
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def find_resumable_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint-N in output_dir that was written completely (has the marker)."""
+    import logging
+    import re
+
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        if (folder / COMPLETE_MARKER).is_file():
+            return folder
+        logging.getLogger(__name__).warning("skipping %s: incomplete (interrupted while saving)", folder)
+    return None
 
 
 class QATModel(nn.Module):
@@ -168,6 +183,18 @@ class QATTrainer(Trainer):
         return [n for n, p in model.named_parameters() if n in names and id(p) not in quantizer_ids]
 
     # --- checkpoints -----------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, then a completion marker written last (atomically, by rename).
+
+        A run killed while a checkpoint is being written leaves a folder without the marker, which
+        `find_resumable_checkpoint` skips: an incomplete checkpoint is never loaded."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            tmp = folder / (COMPLETE_MARKER + ".tmp")
+            tmp.write_text(json.dumps({"global_step": self.state.global_step}))
+            os.replace(tmp, folder / COMPLETE_MARKER)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         """A checkpoint that restores the quantized student exactly: NNCF config + state dict."""
         output_dir = output_dir or self.args.output_dir

@@ -14,12 +14,19 @@ import torch
 
 from . import quantization
 from .config import REFERENCE, QATConfig
-from .data import INDEX_COLUMN, Augmentation, check_captions, load_captioned_dataset, make_train_transform
+from .data import (
+    INDEX_COLUMN,
+    Augmentation,
+    check_captions,
+    drop_unreadable_images,
+    load_captioned_dataset,
+    make_train_transform,
+)
 from .ema import EMACallback
 from .errors import UserError
 from .export import RECIPE_FILE, export_openvino_pipeline
 from .models import load_pipeline
-from .trainer import QATModel, QATTrainer
+from .trainer import COMPLETE_MARKER, QATModel, QATTrainer, find_resumable_checkpoint
 
 logger = logging.getLogger(__name__)
 OPENVINO_DIR = "openvino"  # output_dir/openvino: the exported pipeline folder
@@ -53,6 +60,9 @@ def prepare_dataset(cfg: QATConfig, tokenizer):
         config_name=cfg.dataset_config_name,
     )
     check_captions(ds, cfg.caption_column)
+    ds, skipped = drop_unreadable_images(ds, cfg.image_column)
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable image(s); training on the other {len(ds)}")
     if cfg.num_calibration_samples > len(ds):
         raise UserError(
             f"num_calibration_samples={cfg.num_calibration_samples} exceeds the dataset's {len(ds)} rows; "
@@ -145,12 +155,15 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             f"or --resume_from_checkpoint latest to continue"
         )
     if cfg.resume_from_checkpoint == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = find_resumable_checkpoint(out) if out.is_dir() else None
         if last is None:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {str(out)!r}")
-        cfg.resume_from_checkpoint = last
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N folder in {str(out)!r}")
+        cfg.resume_from_checkpoint = str(last)
+    elif cfg.resume_from_checkpoint is not None:
+        ckpt = Path(cfg.resume_from_checkpoint)
+        if not (ckpt / COMPLETE_MARKER).is_file():
+            what = "does not exist" if not ckpt.exists() else "is incomplete or not a training checkpoint"
+            raise UserError(f"resume_from_checkpoint {str(ckpt)!r} {what}; pass a checkpoint-N folder or latest")
     cfg.remove_unused_columns = False  # the transform needs the raw image and caption columns
     if cfg.push_openvino and not cfg.export:
         raise UserError("push_to_hub needs export=true: the OpenVINO folder is what gets uploaded")
