@@ -123,12 +123,7 @@ def build(cfg: QATConfig):
         snr_gamma=cfg.snr_gamma,
         noise_offset=cfg.noise_offset,
     )
-    calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
-    t0 = time.perf_counter()
-    student = quantization.quantize_unet(
-        teacher, calib, preset=cfg.quantization_preset, overflow_fix=cfg.overflow_fix, ignored_scope=cfg.ignored_scope
-    )
-    logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
+    student = calibrate_once(cfg, model, teacher, train_ds, device)
     student.train()
     for p in student.parameters():  # NNCF also keeps integer buffers-as-parameters (e.g. bit widths)
         p.requires_grad_(p.is_floating_point())
@@ -137,6 +132,51 @@ def build(cfg: QATConfig):
             p.requires_grad_(False)
     model.student = student
     return model, train_ds, augmentation
+
+
+def calibrate_once(cfg: QATConfig, model: QATModel, teacher, train_ds, device):
+    """NNCF calibration on the main process only; the other ranks load its result.
+
+    So every rank starts from the same quantizer ranges, and a multi-process run pays for
+    calibration once. The hand-over folder is removed once all ranks have loaded it."""
+    import shutil
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    handover = Path(cfg.output_dir) / ".calibrated-student"
+    if state.num_processes == 1:
+        return _calibrate(cfg, model, teacher, train_ds, device)
+    with state.main_process_first():
+        if state.is_main_process:
+            student = _calibrate(cfg, model, teacher, train_ds, device)
+            quantization.save_quantized(student, handover)
+        else:
+            student = quantization.load_quantized(teacher, handover).to(device)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(handover, ignore_errors=True)
+    return student
+
+
+def _calibrate(cfg: QATConfig, model: QATModel, teacher, train_ds, device):
+    calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
+    t0 = time.perf_counter()
+    student = quantization.quantize_unet(
+        teacher, calib, preset=cfg.quantization_preset, overflow_fix=cfg.overflow_fix, ignored_scope=cfg.ignored_scope
+    )
+    logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
+    return student
+
+
+def quantizer_digest(student) -> str:
+    """sha256 of the quantizer parameters: equal digests mean identical quantizers on every rank."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for _, p in quantization.quantizer_parameters(student):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _noise_scheduler(path: str, revision: str | None):
@@ -170,6 +210,9 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
+    from accelerate.utils import gather_object
+
+    start_digests = gather_object([quantizer_digest(model.student)])
     ema = None
     if cfg.use_ema:
         ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
@@ -180,6 +223,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2))
     result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    end_digests = gather_object([quantizer_digest(model.student)])  # before EMA: the trained replicas
     if ema is not None:
         ema.copy_to(model.student)  # the exported model is the EMA model
     if trainer.is_world_process_zero():
@@ -192,6 +236,9 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             "train_runtime_s": result.metrics.get("train_runtime"),
             "total_runtime_s": time.perf_counter() - t0,
             "global_step": trainer.state.global_step,
+            "world_size": cfg.world_size,
+            "quantizer_digests_at_start": start_digests,  # one per rank
+            "quantizer_digests_at_end": end_digests,
             "log_history": trainer.state.log_history,
         }
         (final / "training_info.json").write_text(json.dumps(info, indent=2, default=str))

@@ -123,3 +123,25 @@ def test_same_seed_same_losses(recipe, tmp_path):
         info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
         logs.append([(h["loss"], h["task_loss"], h["distillation_loss"]) for h in info["log_history"] if "loss" in h])
     assert len(logs[0]) == 3 and logs[0] == logs[1]
+
+
+def test_two_processes_gloo(recipe, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: torchrun + gloo DDP."""
+    out = tmp_path / "mp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+           "--recipe", str(recipe), "--output_dir", str(out), "--max_steps", "4", "--export", "true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == 4
+    start, end = info["quantizer_digests_at_start"], info["quantizer_digests_at_end"]
+    assert len(start) == 2 and start[0] == start[1], "ranks started from different quantizer ranges"
+    assert len(end) == 2 and end[0] == end[1], "quantizer parameters diverged across ranks"
+    assert start[0] != end[0], "training did not move the quantizers"
+    # only the main process wrote: one export, checkpoints, and no leftover calibration hand-over
+    assert (out / "openvino" / "unet" / "openvino_model.xml").is_file()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["checkpoint-2", "checkpoint-4", FINAL_DIR, "loss.png", "openvino", "training_recipe.json"]
+    )
