@@ -106,12 +106,11 @@ def build_components(cfg: TinySDConfig | None = None, tokenizer_dir: str | Path 
     return tokenizer, text_encoder, vae, unet, scheduler
 
 
-def build_tiny_pipeline(output_dir: str | Path | None = None, cfg: TinySDConfig | None = None):
-    """A randomly initialised tiny `StableDiffusionPipeline`; saved as a diffusers folder if asked."""
+def assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler):
+    """A `StableDiffusionPipeline` from its parts, with no safety checker (none exists offline)."""
     from diffusers import StableDiffusionPipeline
 
-    tokenizer, text_encoder, vae, unet, scheduler = build_components(cfg)
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -121,6 +120,11 @@ def build_tiny_pipeline(output_dir: str | Path | None = None, cfg: TinySDConfig 
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_pipeline(output_dir: str | Path | None = None, cfg: TinySDConfig | None = None):
+    """A randomly initialised tiny `StableDiffusionPipeline`; saved as a diffusers folder if asked."""
+    pipe = assemble_pipeline(*build_components(cfg))
     if output_dir is not None:
         pipe.save_pretrained(output_dir, safe_serialization=True)
     return pipe

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import synthetic
-from .models import SD_SCHEDULER_CONFIG, TinySDConfig, build_components
+from .models import SD_SCHEDULER_CONFIG, TinySDConfig, assemble_pipeline, build_components
 
 # The reference model's architecture: the project's tiny SD layout with a wider UNet and a lighter VAE.
 REFERENCE_CONFIG = dict(
@@ -249,8 +249,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a shared 2-core machine")
     args = p.parse_args(argv)
 
-    from diffusers import StableDiffusionPipeline
-
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,16 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     record["times_s"]["unet"] = round(time.perf_counter() - t0, 1)
     record["distinct_prompts"] = len(prompts)
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
     record["times_s"]["total"] = round(time.perf_counter() - t_start, 1)
     record["pipeline_size_mb"] = round(dir_size_mb(out), 2)
