@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import quantization
 from .errors import UserError
-from .outputs import atomic_output_dir, check_output_dir
+from .outputs import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -49,7 +49,6 @@ def export_openvino_pipeline(
 
     from .hub import write_model_card
 
-    check_output_dir(output_dir, overwrite)
     if not quantization.is_quantized(student):
         raise UserError("the student UNet is not quantized; export needs a checkpoint written by QAT training")
     t0 = time.perf_counter()

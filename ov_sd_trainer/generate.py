@@ -22,8 +22,27 @@ def load_ov_pipeline(model: str, height: int, width: int, batch_size: int = 1, e
         export = not is_openvino_folder(model)
     pipe = OVStableDiffusionPipeline.from_pretrained(model, export=export, compile=False)
     pipe.reshape(batch_size=batch_size, height=height, width=width, num_images_per_prompt=1)
+    _match_vae_decoder_batch(pipe, batch_size, height, width)
     pipe.compile()
     return pipe
+
+
+def static_input_batch(part) -> int | None:
+    """The static batch of an OpenVINO pipeline part's first input, or None if dynamic."""
+    try:
+        dim = part.model.inputs[0].get_partial_shape()[0]
+        return dim.get_length() if dim.is_static else None
+    except (AttributeError, IndexError):
+        return None
+
+
+def _match_vae_decoder_batch(pipe, batch_size: int, height: int, width: int) -> None:
+    """optimum-intel's `reshape` gives the VAE decoder a static batch of `num_images_per_prompt`,
+    while diffusers decodes the whole prompt batch at once: reshape the decoder to the prompt batch."""
+    if static_input_batch(pipe.vae_decoder) in (None, batch_size):
+        return
+    pipe.vae_decoder.model = pipe._reshape_vae_decoder(pipe.vae_decoder.model, height, width, batch_size)
+    pipe.vae_decoder.clear_requests()
 
 
 class StepTimer:

@@ -49,34 +49,21 @@ def _is_openvino_pipeline(pipe) -> bool:
 
 def _static_batch(pipe) -> int | None:
     """The prompt batch an OpenVINO pipeline was statically reshaped to, or None if dynamic."""
-    try:
-        dim = pipe.text_encoder.model.inputs[0].get_partial_shape()[0]
-        return dim.get_length() if dim.is_static else None
-    except (AttributeError, IndexError):
-        return None
+    from .generate import static_input_batch
 
-
-def _input_batch(part) -> int | None:
-    try:
-        dim = part.model.inputs[0].get_partial_shape()[0]
-        return dim.get_length() if dim.is_static else None
-    except (AttributeError, IndexError):
-        return None
+    return static_input_batch(pipe.text_encoder)
 
 
 def _match_ov_decoder_batch(pipe, batch_size: int, height: int, width: int) -> None:
-    """optimum-intel's `reshape` gives the VAE decoder a static batch of `num_images_per_prompt`,
-    while diffusers decodes the whole batch at once: reshape the decoder to the prompt batch."""
-    decoder_batch = _input_batch(pipe.vae_decoder)
-    if decoder_batch is None or decoder_batch == batch_size:
-        return
+    """Reshape an already-loaded OV pipeline's VAE decoder to the prompt batch (see generate)."""
+    from .generate import _match_vae_decoder_batch
+
     try:
-        pipe.vae_decoder.model = pipe._reshape_vae_decoder(pipe.vae_decoder.model, height, width, batch_size)
-        pipe.vae_decoder.clear_requests()
+        _match_vae_decoder_batch(pipe, batch_size, height, width)
     except ValueError as exc:  # compile_only pipelines cannot be reshaped
         raise UserError(
-            f"the OpenVINO pipeline's VAE decoder takes batches of {decoder_batch} but prompts come in batches of "
-            f"{batch_size}; load it with compile=False (or reshape it with num_images_per_prompt={batch_size})"
+            f"the OpenVINO pipeline's VAE decoder cannot take batches of {batch_size}; load it with compile=False "
+            f"(or reshape it with num_images_per_prompt={batch_size})"
         ) from exc
 
 
@@ -96,15 +83,9 @@ def load_for_quality(model: str | Path, backend: str = "pytorch", batch_size: in
     if backend == "pytorch":
         pipe = load_pipeline(model)
     elif backend == "openvino":
-        from optimum.intel import OVStableDiffusionPipeline
+        from .generate import _default_size, load_ov_pipeline
 
-        from .generate import _default_size, is_openvino_folder
-
-        h, w = _default_size(model)
-        pipe = OVStableDiffusionPipeline.from_pretrained(model, export=not is_openvino_folder(model), compile=False)
-        pipe.reshape(batch_size=batch_size, height=h, width=w, num_images_per_prompt=1)
-        _match_ov_decoder_batch(pipe, batch_size, h, w)
-        pipe.compile()
+        pipe = load_ov_pipeline(model, *_default_size(model), batch_size=batch_size)
     else:
         raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
     pipe.set_progress_bar_config(disable=True)
