@@ -160,3 +160,60 @@ def load_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.d
     return StableDiffusionPipeline.from_pretrained(
         name_or_path, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
+
+
+def build_sd15_unet(seed: int = 0):
+    """The SD 1.5 UNet architecture (859.5 M parameters) with random weights, built offline.
+
+    Latency does not depend on weight values, so this is a fair speed benchmark (shared/FINDINGS.md §3);
+    quality numbers need a trained model. diffusers' `UNet2DConditionModel` defaults are SD 1.x's layout
+    (320/640/1280/1280 channels, 2 layers per block, 8 heads); SD 1.5 reads 768-wide CLIP-L states."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+
+
+def build_sd15_pipeline(output_dir: str | Path | None = None, seed: int = 0):
+    """A full SD 1.5-architecture pipeline with random weights (CLIP ViT-L/14 text encoder, SD's VAE):
+    for speed and footprint benchmarks at 512 px only. The tokenizer is the project's offline one."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="ov-sd-tok-") as tmp:
+        tokenizer = build_clip_tokenizer(tmp, synthetic.vocabulary())
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(  # CLIP ViT-L/14's text tower, as in SD 1.5 (the vocabulary is the project's)
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=768,
+        )
+    )
+    vae = AutoencoderKL(  # SD's autoencoder: factor 8, 4 latent channels
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    unet = build_sd15_unet(seed)
+    scheduler = PNDMScheduler(**SD_SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
+    pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler)
+    if output_dir is not None:
+        pipe.save_pretrained(output_dir, safe_serialization=True)
+    return pipe
