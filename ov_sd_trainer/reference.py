@@ -18,16 +18,15 @@ reproduces the committed model in `ov_sd_trainer/assets/reference/` (a standard 
    captions are replaced by the empty prompt "" (tokenized the same way), so guidance works at
    inference.
 
-**Text encoder: frozen at its random initialisation.** This mirrors SD, whose CLIP text encoder is
-frozen during UNet training: the UNet learns to read whatever the encoder produces. A random CLIP
-encoder still gives each caption word a distinct, position-aware embedding (and its causal attention
-spreads the whole caption over the trailing end-of-text/padding tokens), which is all the
-cross-attention needs for this vocabulary. Freezing it also means the few hundred distinct caption
-embeddings (132 captions + "") are computed once instead of every step.
+**Text encoder: trained jointly with the UNet** (default; `--train-text-encoder false` freezes it at its random
+initialisation). SD freezes a *pretrained* CLIP; here there is none to download, and a frozen random encoder proved a
+weak reader of the captions: the first reference model (1100 UNet steps, frozen encoder) reached only 40 % shape and
+28 % background accuracy, with background embeddings at cosine 0.75 to each other. Training the tiny encoder (0.14 M
+parameters) costs little: each step encodes only the distinct captions of its batch.
 
 Speed tricks (2 CPU cores): images are drawn once and kept as uint8; the VAE posterior (mean, std)
 of every training image is computed once and latents are re-sampled from it each step; the caption
-embeddings are precomputed; AdamW with linear warm-up and cosine decay; `torch.set_num_threads(--threads)`, default 1: on
+embeddings are precomputed when the encoder is frozen; AdamW with linear warm-up and cosine decay; `torch.set_num_threads(--threads)`, default 1: on
 the shared 2-core machine the model was trained on, two threads contending with other jobs ran about
 3x slower than one.
 
@@ -147,12 +146,15 @@ def encode_posteriors(vae, images: torch.Tensor, batch_size: int = 128) -> tuple
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Prompt embeddings exactly as `StableDiffusionPipeline.encode_prompt` computes them."""
-    ids = tokenizer(
+def tokenize_prompts(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids exactly as `StableDiffusionPipeline.encode_prompt` makes them (padded to 77)."""
+    return tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts_from_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
@@ -162,7 +164,9 @@ def train_unet(
     lat_std: torch.Tensor,
     scaling_factor: float,
     caption_idx: torch.Tensor,
-    embeddings: torch.Tensor,
+    text_encoder,
+    prompt_ids: torch.Tensor,
+    train_text_encoder: bool,
     empty_idx: int,
     steps: int,
     batch_size: int,
@@ -186,6 +190,12 @@ def train_unet(
     snr = alphas_cumprod / (1 - alphas_cumprod)
     g = torch.Generator().manual_seed(seed)
     params = [p for p in unet.parameters() if p.requires_grad]
+    if train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        params += list(text_encoder.parameters())
+        embeddings = None
+    else:  # frozen: the few distinct caption embeddings are computed once
+        embeddings = encode_prompts_from_ids(text_encoder, prompt_ids)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(200, steps // 10 + 1), steps))
@@ -201,7 +211,12 @@ def train_unet(
         noisy = noise_sched.add_noise(latents, noise, t)
         cap = caption_idx[idx].clone()
         cap[torch.rand(batch_size, generator=g) < cfg_dropout] = empty_idx
-        pred = unet(noisy, t, embeddings[cap]).sample
+        if train_text_encoder:  # encode only the distinct captions of this batch (gradients flow into CLIP)
+            uniq, inverse = torch.unique(cap, return_inverse=True)
+            states = text_encoder(prompt_ids[uniq])[0][inverse]
+        else:
+            states = embeddings[cap]
+        pred = unet(noisy, t, states).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
         if snr_gamma > 0:  # min-SNR weighting (Hang et al. 2023) for epsilon prediction
             s = snr[t]
@@ -224,6 +239,7 @@ def train_unet(
         for p, e in zip(params, ema):
             p.copy_(e)
     unet.eval()
+    text_encoder.requires_grad_(False).eval()
 
 
 def dir_size_mb(path: Path) -> float:
@@ -236,16 +252,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=8000, help="synthetic training images")
     p.add_argument("--eval-images", type=int, default=512, help="held-out images for the VAE PSNR")
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch-size", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--unet-steps", type=int, default=1100)
+    p.add_argument("--unet-steps", type=int, default=2700)
     p.add_argument("--unet-batch-size", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=6e-4)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of captions replaced by ''")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 disables")
     p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument(
+        "--train-text-encoder",
+        type=lambda v: {"true": True, "false": False}[v.lower()],
+        default=True,
+        help="train the tiny CLIP text encoder jointly with the UNet (true/false)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a shared 2-core machine")
     args = p.parse_args(argv)
 
@@ -293,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     prompts = sorted(set(captions))
     prompt_index = {c: i for i, c in enumerate(prompts)}
-    embeddings = encode_prompts(tokenizer, text_encoder, prompts + [""])
+    prompt_ids = tokenize_prompts(tokenizer, prompts + [""])
     caption_idx = torch.tensor([prompt_index[c] for c in captions])
     torch.manual_seed(args.seed)
     record["unet_log"] = []
@@ -303,7 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
         lat_std,
         scaling_factor,
         caption_idx,
-        embeddings,
+        text_encoder,
+        prompt_ids,
+        args.train_text_encoder,
         len(prompts),
         args.unet_steps,
         args.unet_batch_size,
