@@ -11,6 +11,9 @@ from .errors import UserError
 CARD_FILE = "README.md"
 # Never uploaded: torch training state that can sit next to an export by accident.
 EXCLUDE = ["*.pt", "*.pth", "*.safetensors", "checkpoint-*/**", "student/**", ".*"]
+FIDELITY_HEADING = "## Fidelity to the FP32 model"
+EVAL_TASK = ("text-to-image", "Text-to-Image")
+EVAL_DATASET_TYPE = "ov-sd-trainer/prompt-set"  # the fixed prompt set of `ov-sd eval`, not a Hub dataset
 
 
 def _md_table(rows: list[dict]) -> str:
@@ -86,9 +89,10 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         "## Size",
         _md_table(size_rows),
     ]
-    for title, key in (("Benchmark", "benchmark"), ("Fidelity to the FP32 model", "fidelity")):
-        if results.get(key):
-            parts += [f"## {title}", _md_table(results[key])]
+    if results.get("benchmark"):
+        parts += ["## Benchmark", _md_table(results["benchmark"])]
+    if results.get("fidelity"):
+        parts.append(fidelity_section(results["fidelity"], results.get("fidelity_note", "")))
     if samples:
         parts.append("## Samples")
         parts += [
@@ -103,6 +107,87 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         f'image = pipe("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps=50).images[0]\n```',
     ]
     (folder / CARD_FILE).write_text("\n\n".join(p for p in parts if p is not None) + "\n")
+
+
+def fidelity_section(rows: list[dict], note: str = "") -> str:
+    """The card's fidelity section: heading, what was measured, the table (one row per variant)."""
+    return "\n\n".join(p for p in (FIDELITY_HEADING, note, _md_table(rows)) if p)
+
+
+def eval_model_index(model_name: str, metrics: list[dict], dataset_name: str,
+                     dataset_type: str = EVAL_DATASET_TYPE) -> list[dict]:  # fmt: skip
+    """Hub `model-index` metadata for `metrics` (dicts with type, name, value), built with huggingface_hub's
+    `EvalResult`, so the Hub shows them as evaluation results and `ModelCard.load` parses them back."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    if not metrics:
+        raise ValueError("no metrics for the model-index")
+    results = [
+        EvalResult(
+            task_type=EVAL_TASK[0],
+            task_name=EVAL_TASK[1],
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            metric_type=m["type"],
+            metric_name=m["name"],
+            metric_value=m["value"],
+        )
+        for m in metrics
+    ]
+    return eval_results_to_model_index(model_name, results)
+
+
+def _split_card(text: str) -> tuple[dict, str]:
+    """(metadata, body) of a model card; a card without YAML front matter has empty metadata."""
+    import yaml
+
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end != -1:
+            meta = yaml.safe_load(text[4:end]) or {}
+            if not isinstance(meta, dict):
+                raise UserError("the model card's metadata block is not a YAML mapping")
+            return meta, text[end + 4 :].lstrip("\n")
+    return {}, text
+
+
+def _replace_section(
+    body: str, heading: str, section: str, before: tuple[str, ...] = ("## Samples", "## Usage")
+) -> str:
+    """Replace the `heading` section of a markdown body (up to the next `## `), or insert it before the first of
+    `before` found, or append it."""
+    lines = body.rstrip("\n").split("\n")
+    new = section.rstrip("\n").split("\n")
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = new + ([""] if end < len(lines) else [])
+    else:
+        at = next((i for i, line in enumerate(lines) if line in before), len(lines))
+        lines[at:at] = ([""] if at == len(lines) else []) + new + ([""] if at < len(lines) else [])
+    return "\n".join(lines) + "\n"
+
+
+def update_model_card(folder: str | Path, *, model_name: str, rows: list[dict], metrics: list[dict],
+                      dataset_name: str, note: str = "") -> Path:  # fmt: skip
+    """Put evaluation results into an existing model card (README.md): the fidelity section (table of `rows`) is
+    added or replaced, and the metadata's `model-index` is set from `metrics` (see `eval_model_index`).
+
+    Other metadata and sections stay as they are; the file is replaced in one rename."""
+    card = Path(folder) / CARD_FILE
+    if not card.is_file():
+        raise UserError(f"{str(folder)!r} has no model card ({CARD_FILE}) to update")
+    meta, body = _split_card(card.read_text())
+    meta["model-index"] = eval_model_index(model_name, metrics, dataset_name)
+    text = f"---\n{_yaml(meta)}\n---\n\n" + _replace_section(body, FIDELITY_HEADING, fidelity_section(rows, note))
+    tmp = card.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, card)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return card
 
 
 def upload_plan(folder: str | Path) -> list[str]:
