@@ -32,6 +32,7 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a published output folder should read like any other
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
