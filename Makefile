@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install test test-slow quality format demo clean
+.PHONY: install test test-slow quality format demo regression clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) $(PY) -m ov_sd_trainer.demo --output $(DEMO_DIR)
+
+# QAT (short) + export + optimum PTQ + eval + small bench of the reference model, checked against
+# benchmarks/regression_thresholds.json; exits non-zero on a failed stage or check.
+regression: $(STAMP)
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m ov_sd_trainer.regression --output outputs/regression
 
 clean:
 	rm -rf outputs build *.egg-info .pytest_cache .ruff_cache

@@ -86,6 +86,12 @@ def _cmd_push(args):
     print(f"uploaded {len(files)} files to {url}")
 
 
+def _cmd_bench(args):
+    from .bench import main as bench_main
+
+    bench_main(args, argv=args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ov-sd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,12 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--private", action="store_true")
     s.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded")
     s.set_defaults(func=_cmd_push)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    s = sub.add_parser(
+        "bench",
+        help="latency, size and memory: PyTorch, OpenVINO FP32/default, optimum int8 PTQ, QAT int8 (+ToMe)",
+        allow_abbrev=False,
+    )
+    add_bench_arguments(s)
+    s.set_defaults(func=_cmd_bench)
+
+    from .evaluation import add_arguments as add_eval_arguments
+
+    add_eval_arguments(
+        sub.add_parser(
+            "eval", help="fidelity of OpenVINO variants to the FP32 teacher (PSNR/SSIM/MSE/judge)", allow_abbrev=False
+        )
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that report how they ran
     try:
         args.func(args)
     except UserError as e:

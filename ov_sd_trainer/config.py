@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import UserError
+from .tome import TomeConfig
 
 REFERENCE = "reference"  # the bundled reference model (ov_sd_trainer/assets/reference)
 PRESETS = ("mixed", "performance")
@@ -81,6 +82,18 @@ class QATConfig(TrainingArguments):
     ema_power: float = field(default=2 / 3, metadata={"help": "power of the EMA warm-up"})
     # --- token merging -----------------------------------------------------------------------
     tome_ratio: float = field(default=0.0, metadata={"help": "token merging ratio on the student (0 = off, <= 0.75)"})
+    tome_mode: str = field(
+        default="tome",
+        metadata={"help": "tome: merge similar tokens (ToMe for SD) | todo: downsample self-attention keys/values"},
+    )
+    tome_max_downsample: int = field(
+        default=1, metadata={"help": "merge at the UNet levels downsampled at most this much (1, 2, 4, 8)"}
+    )
+    tome_sx: int = field(default=2, metadata={"help": "token merging stride in x (one dst token per sy x sx cell)"})
+    tome_sy: int = field(default=2, metadata={"help": "token merging stride in y"})
+    tome_merge_attn: bool = field(default=True, metadata={"help": "merge tokens for self-attention"})
+    tome_merge_crossattn: bool = field(default=False, metadata={"help": "merge tokens for cross-attention"})
+    tome_merge_mlp: bool = field(default=False, metadata={"help": "merge tokens for the feed-forward layers"})
     # --- optimizer ---------------------------------------------------------------------------
     use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (same as optim=adamw_8bit)"})
     # --- output ------------------------------------------------------------------------------
@@ -106,6 +119,7 @@ class QATConfig(TrainingArguments):
             raise UserError(f"prediction_type={self.prediction_type!r}: use one of {PREDICTION_TYPES} or leave unset")
         if not 0.0 <= self.tome_ratio <= 0.75:
             raise UserError(f"tome_ratio={self.tome_ratio}: must be between 0 and 0.75")
+        TomeConfig.from_training_config(self)  # the other tome_* fields, with errors that name them
         if self.num_calibration_samples < 1:
             raise UserError(f"num_calibration_samples={self.num_calibration_samples}: must be >= 1")
         if self.resolution < 8 or self.resolution % 8:

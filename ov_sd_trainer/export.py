@@ -9,7 +9,6 @@ and renamed on success: a failed export leaves any previous one untouched.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from . import quantization
 from .errors import UserError
 from .outputs import atomic_output_dir
+from .tome import TomeConfig, apply_tome_config, tome_config
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -69,6 +69,7 @@ def export_openvino_pipeline(
             "unet_int8_bytes": int8_bytes,
             "unet_size_ratio": round(int8_bytes / fp32_bytes, 4),
             "fake_quantize_ops": quantization.count_fake_quantize(saved),
+            "token_merging": tome.to_dict() if (tome := tome_config(student)) is not None else None,
             "int8_constants": n_int8,
             "int8_constant_bytes": int8_const_bytes,
             "total_bytes": sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()),
@@ -119,7 +120,11 @@ def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     cfg = json.loads(cfg_file.read_text())
     base = resolve_model_path(cfg["pretrained_model_name_or_path"])
     pipe = load_pipeline(base, revision=cfg.get("revision"))
-    student = quantization.load_quantized(copy.deepcopy(pipe.unet), ckpt / "student")
+    fp32 = pipe.unet
+    tome = TomeConfig.from_training_config(cfg)  # absent keys (older checkpoints): no token merging
+    if tome.active:  # NNCF names the quantized ops by the patched graph: merge first, then load
+        apply_tome_config(fp32, tome)
+    student = quantization.load_quantized(fp32, ckpt / "student", inplace=True)
     if use_ema:
         from .ema import apply_ema_file
 

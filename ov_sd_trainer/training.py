@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from .ema import EMACallback
 from .errors import UserError
 from .export import RECIPE_FILE, export_openvino_pipeline
 from .models import load_pipeline
+from .tome import TomeConfig, apply_tome_config
 from .trainer import COMPLETE_MARKER, QATModel, QATTrainer, find_resumable_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -107,8 +109,7 @@ def build(cfg: QATConfig):
     factor = pipe.vae_scale_factor
     if cfg.resolution % factor:
         raise UserError(f"resolution={cfg.resolution} is not divisible by the VAE factor {factor} of {path}")
-    if cfg.tome_ratio > 0:
-        raise UserError("tome_ratio > 0: token merging is not available in this version yet; set tome_ratio to 0")
+    tome = TomeConfig.from_training_config(cfg)
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
     device = cfg.device
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
@@ -123,7 +124,11 @@ def build(cfg: QATConfig):
         snr_gamma=cfg.snr_gamma,
         noise_offset=cfg.noise_offset,
     )
-    student = calibrate_once(cfg, model, teacher, train_ds, device)
+    # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
+    # attention; the teacher stays exact. (quantize_unet / load_quantized copy it again: this copy is freed below.)
+    fp32_student = apply_tome_config(copy.deepcopy(teacher), tome) if tome.active else teacher
+    student = calibrate_once(cfg, model, fp32_student, train_ds, device)
+    del fp32_student
     student.train()
     for p in student.parameters():  # NNCF also keeps integer buffers-as-parameters (e.g. bit widths)
         p.requires_grad_(p.is_floating_point())
@@ -134,11 +139,14 @@ def build(cfg: QATConfig):
     return model, train_ds, augmentation
 
 
-def calibrate_once(cfg: QATConfig, model: QATModel, teacher, train_ds, device):
+def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device):
     """NNCF calibration on the main process only; the other ranks load its result.
 
     So every rank starts from the same quantizer ranges, and a multi-process run pays for
-    calibration once. The hand-over folder is removed once all ranks have loaded it."""
+    calibration once. The hand-over folder is removed once all ranks have loaded it.
+    `fp32_student`: the FP32 UNet to quantize, left unchanged (the teacher itself, or with token
+    merging a merged copy of it); the other ranks load the saved student onto their own such UNet,
+    so that NNCF's op names (and hence the quantizers) match."""
     import shutil
 
     from accelerate import PartialState
@@ -146,24 +154,28 @@ def calibrate_once(cfg: QATConfig, model: QATModel, teacher, train_ds, device):
     state = PartialState()
     handover = Path(cfg.output_dir) / ".calibrated-student"
     if state.num_processes == 1:
-        return _calibrate(cfg, model, teacher, train_ds, device)
+        return _calibrate(cfg, model, fp32_student, train_ds, device)
     with state.main_process_first():
         if state.is_main_process:
-            student = _calibrate(cfg, model, teacher, train_ds, device)
+            student = _calibrate(cfg, model, fp32_student, train_ds, device)
             quantization.save_quantized(student, handover)
         else:
-            student = quantization.load_quantized(teacher, handover).to(device)
+            student = quantization.load_quantized(fp32_student, handover).to(device)
     state.wait_for_everyone()
     if state.is_main_process:
         shutil.rmtree(handover, ignore_errors=True)
     return student
 
 
-def _calibrate(cfg: QATConfig, model: QATModel, teacher, train_ds, device):
+def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device):
     calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
     t0 = time.perf_counter()
     student = quantization.quantize_unet(
-        teacher, calib, preset=cfg.quantization_preset, overflow_fix=cfg.overflow_fix, ignored_scope=cfg.ignored_scope
+        fp32_student,
+        calib,
+        preset=cfg.quantization_preset,
+        overflow_fix=cfg.overflow_fix,
+        ignored_scope=cfg.ignored_scope,
     )
     logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
     return student

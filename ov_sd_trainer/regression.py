@@ -1,0 +1,159 @@
+"""The CI regression run: QAT of the reference model on a short schedule, export, PTQ peer, eval, small bench.
+
+    python -m ov_sd_trainer.regression --output outputs/regression        (`make regression`)
+
+Every stage runs the command a user would run (`accelerate launch train.py`, `python -m ov_sd_trainer.ptq`,
+`ov-sd eval`, `ov-sd bench`) as a subprocess, so the run exercises the real entry points. The run fails (exit 1)
+when any stage errors or when a check against `benchmarks/regression_thresholds.json` fails:
+
+- prompt accuracy of the QAT model more than `max_accuracy_drop` below the FP32 model's (per attribute);
+- QAT fidelity to the FP32 teacher below optimum-intel's PTQ (image PSNR/SSIM lower, latent or noise MSE higher);
+- the int8 UNet larger than `max_unet_size_ratio` x the FP32 UNet.
+
+The thresholds file also records the values measured when the thresholds were set. The report
+(`regression.json`, `regression.md`) lists every check with its value and limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_THRESHOLDS = ROOT / "benchmarks" / "regression_thresholds.json"
+
+
+def _stage(name: str, cmd: list[str], log_dir: Path, env: dict, report: dict) -> bool:
+    """Run one stage; its output goes to `log_dir/<name>.log`. Returns True on success."""
+    print(f"[regression] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    log = log_dir / f"{name}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    seconds = round(time.perf_counter() - t0, 1)
+    report["stages"].append(dict(name=name, command=" ".join(cmd), returncode=rc, seconds=seconds, log=str(log)))
+    if rc != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        print(f"[regression] {name} FAILED (exit {rc}) after {seconds} s; last lines of {log}:", flush=True)
+        print("\n".join("    " + line for line in tail), flush=True)
+        return False
+    print(f"[regression] {name}: ok ({seconds} s)", flush=True)
+    return True
+
+
+def _check(report: dict, name: str, value, limit, ok: bool, note: str = "") -> None:
+    report["checks"].append(dict(check=name, value=value, limit=limit, passed=bool(ok), note=note))
+
+
+def run_checks(report: dict, thresholds: dict, eval_result: dict, export_results: dict) -> None:
+    """Compare the QAT row of `ov-sd eval` with the FP32 row and the PTQ row, and the export's size ratio."""
+    rows = {v["name"]: v for v in eval_result["variants"]}
+    fp32, qat, ptq = rows["fp32"], rows["qat"], rows["ptq"]
+    drop = thresholds["max_accuracy_drop"]
+    for attr in thresholds["accuracy_attributes"]:
+        base, got = fp32["accuracy"][attr], qat["accuracy"][attr]
+        _check(
+            report, f"qat {attr} accuracy >= fp32 - {drop}", round(got, 4), round(base - drop, 4), got >= base - drop
+        )
+    for metric, better in thresholds["fidelity_metrics"].items():
+        q, p = qat[metric], ptq[metric]
+        ok = q >= p if better == "higher" else q <= p
+        _check(report, f"qat {metric} {'>=' if better == 'higher' else '<='} ptq", q, p, ok)
+    ratio = export_results["unet_size_ratio"]
+    limit = thresholds["max_unet_size_ratio"]
+    _check(report, f"int8 unet size ratio <= {limit}", ratio, limit, ratio <= limit)
+
+
+def markdown(report: dict) -> str:
+    lines = ["| stage | exit | seconds |", "|---|---|---|"]
+    lines += [f"| {s['name']} | {s['returncode']} | {s['seconds']} |" for s in report["stages"]]
+    lines += ["", "| check | value | limit | result |", "|---|---|---|---|"]
+    lines += [
+        f"| {c['check']} | {c['value']} | {c['limit']} | {'pass' if c['passed'] else 'FAIL'} |"
+        for c in report["checks"]
+    ]
+    lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}** in {report['seconds']} s"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ov_sd_trainer.regression", description=__doc__.split("\n")[0])
+    p.add_argument("--output", default="outputs/regression", help="work and report folder (replaced each run)")
+    p.add_argument("--thresholds", default=str(DEFAULT_THRESHOLDS), help="JSON file of limits and measured values")
+    args = p.parse_args(argv)
+    try:
+        thresholds = json.loads(Path(args.thresholds).read_text())
+    except (OSError, ValueError) as e:
+        print(f"regression: error: cannot read thresholds {args.thresholds}: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output).resolve()
+    if out.exists():  # the folder is this run's scratch space: only ever replace a previous regression run
+        if not (out / "regression.json").exists() and any(out.iterdir()):
+            print(
+                f"regression: error: {out} exists and is not a regression folder; pass another --output",
+                file=sys.stderr,
+            )
+            return 2
+        import shutil
+
+        shutil.rmtree(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.setdefault("OMP_NUM_THREADS", str(thresholds.get("threads", 1)))
+    py = sys.executable
+    accelerate = str(Path(py).parent / "accelerate")
+    s = thresholds["schedule"]
+    qat_dir, ptq_dir, eval_dir, bench_dir = out / "qat", out / "ptq", out / "eval", out / "bench"
+    reference = str(ROOT / "ov_sd_trainer" / "assets" / "reference")
+    stages = [
+        ("qat", [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+                 "no", "--dynamo_backend", "no", "train.py", "--recipe", s["recipe"], "--output_dir", str(qat_dir),
+                 "--max_steps", str(s["qat_steps"]), "--save_steps", str(s["qat_steps"]),
+                 "--num_calibration_samples", str(s["calibration_samples"])]),
+        ("ptq", [py, "-m", "ov_sd_trainer.ptq", "--model", reference, "--output", str(ptq_dir),
+                 "--num-samples", str(s["ptq_samples"]), "--steps", str(s["ptq_steps"]), "--threads", "1"]),
+        ("eval", [py, "-m", "ov_sd_trainer.cli", "eval", "--reference", reference,
+                  "--model", f"qat={qat_dir / 'openvino'}", "--model", f"ptq={ptq_dir}", "--output", str(eval_dir),
+                  "--subset", str(s["eval_prompts"]), "--seeds", str(s["eval_seeds"]), "--threads", "1",
+                  "--no-progress"]),
+        ("bench", [py, "-m", "ov_sd_trainer.cli", "bench", "--model", reference, "--qat", str(qat_dir / "openvino"),
+                   "--ptq", str(ptq_dir), "--output", str(bench_dir), "--threads", "1",
+                   "--repeats", str(s["bench_repeats"])]),
+    ]  # fmt: skip
+    report: dict = dict(thresholds_file=str(args.thresholds), thresholds=thresholds, stages=[], checks=[])
+    t0 = time.perf_counter()
+    ok = True
+    for name, cmd in stages:
+        if not _stage(name, cmd, logs, env, report):
+            ok = False
+            break
+    if ok:
+        try:
+            eval_result = json.loads((eval_dir / "eval.json").read_text())
+            export_results = json.loads((qat_dir / "openvino" / "results.json").read_text())
+            run_checks(report, thresholds, eval_result, export_results)
+        except (OSError, KeyError, ValueError) as e:
+            _check(report, "read stage outputs", repr(e), "readable", False)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["passed"] = ok and all(c["passed"] for c in report["checks"])
+    (out / "regression.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (out / "regression.md").write_text(text + "\n")
+    print(text)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"regression: error: {e}", file=sys.stderr)
+        sys.exit(2)
