@@ -170,7 +170,8 @@ def time_variants(names: list[str], infos: dict, args) -> dict[str, list[float]]
         model = core.read_model(Path(args.cache_dir) / args.unet / f"{name}.xml")
         shapes = {"sample": [2, 4, size, size], "timestep": [2], "encoder_hidden_states": [2, 77, text_dim]}
         model.reshape(shapes)  # static shapes, as OVStableDiffusionPipeline.reshape() sets them
-        requests[name] = core.compile_model(model, "CPU").create_infer_request()
+        config = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
+        requests[name] = core.compile_model(model, "CPU", config).create_infer_request()
         rng = np.random.default_rng(0)
         feeds[name] = {
             "sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
@@ -271,6 +272,7 @@ def main(argv=None) -> None:
     p.add_argument("--unet", choices=("sd15", "tiny"), default="sd15", help="sd15 (default) or tiny (smoke test)")
     p.add_argument("--runs", type=int, default=7, help="timed runs per variant (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per variant first (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="OpenVINO inference threads (default 0: OpenVINO's own)")
     p.add_argument("--calib-samples", type=int, default=2, help="random NNCF calibration inputs (default 2)")
     p.add_argument("--cache-dir", default="outputs/tome_speed_ir", help="where the int8 IRs are kept")
     p.add_argument("--rebuild", action="store_true", help="rebuild IRs that are already in --cache-dir")
@@ -304,7 +306,7 @@ def main(argv=None) -> None:
         else "tiny UNet (smoke test)",
         "openvino": ov.get_version(),
         "inference_precision": core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
-        "ov_threads": core.get_property("CPU", "INFERENCE_NUM_THREADS") or os.cpu_count(),
+        "ov_threads": args.threads or core.get_property("CPU", "INFERENCE_NUM_THREADS") or os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "runs": args.runs,
