@@ -422,6 +422,17 @@ def _check_block(block, where: str) -> None:
         raise UserError(f"token merging supports SD's transformer blocks only; {where} has {', '.join(problems)}")
 
 
+def _check_not_quantized(model: torch.nn.Module, action: str) -> None:
+    """NNCF names its quantizers by the traced graph; changing the graph under them would misplace them silently."""
+    from .quantization import HOOK_STORAGE_ATTR
+
+    if getattr(model, HOOK_STORAGE_ATTR, None) is not None:
+        raise UserError(
+            f"cannot {action} token merging on an NNCF-quantized UNet; apply it to the FP32 UNet, then quantize "
+            "(or load the quantized checkpoint onto a merged FP32 UNet)"
+        )
+
+
 def tome_config(unet: torch.nn.Module) -> TomeConfig | None:
     """The TomeConfig a UNet is patched with, or None."""
     for module in _unwrap(unet).modules():
@@ -460,6 +471,7 @@ def apply_tome_config(unet: torch.nn.Module, cfg: TomeConfig) -> torch.nn.Module
     from . import tome as this
 
     model = _unwrap(unet)
+    _check_not_quantized(model, "apply")
     levels = transformer_levels(model)
     block_cls = _block_class()
     chosen = [(f, t) for f, t in levels if f <= cfg.max_downsample]
@@ -490,6 +502,8 @@ def remove_tome(unet: torch.nn.Module) -> torch.nn.Module:
     from . import tome as this
 
     model = _unwrap(unet)
+    if is_patched(model):
+        _check_not_quantized(model, "remove")
     block_cls = _block_class()
     tome_cls = this.ToMeBasicTransformerBlock
     for module in model.modules():

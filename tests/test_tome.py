@@ -281,6 +281,10 @@ def test_nncf_quantizes_the_merged_unet(unet, quantized):
     # The matching is hidden from NNCF (no quantizers on the similarity); the quantizers are those of the plain
     # UNet, now on the merged attention.
     assert Q.count_quantizers(student) == Q.count_quantizers(plain)
+    with pytest.raises(UserError, match="NNCF-quantized"):  # the graph under NNCF's quantizers must not change
+        remove_tome(student)
+    with pytest.raises(UserError, match="NNCF-quantized"):
+        apply_tome(plain, ratio=0.5)
     x = inputs(unet)
     with torch.no_grad():
         out = student(**x, return_dict=False)[0]
