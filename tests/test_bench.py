@@ -31,7 +31,7 @@ def local_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     _tiny_sd15(root / "pipe", seed=1)
     argv = ["bench", "--model", str(root / "pipe"), "--output", str(root / "out"), "--work-dir", str(root / "work")]
-    argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1"]
+    argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1", "--variants", "a,b,c,d,e,f,g"]
     assert cli.main(argv) == 0
     result = json.loads((root / "out" / "bench.json").read_text())
     return {"root": root, "out": root / "out", "work": root / "work", "result": result}
@@ -189,6 +189,15 @@ def test_bad_folders_fail_before_any_work(tmp_path, capsys):
     assert "model_index.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --model and --arch are exclusive
         cli.main(["bench", "--model", str(pipe), "--arch", "sd15", "--output", str(tmp_path / "o")])
+
+
+def test_bf16_is_skipped_by_default_only_without_bf16_instructions():
+    avx2 = {"isa": ["avx2"], "openvino_cpu_capabilities": ["FP32", "INT8"]}
+    amx = {"isa": ["avx2", "avx512f", "amx_bf16"], "openvino_cpu_capabilities": ["FP32", "BF16", "INT8"]}
+    assert "no bf16 instructions" in bench.default_skips(list("abcdefg"), explicit=False, machine=avx2)["b"]
+    assert bench.default_skips(list("abcdefg"), explicit=True, machine=avx2) == {}  # named: measured anyway
+    assert bench.default_skips(list("abcdefg"), explicit=False, machine=amx) == {}
+    assert bench.default_skips(list("acd"), explicit=False, machine=avx2) == {}
 
 
 def test_parse_variants():
