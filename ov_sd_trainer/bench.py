@@ -1061,7 +1061,11 @@ def add_arguments(p) -> None:
     src.add_argument("--arch", choices=ARCHS, help="sd15: SD 1.5 architecture with random weights (speed only)")
     p.add_argument("--output", required=True, help="folder for bench.json, bench.md, bench.png (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--variants", default=None, help="comma list of a-g or names (default: all that apply)")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of a-g or names (default: all that apply; b only on CPUs with bf16 instructions)",
+    )
     p.add_argument("--qat", default=None, help="exported QAT OpenVINO folder for (f)")
     p.add_argument("--qat-tome", default=None, help="exported QAT+ToMe OpenVINO folder for (g)")
     p.add_argument("--ptq", default=None, help="an optimum int8 PTQ folder for (e) (default: built here)")
