@@ -556,6 +556,18 @@ def _time_calls(fn, warmup: int, repeats: int, desc: str, progress: bool) -> lis
     return times
 
 
+def _pipeline_call(pipe, settings: BenchSettings, height: int, width: int, generator) -> None:
+    """One timed pipeline run: batch_size // 2 prompts (CFG doubles them in the UNet), K steps, VAE decode."""
+    pipe(
+        [settings.prompt] * (settings.batch_size // 2),
+        num_inference_steps=settings.steps_pipeline,
+        guidance_scale=settings.guidance_scale,
+        height=height,
+        width=width,
+        generator=generator,
+    )
+
+
 def measure_pytorch(folder, settings: BenchSettings, inputs: dict, height: int, width: int, bf16: bool, progress):
     import torch
 
@@ -576,14 +588,7 @@ def measure_pytorch(folder, settings: BenchSettings, inputs: dict, height: int, 
 
     def run_pipeline():
         with torch.inference_mode(), autocast:
-            pipe(
-                [settings.prompt] * (settings.batch_size // 2),
-                num_inference_steps=settings.steps_pipeline,
-                guidance_scale=settings.guidance_scale,
-                height=height,
-                width=width,
-                generator=torch.Generator().manual_seed(settings.seed),
-            )
+            _pipeline_call(pipe, settings, height, width, torch.Generator().manual_seed(settings.seed))
 
     pipe_times = _time_calls(run_pipeline, 0, settings.pipeline_repeats, "pipeline runs", progress)
     return {"load_compile_s": load_s, "unet_times": times, "pipeline_times": pipe_times, "ov_config": None}
@@ -615,14 +620,7 @@ def measure_openvino(folder, settings: BenchSettings, ov_config: dict, inputs: d
     times = _time_calls(lambda: pipe.unet(**feed), settings.warmup, settings.repeats, "UNet steps", progress)
 
     def run_pipeline():
-        pipe(
-            [settings.prompt] * (settings.batch_size // 2),
-            num_inference_steps=settings.steps_pipeline,
-            guidance_scale=settings.guidance_scale,
-            height=height,
-            width=width,
-            generator=np.random.RandomState(settings.seed),
-        )
+        _pipeline_call(pipe, settings, height, width, np.random.RandomState(settings.seed))
 
     pipe_times = _time_calls(run_pipeline, 0, settings.pipeline_repeats, "pipeline runs", progress)
     compiled = pipe.unet.request

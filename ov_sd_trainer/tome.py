@@ -373,15 +373,13 @@ def _record_grid_size(module: torch.nn.Module, args: tuple, kwargs: dict) -> Non
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "unet") and isinstance(model.unet, torch.nn.Module):  # a pipeline
-            model = model.unet
-        else:
-            return model
+    """The UNet under DDP / torch.compile wrappers (quantization's rule), or a pipeline's UNet."""
+    from .quantization import _unwrap as unwrap_wrappers
+
+    model = unwrap_wrappers(model)
+    if hasattr(model, "unet") and isinstance(model.unet, torch.nn.Module):  # a pipeline
+        model = unwrap_wrappers(model.unet)
+    return model
 
 
 def transformer_levels(unet: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
