@@ -103,8 +103,9 @@ def prompt_accuracy(
     judge=None,
     progress: bool = True,
     save_images: str | Path | None = None,
+    first_seed: int = 0,
 ) -> dict:
-    """Generate the prompt set with `seeds` seeds, judge the images and return accuracies.
+    """Generate the prompt set with `seeds` seeds (`first_seed`, `first_seed` + 1, ...), judge the images and return accuracies.
 
     `pipe_or_path`: a pipeline folder (loaded with `backend`), or a loaded diffusers
     `StableDiffusionPipeline` / optimum-intel `OVStableDiffusionPipeline` (a statically reshaped OV
@@ -114,6 +115,8 @@ def prompt_accuracy(
 
     if steps < 1 or seeds < 1:
         raise UserError(f"--steps and --seeds must be >= 1, got {steps} and {seeds}")
+    if first_seed < 0:
+        raise UserError(f"--first-seed must be >= 0, got {first_seed}")
     t_start = time.perf_counter()
     pipe = pipe_or_path
     if isinstance(pipe_or_path, str | Path):
@@ -127,7 +130,7 @@ def prompt_accuracy(
     judge = judge or load_judge()
     height, width = _image_size(pipe)
     latent_shape = (pipe.unet.config["in_channels"], height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    jobs = [dict(p, seed=s) for s in range(seeds) for p in prompt_set(subset)]
+    jobs = [dict(p, seed=s) for s in range(first_seed, first_seed + seeds) for p in prompt_set(subset)]
     images = []
     t_gen = time.perf_counter()
     batches = range(0, len(jobs), batch_size)
@@ -166,6 +169,7 @@ def prompt_accuracy(
             steps=steps,
             guidance_scale=guidance_scale,
             seeds=seeds,
+            first_seed=first_seed,
             prompts=len(jobs) // seeds,
             backend=backend,
             batch_size=batch_size,
@@ -195,10 +199,12 @@ def _by_value(jobs: list[dict], preds: list[dict]) -> dict:
 
 def markdown_table(result: dict, model: str = "") -> str:
     s = result["settings"]
+    first = s.get("first_seed", 0)
+    seeds = f"{s['prompts']} x {s['seeds']}" + (f" (seeds {first}-{first + s['seeds'] - 1})" if first else "")
     lines = [
         "| model | backend | steps | guidance | prompts x seeds | shape | color | background | all three | time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {model} | {s['backend']} | {s['steps']} | {s['guidance_scale']} | {s['prompts']} x {s['seeds']} "
+        f"| {model} | {s['backend']} | {s['steps']} | {s['guidance_scale']} | {seeds} "
         f"| {result['shape']:.1%} | {result['color']:.1%} | {result['background']:.1%} | {result['all']:.1%} "
         f"| {result['time_s']} |",
     ]
@@ -211,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds used: FIRST_SEED .. FIRST_SEED + SEEDS - 1 (held-out checks)"
+    )
     p.add_argument("--backend", choices=("pytorch", "openvino"), default="pytorch")
     p.add_argument("--subset", type=int, default=None, help="use N evenly spaced prompts of the 132")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
@@ -232,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         judge=judge,
         save_images=args.save_images,
+        first_seed=args.first_seed,
     )
     print(markdown_table(result, Path(args.model).name or args.model))
     if args.output_json:

@@ -65,6 +65,15 @@ def test_prompt_accuracy_takes_a_loaded_pipeline(pipe):
     # the starting noise depends on (seed, prompt) only, not on the batching
     again = quality.prompt_accuracy(pipe, steps=2, seeds=2, subset=3, batch_size=2, progress=False)
     assert [r["predicted"] for r in again["rows"]] == [r["predicted"] for r in result["rows"]]
+    # --first-seed shifts the seeds: seed 1 alone reproduces the seed-1 half of the run above
+    shifted = quality.prompt_accuracy(pipe, steps=2, seeds=1, first_seed=1, subset=3, batch_size=4, progress=False)
+    assert [r["seed"] for r in shifted["rows"]] == [1, 1, 1] and shifted["settings"]["first_seed"] == 1
+    assert [r["predicted"] for r in shifted["rows"]] == [r["predicted"] for r in result["rows"] if r["seed"] == 1]
+    assert "(seeds 1-1)" in quality.markdown_table(shifted)
+    from ov_sd_trainer.errors import UserError
+
+    with pytest.raises(UserError, match="--first-seed must be >= 0"):
+        quality.prompt_accuracy(pipe, steps=2, first_seed=-1, subset=3, progress=False)
 
 
 def test_prompt_set_covers_every_combination():
