@@ -105,7 +105,8 @@ def prompt_accuracy(
     save_images: str | Path | None = None,
     first_seed: int = 0,
 ) -> dict:
-    """Generate the prompt set with `seeds` seeds (`first_seed`, `first_seed` + 1, ...), judge the images and return accuracies.
+    """Generate the prompt set with `seeds` seeds (`first_seed`, `first_seed` + 1, ...), judge the images and
+    return accuracies.
 
     `pipe_or_path`: a pipeline folder (loaded with `backend`), or a loaded diffusers
     `StableDiffusionPipeline` / optimum-intel `OVStableDiffusionPipeline` (a statically reshaped OV
@@ -199,7 +200,7 @@ def _by_value(jobs: list[dict], preds: list[dict]) -> dict:
 
 def markdown_table(result: dict, model: str = "") -> str:
     s = result["settings"]
-    first = s.get("first_seed", 0)
+    first = s["first_seed"]
     seeds = f"{s['prompts']} x {s['seeds']}" + (f" (seeds {first}-{first + s['seeds'] - 1})" if first else "")
     lines = [
         "| model | backend | steps | guidance | prompts x seeds | shape | color | background | all three | time (s) |",

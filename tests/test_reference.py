@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ov_sd_trainer import quality, reference
+from ov_sd_trainer.errors import UserError
 
 
 def _folder_mb(path) -> float:
@@ -70,8 +71,6 @@ def test_prompt_accuracy_takes_a_loaded_pipeline(pipe):
     assert [r["seed"] for r in shifted["rows"]] == [1, 1, 1] and shifted["settings"]["first_seed"] == 1
     assert [r["predicted"] for r in shifted["rows"]] == [r["predicted"] for r in result["rows"] if r["seed"] == 1]
     assert "(seeds 1-1)" in quality.markdown_table(shifted)
-    from ov_sd_trainer.errors import UserError
-
     with pytest.raises(UserError, match="--first-seed must be >= 0"):
         quality.prompt_accuracy(pipe, steps=2, first_seed=-1, subset=3, progress=False)
 
