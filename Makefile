@@ -32,12 +32,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 demo: $(STAMP)
-	$(OFFLINE) $(PY) -m ov_sd_trainer.demo --output $(DEMO_DIR)
+	$(OFFLINE) $(VENV)/bin/ov-sd demo --output $(DEMO_DIR)
 
 # QAT (short) + export + optimum PTQ + eval + small bench of the reference model, checked against
-# benchmarks/regression_thresholds.json; exits non-zero on a failed stage or check.
+# ov_sd_trainer/eval/regression_thresholds.json; exits non-zero on a failed stage or check.
 regression: $(STAMP)
-	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) -m ov_sd_trainer.regression --output outputs/regression
+	$(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/ov-sd regression --output outputs/regression
 
 clean:
 	rm -rf outputs build *.egg-info .pytest_cache .ruff_cache

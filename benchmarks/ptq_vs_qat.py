@@ -6,14 +6,14 @@ One command, reproducible:
 
 1. PTQ peer: if `--ptq` (default outputs/reference-ptq-int8) does not exist (or with `--redo-ptq`), quantizes the
    reference model with optimum-intel's own full-int8 PTQ at optimum's defaults
-   (`ov_sd_trainer.ptq.quantize_pipeline_int8`: 200 UNet calls of calibration at 50 steps, the 132 synthetic
+   (`ov_sd_trainer.eval.ptq.quantize_pipeline_int8`: 200 UNet calls of calibration at 50 steps, the 132 synthetic
    captions as prompts, seed 0). `--ptq-overflow-fix` adds the same PTQ with overflow_fix=enable (NAME-ofix).
    Variant folders older than the reference's UNet weights are refused (they belong to an earlier model).
-2. QAT: `--qat` (default outputs/reference-int8/openvino, what `train.py --recipe recipes/reference-int8.json`
+2. QAT: `--qat` (default outputs/reference-int8/openvino, what `ov-sd train --recipe reference-int8`
    exports); QAT+ToMe: `--qat-tome` (default outputs/reference-tome-int8/openvino), evaluated when it exists.
-3. `ov-sd eval` of all of them against the FP32 reference (`evaluation.evaluate_fidelity`, default 132 prompts x 3
+3. `ov-sd eval` of all of them against the FP32 reference (`fidelity.evaluate_fidelity`, default 132 prompts x 3
    seeds, 25 steps, guidance 7.5, OpenVINO f32), then a paired bootstrap comparison of QAT (and QAT+ToMe) against
-   PTQ on every metric (`evaluation.paired_comparison`).
+   PTQ on every metric (`stats.paired_comparison`).
 
 Writes, atomically, the `ov-sd eval` outputs plus `ptq_vs_qat.md` / `ptq_vs_qat.json` into `--output`.
 """
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ov_sd_trainer import evaluation  # noqa: E402
 from ov_sd_trainer.errors import UserError  # noqa: E402
+from ov_sd_trainer.eval import fidelity, report, stats  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=33)
     p.add_argument("--unet-samples", type=int, default=64)
-    p.add_argument("--precision", choices=evaluation.PRECISIONS, default="f32")
+    p.add_argument("--precision", choices=fidelity.PRECISIONS, default="f32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--ptq-overflow-fix", action="store_true",
@@ -71,10 +71,11 @@ def make_ptq(reference: str, output: Path, threads: int | None, overflow_fix: st
 
     `ptq.quantize_pipeline_int8` builds optimum's `OVQuantizationConfig` with its default overflow_fix="disable";
     the variant swaps in a subclass whose default is "enable" (7-bit weights, what QAT uses on CPUs without VNNI,
-    see README "Overflow fix on by default"), so everything else stays identical. ptq_info.json records it."""
+    see docs/fidelity.md), so everything else stays identical. ptq_info.json records it."""
     import optimum.intel
 
-    from ov_sd_trainer.ptq import quantize_pipeline_int8, synthetic_prompts
+    from ov_sd_trainer.eval.prompts import calibration_prompts as synthetic_prompts
+    from ov_sd_trainer.eval.ptq import quantize_pipeline_int8
 
     print(f"PTQ (optimum-intel defaults, overflow_fix={overflow_fix}) of {reference} -> {output}")
     original = optimum.intel.OVQuantizationConfig
@@ -101,7 +102,7 @@ def make_ptq(reference: str, output: Path, threads: int | None, overflow_fix: st
 
 def check_not_stale(reference: Path, models: list[tuple[str, Path]]) -> None:
     """Every variant must be made from the current reference: a folder older than the reference's UNet weights
-    (e.g. after `python -m ov_sd_trainer.reference` retrained it) compares another model."""
+    (e.g. after `ov-sd make-reference` retrained it) compares another model."""
     weights = [p.stat().st_mtime for p in (reference / "unet").glob("*.safetensors")]
     if not weights:
         return
@@ -131,7 +132,7 @@ def run(args) -> None:
     else:
         print(f"no QAT+ToMe folder at {args.qat_tome}: that row is left out")
     check_not_stale(Path(args.reference), models)
-    result, grid_rows = evaluation.evaluate_fidelity(
+    result, grid_rows = fidelity.evaluate_fidelity(
         args.reference,
         models,
         steps=args.steps,
@@ -145,7 +146,7 @@ def run(args) -> None:
     )
     peers = [n for n, _ in models if n.startswith("ptq")]
     comparisons = {
-        f"{name} vs {peer}": evaluation.paired_comparison(result, name, peer, n_boot=args.bootstrap)
+        f"{name} vs {peer}": stats.paired_comparison(result, name, peer, n_boot=args.bootstrap)
         for name, _ in models
         if not name.startswith("ptq")
         for peer in peers
@@ -160,12 +161,12 @@ def run(args) -> None:
         f"Machine: {machine}; threads {args.threads or 'default'}; total {time.perf_counter() - t0:.0f} s"
         + "".join(f"; {k} made in {v} s" for k, v in ptq_s.items()),
         "",
-        evaluation.markdown_table(evaluation.table_rows(result)),
+        report.markdown_table(report.table_rows(result)),
         "",
     ]
     for key, rows in comparisons.items():
         name, peer = key.split(" vs ")
-        md += [f"## {key}", "", evaluation.comparison_markdown(rows, name, peer), ""]
+        md += [f"## {key}", "", stats.comparison_markdown(rows, name, peer), ""]
     md.append(
         "margin: how much better the QAT variant is (PSNR in dB, SSIM, MSE of PTQ minus QAT, accuracy in points); "
         "95% interval from a paired bootstrap over the images (over the UNet inputs for the noise MSE)."
@@ -173,16 +174,16 @@ def run(args) -> None:
     extra = {
         "ptq_vs_qat.md": "\n".join(md) + "\n",
         "ptq_vs_qat.json": json.dumps(
-            evaluation._jsonable(dict(command=command, machine=machine, ptq_s=ptq_s, comparisons=comparisons)),
+            report._jsonable(dict(command=command, machine=machine, ptq_s=ptq_s, comparisons=comparisons)),
             indent=1,
         )
         + "\n",
     }
     side = max(result["settings"]["height"], result["settings"]["width"])
-    evaluation.write_outputs(args.output, result, grid_rows, max(1, 128 // side), args.overwrite, extra_files=extra)
+    report.write_outputs(args.output, result, grid_rows, max(1, 128 // side), args.overwrite, extra_files=extra)
     print(extra["ptq_vs_qat.md"])
     if args.update_cards:
-        for folder in evaluation.update_cards(
+        for folder in report.update_cards(
             result, [m for n, m in models if not n.startswith("ptq") and (m / "README.md").is_file()]
         ):
             print(f"model card updated: {folder / 'README.md'}")

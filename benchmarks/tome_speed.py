@@ -1,10 +1,10 @@
 """Token merging on the int8 SD 1.5 UNet at 512 px: step latency of every variant side by side, plus its error.
 
 Each variant is the SD 1.5 UNet architecture (859.5 M params, random weights: latency does not depend on the
-values, shared/FINDINGS.md section 3) with `ov_sd_trainer.tome.apply_tome` applied (or not), quantized by
-`quantization.quantize_unet` exactly as QAT training quantizes its student (NNCF, preset mixed, overflow fix on;
+values) with `ov_sd_trainer.compress.tome.apply_tome` applied (or not), quantized by
+`compress.quantize.quantize_unet` exactly as QAT training quantizes its student (NNCF, preset mixed, overflow fix on;
 ranges from `--calib-samples` random inputs, which do not change the speed) and converted by
-`quantization.convert_unet_to_openvino`, i.e. the IR that `ov-sd export` writes. Building runs one variant per
+`compress.convert.convert_unet_to_openvino`, i.e. the IR that `ov-sd export` writes. Building runs one variant per
 subprocess (a few GiB each; IRs are cached in `--cache-dir`). The timing then loads every IR in one process,
 reshapes it to the pipeline's static shapes (batch 2 for classifier-free guidance, 4x64x64 latents, 77x768 text
 states), compiles it with OpenVINO's defaults (CPU threads and precision as users run it), and runs the variants
@@ -59,7 +59,7 @@ DEFAULT_VARIANTS = "int8,tome0.3,tome0.4,tome0.5,tome0.4-md2,todo"
 def settings(kwargs: dict | None) -> str:
     if kwargs is None:
         return "no merging"
-    from ov_sd_trainer.tome import TomeConfig
+    from ov_sd_trainer.compress.tome_config import TomeConfig
 
     cfg = TomeConfig(**kwargs)
     if cfg.mode == "todo":
@@ -79,7 +79,7 @@ def build_unet(kind: str):
     import torch
 
     if kind == "sd15":
-        from ov_sd_trainer.models import build_sd15_unet
+        from ov_sd_trainer.assets.builders import build_sd15_unet
 
         return build_sd15_unet(seed=0), 64, 768
     from diffusers import UNet2DConditionModel
@@ -96,8 +96,8 @@ def build_one(name: str, kind: str, out: Path, calib_samples: int) -> dict:
     import openvino as ov
     import torch
 
-    from ov_sd_trainer import quantization
-    from ov_sd_trainer.tome import apply_tome
+    from ov_sd_trainer.compress import convert, quantize
+    from ov_sd_trainer.compress.tome import apply_tome
 
     torch.set_num_threads(1)  # the machine is shared; building is not what is measured
     t0 = time.perf_counter()
@@ -114,11 +114,11 @@ def build_one(name: str, kind: str, out: Path, calib_samples: int) -> dict:
         }
         for _ in range(calib_samples)
     ]
-    student = quantization.quantize_unet(unet, calib, overflow_fix="enable", bias_correction=False)
+    student = quantize.quantize_unet(unet, calib, overflow_fix="enable", bias_correction=False)
     del unet
     gc.collect()
     t1 = time.perf_counter()
-    ov_model = quantization.convert_unet_to_openvino(student, height=size, width=size)
+    ov_model = convert.convert_unet_to_openvino(student, height=size, width=size)
     del student
     gc.collect()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,15 +206,15 @@ def merge_errors(names: list[str], num_images: int = 8) -> dict[str, float]:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ov_sd_trainer.models import load_pipeline
-    from ov_sd_trainer.reference import (
+    from ov_sd_trainer.assets import reference_model_path
+    from ov_sd_trainer.assets.reference_training import (
         encode_prompts_from_ids,
         make_images,
-        reference_model_path,
         to_model_range,
         tokenize_prompts,
     )
-    from ov_sd_trainer.tome import apply_tome
+    from ov_sd_trainer.compress.tome import apply_tome
+    from ov_sd_trainer.pipeline_folder import load_pipeline
 
     torch.set_num_threads(1)
     path = str(reference_model_path())

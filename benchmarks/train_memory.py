@@ -1,14 +1,14 @@
 """Memory and time of ONE QAT training step of the SD 1.5-size UNet (CPU measurement + 24 GB GPU projection).
 
-What one step holds, as the trainer runs it (`ov_sd_trainer.trainer.QATModel.forward`'s loss: task MSE +
+What one step holds, as the trainer runs it (`ov_sd_trainer.train.losses.QATModel.forward`'s loss: task MSE +
 distillation MSE to the frozen FP32 teacher):
 
 * the frozen FP32 teacher UNet (SD 1.5's UNet2DConditionModel config, ~859.5 M params, random weights: nothing
   is downloaded),
-* the NNCF-quantized student (`quantization.quantize_unet`; calibrated on only `--calib-samples` random inputs to
+* the NNCF-quantized student (`compress.quantize.quantize_unet`; calibrated on only `--calib-samples` random inputs to
   keep the run short: the ranges are meaningless, the memory is not),
 * its gradients, bitsandbytes AdamW8bit state, an fp32 EMA shadow on CPU (`ema.EMACallback`),
-* activations, with gradient checkpointing ON (`quantization.enable_gradient_checkpointing`) and OFF.
+* activations, with gradient checkpointing ON (`compress.checkpointing.enable_gradient_checkpointing`) and OFF.
 
 Inputs are 64x64 latents (512 px), batch 1, and random 77x768 text states fed directly to the UNets: the frozen VAE
 and text encoder are NOT part of this measurement (in training they add ~0.33 GB (VAE) + ~0.49 GB (CLIP-L) of
@@ -173,10 +173,10 @@ def worker(args) -> None:
     import bitsandbytes as bnb
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ov_sd_trainer import quantization
-    from ov_sd_trainer.ema import EMACallback
-    from ov_sd_trainer.models import SD_SCHEDULER_CONFIG
-    from ov_sd_trainer.trainer import QATModel
+    from ov_sd_trainer.assets.builders import SD_SCHEDULER_CONFIG
+    from ov_sd_trainer.compress import checkpointing, quantize
+    from ov_sd_trainer.train.ema import EMACallback
+    from ov_sd_trainer.train.losses import QATModel
 
     trim()
     res["rss_runtime"] = rss_bytes()  # interpreter + torch/diffusers/nncf/bnb imports
@@ -202,15 +202,15 @@ def worker(args) -> None:
 
     calib = [random_inputs(1) for _ in range(args.calib_samples)]
     t0 = time.perf_counter()
-    student = quantization.quantize_unet(teacher, calib, bias_correction=args.bias_correction)
+    student = quantize.quantize_unet(teacher, calib, bias_correction=args.bias_correction)
     res["quantize_s"] = round(time.perf_counter() - t0, 1)
     del calib
     student.train()
     for p in student.parameters():  # as training.build: NNCF's integer state stays frozen
         p.requires_grad_(p.is_floating_point())
-    qparams = quantization.quantizer_parameters(student)
-    wparams = quantization.weight_parameters(student)
-    res["n_quantizers"] = quantization.count_quantizers(student)
+    qparams = quantize.quantizer_parameters(student)
+    wparams = quantize.weight_parameters(student)
+    res["n_quantizers"] = quantize.count_quantizers(student)
     res["student_weight_bytes"] = tensor_bytes([p for _, p in wparams] + list(student.buffers()))
     res["student_quantizer_bytes"] = tensor_bytes([p for _, p in qparams])
     res["student_bytes"] = tensor_bytes(list(student.parameters()) + list(student.buffers()))
@@ -220,7 +220,7 @@ def worker(args) -> None:
     save(f"student quantized ({res['quantize_s']} s)")
 
     if res["gradient_checkpointing"]:
-        quantization.enable_gradient_checkpointing(student)
+        checkpointing.enable_gradient_checkpointing(student)
 
     ema = EMACallback(student, decay=0.9999, device="cpu")
     res["ema_bytes"] = tensor_bytes(ema.shadow.values())

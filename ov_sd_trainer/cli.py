@@ -1,176 +1,118 @@
-"""`ov-sd`: the project's command line (tiny pipelines, datasets, generation).
+"""`ov-sd`: the project's one command line. `ov-sd <command> --help` for each command's options.
 
-Every user error is printed as one line `ov-sd: error: ...` with exit status 2."""
+Each command lives in the module of its pipeline stage, which exposes `add_arguments(parser)` and `main(args)`; this
+file only dispatches (importing just the chosen command's module) and owns the one error path: bad input is printed
+as one line `ov-sd: error: ...` with exit status 2. Options are written `--kebab-case`; every command also accepts
+the underscore spelling (`--max_steps`, the QATConfig field names that recipes use).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .errors import UserError
 
-
-def _cmd_make_tiny(args):
-    from .models import TinySDConfig, build_tiny_pipeline
-    from .outputs import atomic_output_dir
-
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
-        build_tiny_pipeline(tmp, TinySDConfig(resolution=args.resolution, seed=args.seed))
-    print(f"tiny Stable Diffusion pipeline written to {args.output}")
-
-
-def _cmd_make_dataset(args):
-    from .outputs import atomic_output_dir
-    from .synthetic import make_synthetic_dataset
-
-    ds = make_synthetic_dataset(args.num_samples, seed=args.seed, resolution=args.resolution)
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
-        import json
-
-        with open(tmp / "metadata.jsonl", "w") as f:
-            for i, row in enumerate(ds):
-                name = f"{i:06d}.png"
-                row["image"].save(tmp / name)
-                f.write(json.dumps({"file_name": name, "text": row["text"]}) + "\n")
-    print(f"{len(ds)} captioned images written to {args.output} (imagefolder layout)")
-
-
-def _cmd_generate(args):
-    from .generate import generate
-
-    info = generate(
-        args.model,
-        args.prompt,
-        args.output,
-        steps=args.steps,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        guidance_scale=args.guidance_scale,
-        backend=args.backend,
-        negative_prompt=args.negative_prompt,
-    )
-    print(
-        f"saved {args.output} ({info['width']}x{info['height']}, {info['steps']} steps): "
-        f"{info['step_s'] * 1000:.1f} ms/step, {info['total_s']:.2f} s generation, {info['load_s']:.1f} s load+compile"
-    )
+# name -> (module, one-line help), grouped by pipeline stage
+COMMANDS: dict[str, tuple[str, str]] = {
+    # train
+    "train": ("ov_sd_trainer.train.run", "quantization-aware training of the UNet (--recipe NAME, QATConfig flags)"),
+    "demo": ("ov_sd_trainer.demo", "the main job offline on the bundled model: short QAT, export, one image"),
+    # export
+    "export": ("ov_sd_trainer.export.openvino", "export a training checkpoint to an OpenVINO pipeline folder"),
+    "push": ("ov_sd_trainer.export.hub", "upload an exported OpenVINO folder to the Hugging Face Hub"),
+    # eval
+    "generate": ("ov_sd_trainer.eval.generate", "generate an image from an OpenVINO or diffusers pipeline"),
+    "ptq": ("ov_sd_trainer.eval.ptq", "optimum-intel's post-training quantization (hybrid or full int8): the peer"),
+    "eval": ("ov_sd_trainer.eval.fidelity", "fidelity of OpenVINO variants to the FP32 teacher (PSNR/SSIM/MSE/judge)"),
+    "quality": ("ov_sd_trainer.eval.accuracy", "prompt accuracy of a pipeline on the fixed prompt set (the judge)"),
+    "bench": ("ov_sd_trainer.eval.bench.run", "latency, size and memory of every variant side by side"),
+    "regression": ("ov_sd_trainer.eval.regression", "short QAT + PTQ + eval + bench of the reference model, checked"),
+    # assets
+    "make-tiny": ("ov_sd_trainer.assets.builders", "write a randomly initialised tiny SD pipeline (offline)"),
+    "make-dataset": ("ov_sd_trainer.assets.synthetic", "write the synthetic captioned dataset as an imagefolder"),
+    "make-reference": ("ov_sd_trainer.assets.reference_training", "train the bundled reference model from scratch"),
+    "make-judge": ("ov_sd_trainer.assets.judge_training", "train the prompt-fidelity judge"),
+    "judge": ("ov_sd_trainer.assets.judge_training", "held-out accuracy of the judge"),
+}
+# Commands whose module exposes other names than add_arguments / main (two commands in one module).
+ENTRY_POINTS = {"make-judge": ("add_make_arguments", "make_main")}
 
 
-def _cmd_export(args):
-    from .export import export_openvino_pipeline, load_student_from_checkpoint
-    from .outputs import check_output_dir
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised as UserError), no abbreviations, and `--a_b` aliases of `--a-b`."""
 
-    check_output_dir(args.output, args.overwrite)  # fail before the slow load
-    student, cfg, base, recipe = load_student_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
-    export_openvino_pipeline(
-        base,
-        student,
-        args.output,
-        overwrite=args.overwrite,
-        recipe=recipe,
-        sample_prompts=args.sample_prompt,
-        sample_steps=args.sample_steps,
-        resolution=cfg.get("resolution"),
-    )
-    print(f"OpenVINO pipeline written to {args.output}")
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
+    def add_argument(self, *names, **kwargs):
+        return super().add_argument(*names, *_underscore_aliases(names), **kwargs)
 
-def _cmd_push(args):
-    from .hub import push_to_hub, upload_plan
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        group.add_argument = _with_aliases(group.add_argument)
+        return group
 
-    files = upload_plan(args.model)
-    if args.dry_run:
-        print("\n".join(files))
-        return
-    url = push_to_hub(args.model, args.repo_id, token=args.token, private=args.private)
-    print(f"uploaded {len(files)} files to {url}")
+    def add_mutually_exclusive_group(self, **kwargs):
+        group = super().add_mutually_exclusive_group(**kwargs)
+        group.add_argument = _with_aliases(group.add_argument)
+        return group
+
+    def error(self, message):
+        raise UserError(f"{message}; see `{self.prog} --help`")
 
 
-def _cmd_bench(args):
-    from .bench import main as bench_main
+def _underscore_aliases(names) -> list[str]:
+    """`--batch-size` -> `--batch_size` (so both spellings work in every command)."""
+    return ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
 
-    bench_main(args, argv=args.argv)
+
+def _with_aliases(add):
+    def add_argument(*names, **kwargs):
+        return add(*names, *_underscore_aliases(names), **kwargs)
+
+    return add_argument
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ov-sd", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _entry(command: str):
+    module = importlib.import_module(COMMANDS[command][0])
+    add, main = ENTRY_POINTS.get(command, ("add_arguments", "main"))
+    return module, getattr(module, add), getattr(module, main)
 
-    s = sub.add_parser("make-tiny", help="write a randomly initialised tiny SD pipeline (offline)")
-    s.add_argument("--output", required=True)
-    s.add_argument("--resolution", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    s.set_defaults(func=_cmd_make_tiny)
 
-    s = sub.add_parser("make-dataset", help="write the synthetic captioned dataset as an imagefolder")
-    s.add_argument("--output", required=True)
-    s.add_argument("--num-samples", type=int, default=1000)
-    s.add_argument("--resolution", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=_cmd_make_dataset)
-
-    s = sub.add_parser("generate", help="generate an image from an OpenVINO or diffusers pipeline")
-    s.add_argument("--model", required=True, help="OpenVINO export folder, diffusers folder or Hub id")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--negative-prompt", default=None)
-    s.add_argument("--output", required=True, help="PNG path")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int, default=None, help="default: the size the model was trained at")
-    s.add_argument("--width", type=int, default=None)
-    s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--backend", choices=("openvino", "pytorch"), default="openvino")
-    s.set_defaults(func=_cmd_generate)
-
-    s = sub.add_parser("export", help="export a training checkpoint to an OpenVINO pipeline folder (int8 UNet)")
-    s.add_argument("--checkpoint", required=True, help="output_dir/final or output_dir/checkpoint-N")
-    s.add_argument("--output", required=True)
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    s.add_argument("--no-ema", action="store_true", help="export the raw student, not its EMA (checkpoint-N only)")
-    s.add_argument("--sample-prompt", action="append", default=None, help="render a sample image (repeatable)")
-    s.add_argument("--sample-steps", type=int, default=20)
-    s.set_defaults(func=_cmd_export)
-
-    s = sub.add_parser("push", help="upload an exported OpenVINO folder to the Hugging Face Hub")
-    s.add_argument("--model", required=True, help="the exported OpenVINO folder")
-    s.add_argument("--repo-id", required=True, help="user/name")
-    s.add_argument("--token", default=None, help="default: $HF_TOKEN or the stored login")
-    s.add_argument("--private", action="store_true")
-    s.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded")
-    s.set_defaults(func=_cmd_push)
-
-    from .bench import add_arguments as add_bench_arguments
-
-    s = sub.add_parser(
-        "bench",
-        help="latency, size and memory: PyTorch, OpenVINO FP32/default, optimum int8 PTQ, QAT int8 (+ToMe)",
-        allow_abbrev=False,
-    )
-    add_bench_arguments(s)
-    s.set_defaults(func=_cmd_bench)
-
-    from .evaluation import add_arguments as add_eval_arguments
-
-    add_eval_arguments(
-        sub.add_parser(
-            "eval", help="fidelity of OpenVINO variants to the FP32 teacher (PSNR/SSIM/MSE/judge)", allow_abbrev=False
-        )
-    )
+def build_parser(command: str | None = None) -> Parser:
+    """The `ov-sd` parser; only `command`'s module is imported to add its options (the rest stay lazy)."""
+    p = Parser(prog="ov-sd", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for name, (_, help_text) in COMMANDS.items():
+        if name != command or command is None:
+            sub.add_parser(name, help=help_text)
+            continue
+        module, add, _ = _entry(name)
+        passes_through = getattr(module, "PASSES_UNKNOWN_ARGS", False)  # train: its own HfArgumentParser
+        s = sub.add_parser(name, help=help_text, description=help_text, add_help=not passes_through)
+        add(s)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that report how they ran
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the root parser has no option with a value
     try:
-        args.func(args)
+        parser = build_parser(command)
+        args, extra = parser.parse_known_args(argv)
+        module, _, run = _entry(args.command)
+        args.argv = argv  # recorded by commands that report how they ran
+        if getattr(module, "PASSES_UNKNOWN_ARGS", False):
+            return run(args, extra) or 0
+        if extra:
+            raise UserError(f"unrecognized arguments: {' '.join(extra)}; see `ov-sd {args.command} --help`")
+        return run(args) or 0
     except UserError as e:
         print(f"ov-sd: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

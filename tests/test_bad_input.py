@@ -1,18 +1,15 @@
 """Bad input: a clear one-line error naming the problem, exit status 2, and no partial output.
 
-Each case runs the real entry point (`train.py`'s main or `ov-sd`'s main) in-process."""
+Each case runs the real entry point (`ov-sd`'s main, which `train.py` and `python -m ov_sd_trainer.train` call)
+in-process."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from ov_sd_trainer import cli
+from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +26,7 @@ def write(path: Path, obj) -> str:
 
 def imagefolder(root: Path, rows: list[tuple[str, bytes | None, str]]) -> str:
     """rows: (file name, PNG bytes or None for a corrupt file, caption)."""
-    from ov_sd_trainer.synthetic import draw_shape
+    from ov_sd_trainer.assets.synthetic import draw_shape
 
     root.mkdir()
     with open(root / "metadata.jsonl", "w") as f:
@@ -83,10 +80,10 @@ def test_train_bad_inputs(tiny, tmp_path, capsys):
         if "--output_dir" not in argv:
             argv = argv + ["--output_dir", str(out)]
         before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-        rc = train.main(argv)
+        rc = cli.main(["train", *argv])
         err = capsys.readouterr().err.strip().splitlines()
         last = err[-1] if err else ""
-        if rc != 2 or not last.startswith("train.py: error:") or fragment not in last:
+        if rc != 2 or not last.startswith("ov-sd: error:") or fragment not in last:
             failures.append(f"{name}: rc={rc} last line={last!r}")
         if out.exists():
             failures.append(f"{name}: created {out}")
@@ -97,7 +94,7 @@ def test_train_bad_inputs(tiny, tmp_path, capsys):
 
 
 def test_corrupt_images_are_skipped_with_a_count(tmp_path):
-    from ov_sd_trainer.data import drop_unreadable_images, load_captioned_dataset
+    from ov_sd_trainer.train.data import drop_unreadable_images, load_captioned_dataset
 
     folder = imagefolder(
         tmp_path / "mixed", [("a.png", b"1", "a red circle"), ("b.png", None, "x"), ("c.png", b"1", "y")]
@@ -109,12 +106,10 @@ def test_corrupt_images_are_skipped_with_a_count(tmp_path):
 
 
 def test_export_of_unquantized_checkpoint(tiny, tmp_path, capsys):
-    from ov_sd_trainer.cli import main
-
     ckpt = tmp_path / "ckpt"
     (ckpt / "student").mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(tiny)}))
-    rc = main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "ov")])
+    rc = cli.main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "ov")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "is not a quantized checkpoint" in last
     assert not (tmp_path / "ov").exists()

@@ -1,4 +1,5 @@
-"""Tiny Stable Diffusion pipelines built offline, and loading of user pipelines with clear errors.
+"""Stable Diffusion pipelines with random weights, built offline: tiny ones for tests, the SD 1.5 architecture for
+speed benchmarks.
 
 The tiny pipeline has SD's structure at a small scale: a CLIP text encoder, a KL autoencoder,
 and a UNet whose highest-resolution blocks hold transformer blocks with self-attention and
@@ -7,14 +8,13 @@ cross-attention to the text (so quantization and token merging meet the same ops
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from . import synthetic
-from .errors import UserError
 from .tokenizer import build_clip_tokenizer
 
 
@@ -130,42 +130,10 @@ def build_tiny_pipeline(output_dir: str | Path | None = None, cfg: TinySDConfig 
     return pipe
 
 
-def check_pipeline_source(name_or_path: str) -> None:
-    """Fail early with a clear message for a local path that is missing or not an SD pipeline.
-
-    Anything that does not look like a local path is taken for a Hub id and left to diffusers."""
-    path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if not looks_local:
-        return
-    if not path.exists():
-        raise UserError(f"model path {name_or_path!r} does not exist; pass a diffusers pipeline folder or a Hub id")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise UserError(
-            f"{name_or_path!r} is not a Stable Diffusion pipeline folder (no model_index.json); "
-            "pass the folder written by StableDiffusionPipeline.save_pretrained"
-        )
-    components = json.loads(index.read_text())
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
-    if missing:
-        raise UserError(f"{name_or_path!r} is not a Stable Diffusion pipeline: model_index.json lacks {missing}")
-
-
-def load_pipeline(name_or_path: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load a diffusers `StableDiffusionPipeline` from a local folder or a Hub id."""
-    from diffusers import StableDiffusionPipeline
-
-    check_pipeline_source(name_or_path)
-    return StableDiffusionPipeline.from_pretrained(
-        name_or_path, revision=revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
-
-
 def build_sd15_unet(seed: int = 0):
     """The SD 1.5 UNet architecture (859.5 M parameters) with random weights, built offline.
 
-    Latency does not depend on weight values, so this is a fair speed benchmark (shared/FINDINGS.md §3);
+    Latency does not depend on weight values, so this is a fair speed benchmark;
     quality numbers need a trained model. diffusers' `UNet2DConditionModel` defaults are SD 1.x's layout
     (320/640/1280/1280 channels, 2 layers per block, 8 heads); SD 1.5 reads 768-wide CLIP-L states."""
     from diffusers import UNet2DConditionModel
@@ -217,3 +185,24 @@ def build_sd15_pipeline(output_dir: str | Path | None = None, seed: int = 0):
     if output_dir is not None:
         pipe.save_pretrained(output_dir, safe_serialization=True)
     return pipe
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `ov-sd make-tiny`
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(s) -> None:
+    s.add_argument("--output", required=True)
+    s.add_argument("--resolution", type=int, default=TinySDConfig.resolution)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def main(args) -> int:
+    from ..outputs import atomic_output_dir
+
+    with atomic_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        build_tiny_pipeline(tmp, TinySDConfig(resolution=args.resolution, seed=args.seed))
+    print(f"tiny Stable Diffusion pipeline written to {args.output}")
+    return 0

@@ -1,9 +1,9 @@
 """Train the small reference Stable Diffusion model from scratch on the synthetic dataset.
 
-    python -m ov_sd_trainer.reference --output ov_sd_trainer/assets/reference --seed 0
+    ov-sd make-reference --output ov_sd_trainer/assets/reference --seed 0
 
 reproduces the committed model in `ov_sd_trainer/assets/reference/` (a standard diffusers
-`StableDiffusionPipeline` folder; `reference_model_path()` returns it). Two stages, like SD:
+`StableDiffusionPipeline` folder; `assets.reference_model_path()` returns it). Two stages, like SD:
 
 1. **Autoencoder.** An `AutoencoderKL` (VAE factor 4: 64 px images -> 16x16x4 latents) is trained on
    synthetic images with an L1 + MSE reconstruction loss and a small KL term. Its held-out
@@ -13,7 +13,7 @@ reproduces the committed model in `ov_sd_trainer/assets/reference/` (a standard 
 2. **UNet.** A `UNet2DConditionModel` (cross-attention to the text at every resolution but the
    lowest, self-attention over the 16x16 = 256 latent tokens at the highest resolution) is trained
    with diffusers' standard noise-prediction (epsilon) objective under SD 1.x's noise schedule
-   (`DDPMScheduler` with `models.SD_SCHEDULER_CONFIG`'s betas), min-SNR loss weighting (gamma 5) and
+   (`DDPMScheduler` with `builders.SD_SCHEDULER_CONFIG`'s betas), min-SNR loss weighting (gamma 5) and
    an EMA of the weights (the EMA weights are saved). For classifier-free guidance, 10% of the
    captions are replaced by the empty prompt "" (tokenized the same way), so guidance works at
    inference.
@@ -31,13 +31,12 @@ the shared 2-core machine the model was trained on, two threads contending with 
 3x slower than one.
 
 The output folder gets the pipeline (safetensors, no safety checker, the PNDM scheduler of
-`models.build_components` so it infers like SD 1.5) and `training_log.json` (command line, seed,
+`builders.build_components` so it infers like SD 1.5) and `training_log.json` (command line, seed,
 steps, losses, time per stage, PSNR, scaling factor).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import synthetic
-from .models import SD_SCHEDULER_CONFIG, TinySDConfig, assemble_pipeline, build_components
+from .builders import SD_SCHEDULER_CONFIG, TinySDConfig, assemble_pipeline, build_components
 
 # The reference model's architecture: the project's tiny SD layout with a wider UNet and a lighter VAE.
 REFERENCE_CONFIG = dict(
@@ -66,11 +65,6 @@ REFERENCE_CONFIG = dict(
     norm_groups=8,
 )
 EVAL_SEED_OFFSET = 1_000_003  # held-out images come from seed + this offset, never used in training
-
-
-def reference_model_path() -> Path:
-    """The committed reference pipeline folder (shipped as package data)."""
-    return Path(__file__).resolve().parent / "assets" / "reference"
 
 
 def make_images(num_images: int, seed: int, resolution: int = 64) -> tuple[torch.Tensor, list[str]]:
@@ -246,8 +240,7 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m ov_sd_trainer.reference", description=__doc__.split("\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--output", required=True, help="folder for the pipeline and training_log.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=8000, help="synthetic training images")
@@ -269,13 +262,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="train the tiny CLIP text encoder jointly with the UNet (true/false)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is fastest on a shared 2-core machine")
-    args = p.parse_args(argv)
 
+
+def main(args) -> int:
+    train_reference(args)
+    return 0
+
+
+def train_reference(args) -> dict:
+    """Both stages with the parsed `ov-sd make-reference` arguments; returns the training record."""
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = dict(
-        command="python -m ov_sd_trainer.reference " + " ".join(sys.argv[1:] if argv is None else argv),
+        command="ov-sd make-reference " + " ".join(sys.argv[2:]),
         args=vars(args),
         seed=args.seed,
         config=REFERENCE_CONFIG,
@@ -351,7 +351,3 @@ def main(argv: list[str] | None = None) -> dict:
         f"VAE PSNR {record['vae_psnr_db']} dB"
     )
     return record
-
-
-if __name__ == "__main__":
-    main()

@@ -1,33 +1,33 @@
-"""NNCF 3.x quantization-aware training helpers for diffusers UNets (see shared/FINDINGS.md section 2).
+"""NNCF 3.x quantization of a diffusers UNet for quantization-aware training.
 
-The flow: `quantize_unet` inserts NNCF quantizers into a deep copy of the FP32 UNet (the original stays the
-teacher); an ordinary training loop then trains the student's weights and/or quantizer ranges
-(`quantizer_parameters` / `weight_parameters`); `save_quantized` / `load_quantized` checkpoint it exactly;
-`enable_gradient_checkpointing` makes activation checkpointing work through NNCF's hooks; and
-`convert_unet_to_openvino` exports an IR with optimum-intel's SD UNet interface whose FakeQuantize ops
-OpenVINO runs (and stores) as int8.
+`quantize_unet` inserts NNCF quantizers into a deep copy of the FP32 UNet (the original stays the teacher) with
+ranges from real UNet inputs; an ordinary training loop then trains the student's weights and/or quantizer ranges
+(`quantizer_parameters` / `weight_parameters`); `save_quantized` / `load_quantized` checkpoint it exactly
+(`nncf.torch.get_config` + the state dict, since NNCF 3 has no compressed-model object to pickle).
+Gradient checkpointing through NNCF's hooks lives in `checkpointing`, the OpenVINO conversion in `convert`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import enum
 import json
 import os
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 PRESETS = ("mixed", "performance")
+DEFAULT_PRESET = "mixed"  # symmetric weights, asymmetric activations (NNCF's and optimum-intel's default)
 OVERFLOW_FIX = ("disable", "enable", "first_layer_only")
+# "enable" stores 7-bit weights. Measured on an AMD Zen 4 host: with "disable" the exported int8 UNet drifted
+# 31-37 % (relative L2) from the PyTorch student, with "enable" 3.6 %, so 7-bit weights are what keep the export exact.
+DEFAULT_OVERFLOW_FIX = "enable"
 UNET_INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
-UNET_OUTPUT_NAME = "out_sample"
 
 # The first NNCF call compiles a CPU extension (~30-40 s on an idle 2-core machine); NNCF's 60 s load timeout is
 # too short when other work shares the cores. A user's own setting wins.
@@ -47,7 +47,7 @@ STATE_SAFETENSORS = "quantized_state.safetensors"
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying module of DDP / torch.compile wrappers."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
@@ -116,8 +116,8 @@ def _ignored_scope(ignored_scope: Any):
 def quantize_unet(
     unet: torch.nn.Module,
     calibration_inputs: Sequence[dict[str, torch.Tensor]],
-    preset: str = "mixed",
-    overflow_fix: str = "disable",
+    preset: str = DEFAULT_PRESET,
+    overflow_fix: str = DEFAULT_OVERFLOW_FIX,
     ignored_scope: Any = None,
     subset_size: int | None = None,
     smooth_quant: bool = False,
@@ -127,8 +127,8 @@ def quantize_unet(
 
     `calibration_inputs`: list of dicts with `sample` [B,4,h,w], `timestep` [B] and `encoder_hidden_states`
     [B,77,D] (real UNet inputs). `preset`: "mixed" (symmetric weights, asymmetric activations) or
-    "performance" (all symmetric). `overflow_fix`: "disable" (the default: right for VNNI/AMX CPUs),
-    "enable" or "first_layer_only" (7-bit weights against int8 overflow on pre-VNNI CPUs).
+    "performance" (all symmetric). `overflow_fix`: "enable" (the default: 7-bit weights, so the OpenVINO int8
+    export matches the PyTorch student on any CPU), "first_layer_only" or "disable" (8-bit weights).
     `ignored_scope`: an `nncf.IgnoredScope` or a list of regex patterns over NNCF node names.
     `subset_size`: how many calibration items to use (default: all). `smooth_quant`: NNCF's SmoothQuant for
     matmuls (NNCF's default for transformers; off here: measured on the tiny UNet, the OpenVINO IR of a
@@ -149,7 +149,7 @@ def quantize_unet(
         raise UserError(f"unknown overflow_fix {overflow_fix!r}; choose one of {', '.join(OVERFLOW_FIX)}")
     if not isinstance(unet, torch.nn.Module):
         raise UserError(f"quantize_unet needs a torch UNet module, got {type(unet).__name__}")
-    unet = _unwrap(unet)
+    unet = unwrap_model(unet)
     if is_quantized(unet):
         raise UserError("the UNet is already quantized; pass the FP32 UNet to quantize_unet")
     items = _check_calibration_inputs(calibration_inputs)
@@ -195,7 +195,7 @@ def quantize_unet(
 def _hook_storage(model: torch.nn.Module):
     from nncf.torch.function_hook.wrapper import is_wrapped
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not is_wrapped(model):
         return None
     return getattr(model, HOOK_STORAGE_ATTR, None)
@@ -233,12 +233,14 @@ def quantizer_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     `_input_range_value`, ...) and SmoothQuant scales. Train these alone for `tune_quantizers_only`;
     keep them out of weight decay. (NNCF's integer state such as `_num_bits` and `signed_tensor` is also held
     in Parameters; it is in neither list and must not be given to an optimizer.)"""
-    return [(n, p) for n, p in _unwrap(model).named_parameters() if _is_hook_parameter(n) and p.is_floating_point()]
+    return [
+        (n, p) for n, p in unwrap_model(model).named_parameters() if _is_hook_parameter(n) and p.is_floating_point()
+    ]
 
 
 def weight_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """All parameters that are not NNCF hook parameters (the UNet's own weights and biases)."""
-    return [(n, p) for n, p in _unwrap(model).named_parameters() if not _is_hook_parameter(n)]
+    return [(n, p) for n, p in unwrap_model(model).named_parameters() if not _is_hook_parameter(n)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def save_quantized(model: torch.nn.Module, directory: str | Path) -> Path:
     import nncf.torch
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not is_quantized(model):
         raise UserError("save_quantized needs a quantized UNet (from quantize_unet or load_quantized)")
     directory = Path(directory)
@@ -374,7 +376,7 @@ def load_quantized(fp32_unet: torch.nn.Module, directory: str | Path, inplace: b
 
     directory = Path(directory)
     meta = _read_meta(directory)
-    fp32_unet = _unwrap(fp32_unet)
+    fp32_unet = unwrap_model(fp32_unet)
     if is_quantized(fp32_unet):
         raise UserError("load_quantized needs the FP32 UNet; the given one is already quantized")
     from safetensors.torch import load_file
@@ -396,196 +398,3 @@ def load_quantized(fp32_unet: torch.nn.Module, directory: str | Path, inplace: b
             "load it on the FP32 UNet of the same architecture it was trained from"
         ) from e
     return model
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Gradient checkpointing through NNCF's hooks
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _active_hook_mode():
-    """The innermost NNCF FunctionHookMode on torch's function-mode stack, or None."""
-    from nncf.torch.function_hook.hook_executor_mode import FunctionHookMode
-
-    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
-        if isinstance(mode, FunctionHookMode):
-            return mode
-    return None
-
-
-class _RecomputeInHookMode:
-    """Recompute context: re-enters NNCF's FunctionHookMode for the same model and hook storage, positioned
-    where the original forward was when the checkpoint was taken (module call stack and op-call counters;
-    NNCF names each hooked op by module path + call counter, so both decide which hooks fire)."""
-
-    def __init__(self, mode) -> None:
-        self.model = mode.model
-        self.hook_storage = mode.hook_storage
-        self.module_call_stack = list(mode.module_call_stack)
-        self.op_calls = dict(mode.op_calls)
-        self.enabled = mode.enabled
-        self._mode = None
-
-    def __enter__(self):
-        from nncf.torch.function_hook.hook_executor_mode import FunctionHookMode
-
-        mode = FunctionHookMode(model=self.model, hook_storage=self.hook_storage)
-        mode.__enter__()
-        mode.module_call_stack = list(self.module_call_stack)
-        mode.op_calls = defaultdict(int, self.op_calls)
-        mode.enabled = self.enabled
-        self._mode = mode
-        return mode
-
-    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            mode.__exit__(exc_type, exc_val, exc_tb)
-
-
-def nncf_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`torch.utils.checkpoint.checkpoint` (non-reentrant) whose recomputation runs NNCF's hooks as the original
-    forward did. Without an active NNCF hook mode (an FP32 UNet) it is the ordinary non-reentrant checkpoint.
-    Module-level (not a closure) so that deep copies of a model (EMA, teacher) stay correct."""
-    from torch.utils.checkpoint import checkpoint, noop_context_fn
-
-    mode = _active_hook_mode()
-    if mode is None:
-        context_fn = noop_context_fn
-    else:
-        recompute = _RecomputeInHookMode(mode)
-
-        def context_fn():
-            return contextlib.nullcontext(), recompute
-
-    return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-
-def enable_gradient_checkpointing(unet: torch.nn.Module) -> torch.nn.Module:
-    """Turn on diffusers' gradient checkpointing with `nncf_checkpoint`; works for quantized and FP32 UNets."""
-    model = _unwrap(unet)
-    if not getattr(model, "_supports_gradient_checkpointing", False):
-        raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=nncf_checkpoint)
-    return unet
-
-
-def disable_gradient_checkpointing(unet: torch.nn.Module) -> torch.nn.Module:
-    """Turn diffusers' gradient checkpointing off again."""
-    model = _unwrap(unet)
-    if getattr(model, "_supports_gradient_checkpointing", False):
-        model.disable_gradient_checkpointing()
-    return unet
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# OpenVINO export
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class _UNetForExport(torch.nn.Module):
-    """Positional (sample, timestep, encoder_hidden_states) -> noise prediction tensor."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-def unet_example_inputs(
-    unet: torch.nn.Module, batch: int = 2, height: int = 16, width: int = 16, text_len: int = 77
-) -> dict[str, torch.Tensor]:
-    """Random UNet inputs of the right shapes and dtypes (for tracing and parity checks)."""
-    config = _unwrap(unet).config
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "sample": torch.randn(batch, config.in_channels, height, width, generator=generator),
-        "timestep": torch.randint(0, 1000, (batch,), generator=generator, dtype=torch.long),
-        "encoder_hidden_states": torch.randn(batch, text_len, config.cross_attention_dim, generator=generator),
-    }
-
-
-def convert_unet_to_openvino(
-    unet: torch.nn.Module,
-    example_inputs: dict[str, torch.Tensor] | None = None,
-    batch: int = 2,
-    height: int = 16,
-    width: int = 16,
-    text_len: int = 77,
-):
-    """Convert an FP32 or NNCF-quantized UNet to an `openvino.Model` with optimum-intel's SD UNet interface:
-    inputs `sample` (f32 [-1,C,-1,-1]), `timestep` (i64 [-1]), `encoder_hidden_states` (f32 [-1,-1,D]); output
-    `out_sample`. A quantized UNet keeps its FakeQuantize ops (`openvino.save_model` stores their weights as int8)."""
-    import openvino as ov
-
-    model = _unwrap(unet)
-    config = model.config
-    if example_inputs is None:
-        example_inputs = unet_example_inputs(model, batch, height, width, text_len)
-    missing = [k for k in UNET_INPUT_NAMES if k not in example_inputs]
-    if missing:
-        raise UserError(f"example_inputs lacks {missing}; it needs {list(UNET_INPUT_NAMES)}")
-    param = next(model.parameters())
-    example = (
-        example_inputs["sample"].to(param.device, torch.float32),
-        example_inputs["timestep"].to(param.device, torch.long).reshape(-1),
-        example_inputs["encoder_hidden_states"].to(param.device, torch.float32),
-    )
-    inputs = [
-        (ov.PartialShape([-1, config.in_channels, -1, -1]), ov.Type.f32),
-        (ov.PartialShape([-1]), ov.Type.i64),
-        (ov.PartialShape([-1, -1, config.cross_attention_dim]), ov.Type.f32),
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            wrapper = _UNetForExport(model)
-            decoder = _torchscript_decoder(wrapper, example)
-            if decoder is wrapper:
-                ov_model = ov.convert_model(wrapper, example_input=example, input=inputs)
-            else:
-                ov_model = ov.convert_model(decoder, input=inputs)
-    finally:
-        model.train(was_training)
-    for port, name in zip(ov_model.inputs, UNET_INPUT_NAMES, strict=True):
-        port.get_tensor().set_names({name})
-    ov_model.outputs[0].get_tensor().set_names({UNET_OUTPUT_NAME})
-    return ov_model
-
-
-def _torchscript_decoder(module: torch.nn.Module, example: tuple):
-    """OpenVINO's TorchScript decoder with torch.jit.trace's check_trace off: the check re-runs the model twice
-    (slow through NNCF's hooks) and, for a quantized UNet, only reports that NNCF's export-time FakeQuantize
-    rounds a few ties differently from its training-time quantizer."""
-    try:
-        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
-
-        return TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
-    except (ImportError, TypeError):  # older/newer OpenVINO without trace_kwargs: let convert_model trace
-        return module
-
-
-def count_fake_quantize(ov_model) -> int:
-    """Number of FakeQuantize ops in an `openvino.Model`."""
-    return sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
-
-
-def int8_constant_stats(ov_model) -> tuple[int, int]:
-    """(count, total bytes) of 8-bit integer Constants in an `openvino.Model`. Meaningful on an IR read back
-    after `openvino.save_model`, which is where FakeQuantize-fed weights are compressed to int8."""
-    import openvino as ov
-
-    count = nbytes = 0
-    for op in ov_model.get_ops():
-        if op.get_type_name() == "Constant" and op.get_output_element_type(0) in (ov.Type.i8, ov.Type.u8):
-            count += 1
-            nbytes += op.get_byte_size()
-    return count, nbytes
-
-
-def count_int8_constants(ov_model) -> int:
-    """Number of 8-bit integer Constants in an `openvino.Model` (see `int8_constant_stats`)."""
-    return int8_constant_stats(ov_model)[0]

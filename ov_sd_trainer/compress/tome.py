@@ -32,96 +32,20 @@ node names stay those of the plain UNet. `remove_tome` undoes it exactly.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
+from .quantize import HOOK_STORAGE_ATTR, unwrap_model
+from .tome_config import TomeConfig
 
-MODES = ("tome", "todo")
-MAX_RATIO = 0.75
-TRAINING_PREFIX = "tome_"  # QATConfig field names: tome_ratio, tome_sx, ...
 _CONFIG_ATTR = "_tome"  # on a patched block: its TomeConfig
 _HW_ATTR = "_tome_hw"  # on a patched block: (h, w) of the token grid, set by the parent's pre-hook each forward
 _HOOK_ATTR = "_tome_hook_id"  # on a patched Transformer2DModel: the id of its pre-hook
-
-
-@dataclass(frozen=True)
-class TomeConfig:
-    """Token merging settings (the arguments of `apply_tome`).
-
-    ratio: fraction of the tokens merged away at each patched block (0 to 0.75; 0 = off). "tome" needs
-      ratio <= 1 - 1/(sx*sy) (the src set's share of the grid).
-    max_downsample: patch the levels whose downsampling factor is at most this (1, 2, 4 or 8).
-    sx, sy: the dst stride ("tome": one dst token per sy x sx cell) or the key/value pooling window ("todo").
-    merge_attn / merge_crossattn / merge_mlp: which sub-layers see merged tokens ("tome" only).
-    mode: "tome" (token merging) or "todo" (key/value downsampling in self-attention).
-    """
-
-    ratio: float = 0.4
-    max_downsample: int = 1
-    sx: int = 2
-    sy: int = 2
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    mode: str = "tome"
-
-    def __post_init__(self):
-        _check(dataclasses.asdict(self), lambda name: name)
-
-    @property
-    def active(self) -> bool:
-        return self.ratio > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_training_config(cls, cfg: Any) -> TomeConfig:
-        """From a `QATConfig` or its JSON dict (`tome_ratio`, `tome_max_downsample`, ...); absent keys: defaults.
-        Errors name the config fields (`tome_sx=0: ...`)."""
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-        values = {f.name: get(TRAINING_PREFIX + f.name, f.default) for f in dataclasses.fields(cls)}
-        _check(values, lambda name: TRAINING_PREFIX + name)
-        return cls(**values)
-
-
-def _check(v: dict[str, Any], key: Callable[[str], str]) -> None:
-    """Validate TomeConfig values; `key` names a field in the message (`ratio` for apply_tome, `tome_ratio` for
-    the training config)."""
-    ratio = v["ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float):
-        raise UserError(f"{key('ratio')}={ratio!r}: must be a number between 0 and {MAX_RATIO}")
-    if not 0.0 <= ratio <= MAX_RATIO:
-        raise UserError(f"{key('ratio')}={ratio}: must be between 0 and {MAX_RATIO}")
-    if v["mode"] not in MODES:
-        raise UserError(f"{key('mode')}={v['mode']!r}: use one of {', '.join(MODES)}")
-    for name in ("max_downsample", "sx", "sy"):
-        if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 1:
-            raise UserError(f"{key(name)}={v[name]!r}: must be a positive integer")
-    if v["max_downsample"] & (v["max_downsample"] - 1):
-        raise UserError(f"{key('max_downsample')}={v['max_downsample']}: must be a power of two (1, 2, 4 or 8)")
-    cell = v["sx"] * v["sy"]
-    if cell < 2:
-        raise UserError(f"{key('sx')}={v['sx']}, {key('sy')}={v['sy']}: the cell must hold at least 2 tokens")
-    if v["mode"] == "tome" and ratio > 1 - 1 / cell + 1e-9:
-        raise UserError(
-            f"{key('ratio')}={ratio} with {key('sx')}={v['sx']}, {key('sy')}={v['sy']}: at most {1 - 1 / cell:g} of "
-            f"the tokens are sources that can merge; lower the ratio or raise sx/sy"
-        )
-    merges = [v["merge_attn"], v["merge_crossattn"], v["merge_mlp"]]
-    if not all(isinstance(b, bool) for b in merges):
-        raise UserError(f"{key('merge_attn')}/{key('merge_crossattn')}/{key('merge_mlp')} must be true or false")
-    if v["mode"] == "tome" and ratio > 0 and not any(merges):
-        raise UserError(
-            f"{key('merge_attn')}, {key('merge_crossattn')} and {key('merge_mlp')} are all off; nothing would be merged"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -372,13 +296,11 @@ def _record_grid_size(module: torch.nn.Module, args: tuple, kwargs: dict) -> Non
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def _unet_of(model: torch.nn.Module) -> torch.nn.Module:
     """The UNet under DDP / torch.compile wrappers (quantization's rule), or a pipeline's UNet."""
-    from .quantization import _unwrap as unwrap_wrappers
-
-    model = unwrap_wrappers(model)
+    model = unwrap_model(model)
     if hasattr(model, "unet") and isinstance(model.unet, torch.nn.Module):  # a pipeline
-        model = unwrap_wrappers(model.unet)
+        model = unwrap_model(model.unet)
     return model
 
 
@@ -422,8 +344,6 @@ def _check_block(block, where: str) -> None:
 
 def _check_not_quantized(model: torch.nn.Module, action: str) -> None:
     """NNCF names its quantizers by the traced graph; changing the graph under them would misplace them silently."""
-    from .quantization import HOOK_STORAGE_ATTR
-
     if getattr(model, HOOK_STORAGE_ATTR, None) is not None:
         raise UserError(
             f"cannot {action} token merging on an NNCF-quantized UNet; apply it to the FP32 UNet, then quantize "
@@ -433,7 +353,7 @@ def _check_not_quantized(model: torch.nn.Module, action: str) -> None:
 
 def tome_config(unet: torch.nn.Module) -> TomeConfig | None:
     """The TomeConfig a UNet is patched with, or None."""
-    for module in _unwrap(unet).modules():
+    for module in _unet_of(unet).modules():
         cfg = getattr(module, _CONFIG_ATTR, None)
         if isinstance(cfg, TomeConfig):
             return cfg
@@ -468,7 +388,7 @@ def apply_tome_config(unet: torch.nn.Module, cfg: TomeConfig) -> torch.nn.Module
     """`apply_tome` with a `TomeConfig`."""
     from . import tome as this
 
-    model = _unwrap(unet)
+    model = _unet_of(unet)
     _check_not_quantized(model, "apply")
     levels = transformer_levels(model)
     block_cls = _block_class()
@@ -499,7 +419,7 @@ def remove_tome(unet: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_tome` exactly (blocks get their class back, hooks and attributes go); no-op if not patched."""
     from . import tome as this
 
-    model = _unwrap(unet)
+    model = _unet_of(unet)
     if is_patched(model):
         _check_not_quantized(model, "remove")
     block_cls = _block_class()

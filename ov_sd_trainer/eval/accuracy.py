@@ -1,104 +1,61 @@
-"""Prompt-fidelity quality of a text-to-image pipeline, measured offline with the judge.
+"""Prompt-fidelity quality of a text-to-image pipeline, measured offline with the judge: `ov-sd quality`.
 
-    python -m ov_sd_trainer.quality --model ov_sd_trainer/assets/reference --steps 25 --guidance-scale 7.5 --seeds 3
+    ov-sd quality --model ov_sd_trainer/assets/reference --steps 25 --guidance-scale 5 --seeds 3
 
-generates one image per (prompt, seed) for the fixed prompt set (every attribute combination from
-`synthetic.all_combinations()`, captioned like the training data), lets the judge
-(`judge.load_judge()`) read shape, colour and background off each image and prints a markdown table
-of per-attribute accuracy (and `all`: all three right) with the time taken.
+generates one image per (prompt, seed) for the fixed prompt set (`prompts.prompt_set`: every attribute combination
+of the synthetic dataset, captioned like the training data), lets the judge read shape, colour and background off
+each image and prints a markdown table of per-attribute accuracy (and `all`: all three right) with the time taken.
 
 `prompt_accuracy(pipe_or_path, ...)` is the API: it takes a pipeline folder, a loaded diffusers
-`StableDiffusionPipeline` or an optimum-intel `OVStableDiffusionPipeline`. The starting noise of
-each image is drawn from `torch.Generator().manual_seed(1000 * seed + prompt_index)` and passed as
-`latents`, so results do not depend on the batch size nor on the backend's random generator.
+`StableDiffusionPipeline` or an optimum-intel `OVStableDiffusionPipeline`. Images come from `generate.generate_set`
+with the initial latents of `generate.initial_latents`, so results do not depend on the batch size nor on the
+backend's random generator, and equal the teacher row of `ov-sd eval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
+from ..errors import UserError
+from ..pipeline_folder import (
+    image_size,
+    is_openvino_pipeline,
+    load_ov_pipeline,
+    load_pipeline,
+    match_vae_decoder_batch,
+    native_size,
+    static_batch,
+)
+from .generate import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, generate_set, initial_latents
+from .judge import ATTRIBUTES, accuracy_by_value, load_judge, score
+from .prompts import jobs_for
 
-from . import synthetic
-from .errors import UserError
-from .judge import ATTRIBUTES, load_judge, score
-
-
-def prompt_set(subset: int | None = None) -> list[dict]:
-    """The fixed prompt set: every combination, optionally an evenly spaced subset of `subset` of them."""
-    combos = synthetic.all_combinations()
-    if subset is not None:
-        if subset < 1:
-            raise UserError(f"--subset must be >= 1, got {subset}")
-        if subset < len(combos):
-            step = len(combos) / subset
-            combos = [combos[int(i * step)] for i in range(subset)]
-    return [
-        dict(index=i, shape=s, color=c, background=b, prompt=synthetic.caption_for(s, c, b))
-        for i, (s, c, b) in enumerate(combos)
-    ]
+DEFAULT_SEEDS = 3
+DEFAULT_BATCH = 16  # prompts per pipeline call
 
 
-def _is_openvino_pipeline(pipe) -> bool:
-    return type(pipe).__module__.startswith("optimum.intel")
-
-
-def _static_batch(pipe) -> int | None:
-    """The prompt batch an OpenVINO pipeline was statically reshaped to, or None if dynamic."""
-    from .generate import static_input_batch
-
-    return static_input_batch(pipe.text_encoder)
-
-
-def _match_ov_decoder_batch(pipe, batch_size: int, height: int, width: int) -> None:
-    """Reshape an already-loaded OV pipeline's VAE decoder to the prompt batch (see generate)."""
-    from .generate import _match_vae_decoder_batch
-
-    try:
-        _match_vae_decoder_batch(pipe, batch_size, height, width)
-    except ValueError as exc:  # compile_only pipelines cannot be reshaped
-        raise UserError(
-            f"the OpenVINO pipeline's VAE decoder cannot take batches of {batch_size}; load it with compile=False "
-            f"(or reshape it with num_images_per_prompt={batch_size})"
-        ) from exc
-
-
-def _image_size(pipe) -> tuple[int, int]:
-    h = getattr(pipe, "height", -1)
-    w = getattr(pipe, "width", -1)
-    if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
-        return h, w
-    side = int(pipe.unet.config["sample_size"]) * int(pipe.vae_scale_factor)
-    return side, side
-
-
-def load_for_quality(model: str | Path, backend: str = "pytorch", batch_size: int = 16):
-    from .models import load_pipeline
-
+def load_for_quality(model: str | Path, backend: str = "pytorch", batch_size: int = DEFAULT_BATCH):
+    """A pipeline folder loaded for generating the prompt set (OpenVINO: reshaped to `batch_size` prompts)."""
     model = str(model)
     if backend == "pytorch":
         pipe = load_pipeline(model)
     elif backend == "openvino":
-        from .generate import _default_size, load_ov_pipeline
-
-        pipe = load_ov_pipeline(model, *_default_size(model), batch_size=batch_size)
+        pipe = load_ov_pipeline(model, *native_size(model), batch_size=batch_size)
     else:
-        raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
+        raise UserError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def prompt_accuracy(
     pipe_or_path,
-    steps: int = 25,
-    guidance_scale: float = 7.5,
-    seeds: int = 3,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    seeds: int = DEFAULT_SEEDS,
     subset: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH,
     backend: str = "pytorch",
     judge=None,
     progress: bool = True,
@@ -112,8 +69,6 @@ def prompt_accuracy(
     `StableDiffusionPipeline` / optimum-intel `OVStableDiffusionPipeline` (a statically reshaped OV
     pipeline is fed batches of its static size). Returns dict(shape, color, background, all, n,
     time_s, generate_s, settings, rows) where rows hold each image's prompt, seed and prediction."""
-    from tqdm.auto import tqdm
-
     if steps < 1 or seeds < 1:
         raise UserError(f"--steps and --seeds must be >= 1, got {steps} and {seeds}")
     if first_seed < 0:
@@ -123,41 +78,31 @@ def prompt_accuracy(
     if isinstance(pipe_or_path, str | Path):
         pipe = load_for_quality(pipe_or_path, backend, batch_size)
     else:
-        backend = "openvino" if _is_openvino_pipeline(pipe) else "pytorch"
-    static = _static_batch(pipe) if backend == "openvino" else None
+        backend = "openvino" if is_openvino_pipeline(pipe) else "pytorch"
+    static = static_batch(pipe.text_encoder) if backend == "openvino" else None
     if static is not None:
         batch_size = static
-        _match_ov_decoder_batch(pipe, batch_size, *_image_size(pipe))
+        match_vae_decoder_batch(pipe, batch_size, *image_size(pipe))
     judge = judge or load_judge()
-    height, width = _image_size(pipe)
+    height, width = image_size(pipe)
     latent_shape = (pipe.unet.config["in_channels"], height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    jobs = [dict(p, seed=s) for s in range(first_seed, first_seed + seeds) for p in prompt_set(subset)]
-    images = []
+    jobs = jobs_for(subset, seeds, first_seed)
     t_gen = time.perf_counter()
-    batches = range(0, len(jobs), batch_size)
-    for start in tqdm(batches, desc="generate", disable=not progress, dynamic_ncols=True):
-        chunk = jobs[start : start + batch_size]
-        pad = batch_size - len(chunk) if static is not None else 0
-        chunk_in = chunk + [chunk[-1]] * pad
-        latents = torch.stack(
-            [
-                torch.randn(latent_shape, generator=torch.Generator().manual_seed(1000 * j["seed"] + j["index"]))
-                for j in chunk_in
-            ]
-        )
-        out = pipe(
-            [j["prompt"] for j in chunk_in],
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            latents=latents,
-        )
-        images.extend(out.images[: len(chunk)])
+    images, _ = generate_set(
+        pipe,
+        jobs,
+        initial_latents(jobs, latent_shape),
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        progress=progress,
+    )
     generate_s = time.perf_counter() - t_gen
     preds = judge.predict(images)
     result = score(preds, [{a: j[a] for a in ATTRIBUTES} for j in jobs])
-    result["by_value"] = _by_value(jobs, preds)
+    result["by_value"] = accuracy_by_value(jobs, preds)
     if save_images is not None:
         folder = Path(save_images)
         folder.mkdir(parents=True, exist_ok=True)
@@ -185,19 +130,6 @@ def prompt_accuracy(
     return result
 
 
-def _by_value(jobs: list[dict], preds: list[dict]) -> dict:
-    """Accuracy of each attribute split by its expected value (which shapes/colours fail)."""
-    out: dict = {}
-    for a in ATTRIBUTES:
-        counts: dict[str, list[int]] = {}
-        for j, p in zip(jobs, preds):
-            c = counts.setdefault(j[a], [0, 0])
-            c[0] += p[a] == j[a]
-            c[1] += 1
-        out[a] = {v: round(ok / n, 4) for v, (ok, n) in counts.items()}
-    return out
-
-
 def markdown_table(result: dict, model: str = "") -> str:
     s = result["settings"]
     first = s["first_seed"]
@@ -212,23 +144,26 @@ def markdown_table(result: dict, model: str = "") -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ov_sd_trainer.quality", description=__doc__.split("\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="diffusers or OpenVINO pipeline folder")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS)
     p.add_argument(
         "--first-seed", type=int, default=0, help="seeds used: FIRST_SEED .. FIRST_SEED + SEEDS - 1 (held-out checks)"
     )
-    p.add_argument("--backend", choices=("pytorch", "openvino"), default="pytorch")
+    p.add_argument("--backend", choices=BACKENDS, default="pytorch")
     p.add_argument("--subset", type=int, default=None, help="use N evenly spaced prompts of the 132")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="prompts per pipeline call")
     p.add_argument("--judge", default=None, help="judge folder (default: the committed one)")
     p.add_argument("--output-json", default=None)
     p.add_argument("--save-images", default=None, help="folder to save the generated images in")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = p.parse_args(argv)
+
+
+def main(args) -> int:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     judge = load_judge(args.judge) if args.judge else None
@@ -249,11 +184,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(dict(model=args.model, **result), indent=1) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -1,17 +1,24 @@
-"""optimum-intel's own 8-bit post-training quantization (PTQ) of a Stable Diffusion pipeline's UNet: the peer that QAT
-must beat.
+"""optimum-intel's own 8-bit post-training quantization (PTQ) of a Stable Diffusion pipeline's UNet: the peers that QAT
+must beat (`ov-sd ptq --mode hybrid|full`).
 
-This is what a user of optimum-intel 2.2 does offline (shared/FINDINGS.md section 4): load (or export) the pipeline as
+Two modes, both optimum-intel's:
+
+- `hybrid` (`OVWeightQuantizationConfig(bits=8, quant_method="hybrid")`, optimum's recommended 8-bit mode for
+  diffusion models): int8 weights with float activations on MatMul/Linear and Embedding layers, full int8 (weights
+  and activations) on the convolutions;
+- `full` (`OVQuantizationConfig(bits=8)`, `optimum-cli export openvino --quant-mode int8`): int8 weights and
+  activations everywhere NNCF quantizes.
+
+This is what a user of optimum-intel 2.2 does offline: load (or export) the pipeline as
 an `OVStableDiffusionPipeline`, run it over calibration prompts while optimum's `InferRequestWrapper` records every
-UNet call, and hand the recorded inputs to `OVQuantizer.quantize` with a full-int8 `OVQuantizationConfig` (weights and
-activations 8-bit; NNCF on the IR). optimum's named calibration datasets download at run time, so prompts are passed
+UNet call, and hand the recorded inputs to `OVQuantizer.quantize` (NNCF on the IR). optimum's named calibration datasets download at run time, so prompts are passed
 in. Its own collector (`OVCalibrationDatasetBuilder._prepare_diffusion_calibration_data`) always runs diffusers'
 default 50 steps at min(native size, 512) px with an unseeded generator; the collection here is the same code path
 (the same `InferRequestWrapper` on the compiled UNet request) with the steps, size and seed exposed, so the peer can
 be calibrated exactly like the runs it is compared with.
 
-Defaults are optimum-intel's for full int8 of a diffusion pipeline: 200 calibration samples (UNet calls), 50 steps,
-guidance 7.5, `OVQuantizationConfig(bits=8)` i.e. preset mixed (symmetric weights, asymmetric activations),
+Defaults are optimum-intel's for a diffusion pipeline: 200 calibration samples (UNet calls), 50 steps, guidance 7.5;
+for `full`, `OVQuantizationConfig(bits=8)` i.e. preset mixed (symmetric weights, asymmetric activations),
 `model_type="transformer"`, fast bias correction, overflow fix off, NNCF's default SmoothQuant alpha for matmuls.
 The text encoder and VAE stay as optimum exports them (FP32) unless `other_components="int8-weights"`, which is what
 `OVQuantizationConfig` on a whole pipeline (and `optimum-cli export openvino --quant-mode int8`) also does: 8-bit
@@ -28,17 +35,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .outputs import atomic_output_dir, check_output_dir
+from ..errors import UserError
+from ..outputs import atomic_output_dir, check_output_dir
+from ..pipeline_folder import PTQ_INFO_FILE, UNET_XML, check_pipeline_source, is_openvino_folder
+from .generate import DEFAULT_GUIDANCE
+from .prompts import calibration_prompts
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_SAMPLES = 200  # optimum-intel: `config.num_samples or 200` in _prepare_diffusion_calibration_data
 DEFAULT_STEPS = 50  # the diffusers default that optimum's collector runs (it passes no num_inference_steps)
-DEFAULT_GUIDANCE = 7.5  # diffusers' default: two UNet batches (CFG) per call, as at inference
 OTHER_COMPONENTS = ("fp32", "int8-weights")
-INFO_FILE = "ptq_info.json"
-UNET_XML = Path("unet") / "openvino_model.xml"
+MODES = ("hybrid", "full")
+DEFAULT_MODE = "hybrid"  # optimum-intel's recommended 8-bit mode for diffusion models: the stronger peer
+METHODS = {
+    "hybrid": 'optimum-intel OVQuantizer hybrid (OVWeightQuantizationConfig(bits=8, quant_method="hybrid")) of the UNet',
+    "full": "optimum-intel OVQuantizer full int8 (OVQuantizationConfig(bits=8)) of the UNet",
+}
 
 
 def _check_args(calibration_prompts, num_samples, steps, height, width, guidance_scale, other_components) -> list[str]:
@@ -68,9 +81,6 @@ def load_ov_pipeline_for_ptq(model: str | Path, ov_config: dict | None = None):
     """An uncompiled `OVStableDiffusionPipeline` with dynamic shapes: an OpenVINO folder as it is, a diffusers folder
     or Hub id exported by optimum-intel (FP32 IR)."""
     from optimum.intel import OVStableDiffusionPipeline
-
-    from .generate import is_openvino_folder
-    from .models import check_pipeline_source
 
     model = str(model)
     path = Path(model).expanduser()
@@ -154,6 +164,7 @@ def quantize_pipeline_int8(
     guidance_scale: float = DEFAULT_GUIDANCE,
     smooth_quant_alpha: float | None = None,
     other_components: str = "fp32",
+    mode: str = DEFAULT_MODE,
     overwrite: bool = False,
     ov_config: dict | None = None,
     progress: bool = True,
@@ -180,6 +191,10 @@ def quantize_pipeline_int8(
     from optimum.intel.openvino.quantization import OVCalibrationDataset
 
     prompts = _check_args(calibration_prompts, num_samples, steps, height, width, guidance_scale, other_components)
+    if mode not in MODES:
+        raise UserError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "hybrid" and smooth_quant_alpha is not None:
+        raise UserError("smooth_quant_alpha applies to mode=full only (hybrid keeps the linear layers' inputs float)")
     if smooth_quant_alpha is not None and smooth_quant_alpha != -1 and not 0 <= smooth_quant_alpha <= 1:
         raise UserError(f"smooth_quant_alpha={smooth_quant_alpha}: must be -1 (off) or between 0 and 1")
     check_output_dir(output_dir, overwrite)  # fail before the slow load and calibration
@@ -211,7 +226,10 @@ def quantize_pipeline_int8(
     pipe.clear_requests()
     gc.collect()
 
-    unet_config = OVQuantizationConfig(bits=8, num_samples=len(data), smooth_quant_alpha=smooth_quant_alpha)
+    if mode == "full":
+        unet_config = OVQuantizationConfig(bits=8, num_samples=len(data), smooth_quant_alpha=smooth_quant_alpha)
+    else:  # optimum turns this into weight-only int8 for MatMul/Embedding + full int8 (no SmoothQuant) for the rest
+        unet_config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", num_samples=len(data))
     default_config = OVWeightQuantizationConfig(bits=8) if other_components == "int8-weights" else None
     pipeline_config = OVPipelineQuantizationConfig({"unet": unet_config}, default_config=default_config)
     t2 = time.perf_counter()
@@ -224,12 +242,12 @@ def quantize_pipeline_int8(
         quantize_s = time.perf_counter() - t2
         del pipe, data
         saved = ov.Core().read_model(tmp / UNET_XML)
-        from .quantization import count_fake_quantize, int8_constant_stats
+        from ..compress.convert import count_fake_quantize, int8_constant_stats
 
         n_int8, int8_bytes = int8_constant_stats(saved)
-        nncf_dict = unet_config.to_nncf_dict()
         info: dict[str, Any] = {
-            "method": "optimum-intel OVQuantizer full int8 (OVQuantizationConfig(bits=8)) of the UNet",
+            "method": METHODS[mode],
+            "mode": mode,
             "source_model": str(model),
             "calibration": {
                 "num_samples": num_samples,
@@ -241,19 +259,7 @@ def quantize_pipeline_int8(
                 "seed": seed,
                 "collector": "optimum.intel InferRequestWrapper on the compiled UNet request, output_type=latent",
             },
-            "quantization": {
-                "bits": 8,
-                "sym_activations": unet_config.sym,
-                "preset": nncf_dict["preset"].value,
-                "model_type": nncf_dict["model_type"].value,
-                "subset_size": nncf_dict["subset_size"],
-                "fast_bias_correction": nncf_dict["fast_bias_correction"],
-                "overflow_fix": unet_config.overflow_fix,
-                # None in the config leaves NNCF's own default, recorded here as the value it resolves to
-                "smooth_quant_alpha_matmul": nncf_dict["advanced_parameters"].smooth_quant_alphas.matmul,
-                "smooth_quant_alpha_convolution": nncf_dict["advanced_parameters"].smooth_quant_alphas.convolution,
-                "other_components": other_components,
-            },
+            "quantization": _quantization_info(unet_config, mode, other_components),
             "versions": _versions(),
             "unet_bytes": (tmp / UNET_XML).with_suffix(".bin").stat().st_size,
             "fake_quantize_ops": count_fake_quantize(saved),
@@ -265,9 +271,34 @@ def quantize_pipeline_int8(
         }
         del saved
         info["total_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        (tmp / PTQ_INFO_FILE).write_text(json.dumps(info, indent=2))
     logger.info("int8 PTQ pipeline written to %s (%d FakeQuantize ops)", output_dir, info["fake_quantize_ops"])
     return Path(output_dir)
+
+
+def _quantization_info(unet_config, mode: str, other_components: str) -> dict[str, Any]:
+    """What the UNet's quantization config resolves to (None in a config leaves NNCF's own default: recorded here)."""
+    if mode == "hybrid":
+        return {
+            "bits": 8,
+            "weights": "int8 " + ("symmetric" if unet_config.sym else "asymmetric") + " on MatMul/Embedding",
+            "activations": "int8 on the other layers (convolutions), float on MatMul/Embedding",
+            "overflow_fix": "disable",
+            "other_components": other_components,
+        }
+    nncf_dict = unet_config.to_nncf_dict()
+    return {
+        "bits": 8,
+        "sym_activations": unet_config.sym,
+        "preset": nncf_dict["preset"].value,
+        "model_type": nncf_dict["model_type"].value,
+        "subset_size": nncf_dict["subset_size"],
+        "fast_bias_correction": nncf_dict["fast_bias_correction"],
+        "overflow_fix": unet_config.overflow_fix,
+        "smooth_quant_alpha_matmul": nncf_dict["advanced_parameters"].smooth_quant_alphas.matmul,
+        "smooth_quant_alpha_convolution": nncf_dict["advanced_parameters"].smooth_quant_alphas.convolution,
+        "other_components": other_components,
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -282,23 +313,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def synthetic_prompts(seed: int = 0) -> list[str]:
-    """Every caption of the project's synthetic dataset (132), shuffled: calibration prompts for the reference model."""
-    import random
-
-    from . import synthetic
-
-    prompts = [synthetic.caption_for(*c) for c in synthetic.all_combinations()]
-    random.Random(seed).shuffle(prompts)
-    return prompts
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ov_sd_trainer.ptq --model DIR --output DIR [...]`: the PTQ peer as a command."""
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m ov_sd_trainer.ptq", description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="diffusers folder, Hub id or optimum-intel OpenVINO folder (FP32)")
     p.add_argument("--output", required=True)
     p.add_argument("--prompts-file", default=None, help="one prompt a line (default: the synthetic captions)")
@@ -307,41 +322,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smooth-quant-alpha", type=float, default=None)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="hybrid (optimum's recommended) or full int8")
+    p.add_argument("--smooth-quant-alpha", type=float, default=None, help="--mode full only")
     p.add_argument("--other-components", choices=OTHER_COMPONENTS, default="fp32")
     p.add_argument("--threads", type=int, default=None, help="OpenVINO INFERENCE_NUM_THREADS for calibration")
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        if args.prompts_file is None:
-            prompts = synthetic_prompts(args.seed)
-        else:
-            try:
-                prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-            except OSError as e:
-                raise UserError(f"cannot read --prompts-file {args.prompts_file!r}: {e.strerror}") from e
-        out = quantize_pipeline_int8(
-            args.model,
-            args.output,
-            prompts,
-            num_samples=args.num_samples,
-            height=args.height,
-            width=args.width,
-            steps=args.steps,
-            seed=args.seed,
-            smooth_quant_alpha=args.smooth_quant_alpha,
-            other_components=args.other_components,
-            overwrite=args.overwrite,
-            ov_config={"INFERENCE_NUM_THREADS": args.threads} if args.threads else None,
-        )
-    except UserError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"int8 PTQ pipeline written to {out}")
+
+
+def main(args) -> int:
+    """`ov-sd ptq --model DIR --output DIR [...]`: the PTQ peer as a command."""
+    if args.prompts_file is None:
+        prompts = calibration_prompts(args.seed)
+    else:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --prompts-file {args.prompts_file!r}: {e.strerror}") from e
+    out = quantize_pipeline_int8(
+        args.model,
+        args.output,
+        prompts,
+        num_samples=args.num_samples,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        seed=args.seed,
+        smooth_quant_alpha=args.smooth_quant_alpha,
+        other_components=args.other_components,
+        mode=args.mode,
+        overwrite=args.overwrite,
+        ov_config={"INFERENCE_NUM_THREADS": args.threads} if args.threads else None,
+    )
+    print(f"{args.mode} int8 PTQ pipeline written to {out}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -1,10 +1,11 @@
 """The CI regression run: QAT of the reference model on a short schedule, export, PTQ peer, eval, small bench.
 
-    python -m ov_sd_trainer.regression --output outputs/regression        (`make regression`)
+    ov-sd regression --output outputs/regression        (`make regression`)
 
-Every stage runs the command a user would run (`accelerate launch train.py`, `python -m ov_sd_trainer.ptq`,
-`ov-sd eval`, `ov-sd bench`) as a subprocess, so the run exercises the real entry points. The run fails (exit 1)
-when any stage errors or when a check against `benchmarks/regression_thresholds.json` fails:
+Every stage runs the command a user would run (`accelerate launch -m ov_sd_trainer.train`, `ov-sd ptq`,
+`ov-sd eval`, `ov-sd bench`) as a subprocess, so the run exercises the real entry points (installed or not: nothing
+is read from a checkout). The run fails (exit 1) when any stage errors or when a check against the thresholds file
+(`regression_thresholds.json` beside this module, shipped with the package) fails:
 
 - prompt accuracy of the QAT model more than `max_accuracy_drop` below the FP32 model's (per attribute);
 - QAT fidelity to the FP32 teacher below optimum-intel's PTQ (image PSNR/SSIM lower, latent or noise MSE higher);
@@ -16,7 +17,6 @@ The thresholds file also records the values measured when the thresholds were se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,19 +24,21 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..assets import reference_model_path
+from ..errors import UserError
+from ..pipeline_folder import RESULTS_FILE
+from ..run_folder import OPENVINO_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_THRESHOLDS = ROOT / "benchmarks" / "regression_thresholds.json"
+DEFAULT_THRESHOLDS = Path(__file__).resolve().parent / "regression_thresholds.json"
 
 
-def _stage(name: str, cmd: list[str], log_dir: Path, env: dict, report: dict) -> bool:
+def _stage(name: str, cmd: list[str], log_dir: Path, env: dict, report: dict, cwd: Path) -> bool:
     """Run one stage; its output goes to `log_dir/<name>.log`. Returns True on success."""
     print(f"[regression] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     log = log_dir / f"{name}.log"
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     seconds = round(time.perf_counter() - t0, 1)
     report["stages"].append(dict(name=name, command=" ".join(cmd), returncode=rc, seconds=seconds, log=str(log)))
     if rc != 0:
@@ -83,24 +85,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ov_sd_trainer.regression", description=__doc__.split("\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--output", default="outputs/regression", help="work and report folder (replaced each run)")
     p.add_argument("--thresholds", default=str(DEFAULT_THRESHOLDS), help="JSON file of limits and measured values")
-    args = p.parse_args(argv)
+
+
+def main(args) -> int:
     try:
         thresholds = json.loads(Path(args.thresholds).read_text())
     except (OSError, ValueError) as e:
-        print(f"regression: error: cannot read thresholds {args.thresholds}: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot read thresholds {args.thresholds}: {e}") from None
     out = Path(args.output).resolve()
     if out.exists():  # the folder is this run's scratch space: only ever replace a previous regression run
         if not (out / "regression.json").exists() and any(out.iterdir()):
-            print(
-                f"regression: error: {out} exists and is not a regression folder; pass another --output",
-                file=sys.stderr,
-            )
-            return 2
+            raise UserError(f"{out} exists and is not a regression folder; pass another --output")
         import shutil
 
         shutil.rmtree(out)
@@ -109,22 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.setdefault("OMP_NUM_THREADS", str(thresholds.get("threads", 1)))
     py = sys.executable
-    accelerate = str(Path(py).parent / "accelerate")
+    ov_sd = [py, "-m", "ov_sd_trainer.cli"]
     s = thresholds["schedule"]
     qat_dir, ptq_dir, eval_dir, bench_dir = out / "qat", out / "ptq", out / "eval", out / "bench"
-    reference = str(ROOT / "ov_sd_trainer" / "assets" / "reference")
+    reference = str(reference_model_path())
     stages = [
-        ("qat", [accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-                 "no", "--dynamo_backend", "no", "train.py", "--recipe", s["recipe"], "--output_dir", str(qat_dir),
-                 "--max_steps", str(s["qat_steps"]), "--save_steps", str(s["qat_steps"]),
-                 "--num_calibration_samples", str(s["calibration_samples"])]),
-        ("ptq", [py, "-m", "ov_sd_trainer.ptq", "--model", reference, "--output", str(ptq_dir),
+        ("qat", [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train",
+                 "--recipe", s["recipe"], "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
+                 "--save_steps", str(s["qat_steps"]), "--num_calibration_samples", str(s["calibration_samples"])]),
+        ("ptq", [*ov_sd, "ptq", "--mode", "full", "--model", reference, "--output", str(ptq_dir),
                  "--num-samples", str(s["ptq_samples"]), "--steps", str(s["ptq_steps"]), "--threads", "1"]),
-        ("eval", [py, "-m", "ov_sd_trainer.cli", "eval", "--reference", reference,
-                  "--model", f"qat={qat_dir / 'openvino'}", "--model", f"ptq={ptq_dir}", "--output", str(eval_dir),
+        ("eval", [*ov_sd, "eval", "--reference", reference,
+                  "--model", f"qat={qat_dir / OPENVINO_DIR}", "--model", f"ptq={ptq_dir}", "--output", str(eval_dir),
                   "--subset", str(s["eval_prompts"]), "--seeds", str(s["eval_seeds"]), "--threads", "1",
                   "--no-progress"]),
-        ("bench", [py, "-m", "ov_sd_trainer.cli", "bench", "--model", reference, "--qat", str(qat_dir / "openvino"),
+        ("bench", [*ov_sd, "bench", "--model", reference, "--qat", str(qat_dir / OPENVINO_DIR),
                    "--ptq", str(ptq_dir), "--output", str(bench_dir), "--threads", "1",
                    "--repeats", str(s["bench_repeats"])]),
     ]  # fmt: skip
@@ -132,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ok = True
     for name, cmd in stages:
-        if not _stage(name, cmd, logs, env, report):
+        if not _stage(name, cmd, logs, env, report, cwd=out):
             ok = False
             break
     if ok:
         try:
             eval_result = json.loads((eval_dir / "eval.json").read_text())
-            export_results = json.loads((qat_dir / "openvino" / "results.json").read_text())
+            export_results = json.loads((qat_dir / OPENVINO_DIR / RESULTS_FILE).read_text())
             run_checks(report, thresholds, eval_result, export_results)
         except (OSError, KeyError, ValueError) as e:
             _check(report, "read stage outputs", repr(e), "readable", False)
@@ -149,11 +147,3 @@ def main(argv: list[str] | None = None) -> int:
     (out / "regression.md").write_text(text + "\n")
     print(text)
     return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"regression: error: {e}", file=sys.stderr)
-        sys.exit(2)

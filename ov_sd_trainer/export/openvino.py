@@ -14,15 +14,16 @@ import logging
 import time
 from pathlib import Path
 
-from . import quantization
-from .errors import UserError
-from .outputs import atomic_output_dir
-from .tome import TomeConfig, apply_tome_config, tome_config
+from ..compress import quantize
+from ..compress.convert import convert_unet_to_openvino, count_fake_quantize, int8_constant_stats
+from ..compress.tome import apply_tome_config, tome_config
+from ..compress.tome_config import TomeConfig
+from ..errors import UserError
+from ..outputs import atomic_output_dir, check_output_dir
+from ..pipeline_folder import RECIPE_FILE, RESULTS_FILE, UNET_XML, load_ov_pipeline, native_size
 
 logger = logging.getLogger(__name__)
-RESULTS_FILE = "results.json"
-RECIPE_FILE = "training_recipe.json"
-UNET_XML = Path("unet") / "openvino_model.xml"
+DEFAULT_SAMPLE_STEPS = 20
 
 
 def _bin_size(xml: Path) -> int:
@@ -38,7 +39,7 @@ def export_openvino_pipeline(
     recipe: dict | None = None,
     training_info: dict | None = None,
     sample_prompts: list[str] | None = None,
-    sample_steps: int = 20,
+    sample_steps: int = DEFAULT_SAMPLE_STEPS,
     resolution: int | None = None,
 ) -> Path:
     """Write the OpenVINO pipeline folder. `student` is the quantized UNet (EMA already applied).
@@ -47,9 +48,9 @@ def export_openvino_pipeline(
     import openvino as ov
     from optimum.intel import OVStableDiffusionPipeline
 
-    from .hub import write_model_card
+    from .card import write_model_card
 
-    if not quantization.is_quantized(student):
+    if not quantize.is_quantized(student):
         raise UserError("the student UNet is not quantized; export needs a checkpoint written by QAT training")
     t0 = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
@@ -59,16 +60,16 @@ def export_openvino_pipeline(
         del pipe
         fp32_bytes = _bin_size(tmp / UNET_XML)
         logger.info("converting the quantized student UNet")
-        ov_unet = quantization.convert_unet_to_openvino(student)
+        ov_unet = convert_unet_to_openvino(student)
         ov.save_model(ov_unet, tmp / UNET_XML, compress_to_fp16=False)
         int8_bytes = _bin_size(tmp / UNET_XML)
         saved = ov.Core().read_model(tmp / UNET_XML)
-        n_int8, int8_const_bytes = quantization.int8_constant_stats(saved)
+        n_int8, int8_const_bytes = int8_constant_stats(saved)
         results = {
             "unet_fp32_bytes": fp32_bytes,
             "unet_int8_bytes": int8_bytes,
             "unet_size_ratio": round(int8_bytes / fp32_bytes, 4),
-            "fake_quantize_ops": quantization.count_fake_quantize(saved),
+            "fake_quantize_ops": count_fake_quantize(saved),
             "token_merging": tome.to_dict() if (tome := tome_config(student)) is not None else None,
             "int8_constants": n_int8,
             "int8_constant_bytes": int8_const_bytes,
@@ -92,10 +93,8 @@ def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: in
     """Generate sample images with the exported folder itself: proves it loads and runs."""
     import numpy as np
 
-    from .generate import _default_size, load_ov_pipeline
-
-    h, w = (resolution, resolution) if resolution else _default_size(str(folder))
-    pipe = load_ov_pipeline(str(folder.resolve()), h, w)  # absolute: a relative path reads as a Hub id
+    h, w = (resolution, resolution) if resolution else native_size(folder)
+    pipe = load_ov_pipeline(folder, h, w)
     (folder / "samples").mkdir(exist_ok=True)
     out = []
     for i, prompt in enumerate(prompts):
@@ -108,27 +107,59 @@ def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: in
 
 def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     """(student, config dict, base model path, recipe) from a training checkpoint or final folder."""
-    from .models import load_pipeline
-    from .training import resolve_model_path
+    from ..assets import resolve_model_path
+    from ..pipeline_folder import load_pipeline
+    from ..run_folder import CONFIG_FILE, STUDENT_DIR, is_checkpoint
+    from ..train.ema import apply_ema_file
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint {str(ckpt)!r} does not exist; pass output_dir/final or output_dir/checkpoint-N")
-    cfg_file = ckpt / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{str(ckpt)!r} is not a training checkpoint (no config.json); pass one written by train.py")
-    cfg = json.loads(cfg_file.read_text())
+    if not is_checkpoint(ckpt):
+        raise UserError(
+            f"{str(ckpt)!r} is not a training checkpoint (no {CONFIG_FILE}); pass one written by `ov-sd train`"
+        )
+    cfg = json.loads((ckpt / CONFIG_FILE).read_text())
     base = resolve_model_path(cfg["pretrained_model_name_or_path"])
     pipe = load_pipeline(base, revision=cfg.get("revision"))
     fp32 = pipe.unet
     tome = TomeConfig.from_training_config(cfg)  # absent keys (older checkpoints): no token merging
     if tome.active:  # NNCF names the quantized ops by the patched graph: merge first, then load
         apply_tome_config(fp32, tome)
-    student = quantization.load_quantized(fp32, ckpt / "student", inplace=True)
+    student = quantize.load_quantized(fp32, ckpt / STUDENT_DIR, inplace=True)
     if use_ema:
-        from .ema import apply_ema_file
-
         apply_ema_file(student, ckpt)  # checkpoint-N folders hold the EMA apart; final/ has it applied
-    recipe_file = ckpt.parent / RECIPE_FILE  # written by training.run next to the checkpoints
+    recipe_file = ckpt.parent / RECIPE_FILE  # written by the training run next to the checkpoints
     recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else cfg
     return student, cfg, base, recipe
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `ov-sd export`
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="output_dir/final or output_dir/checkpoint-N")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-ema", action="store_true", help="export the raw student, not its EMA (checkpoint-N only)")
+    p.add_argument("--sample-prompt", action="append", default=None, help="render a sample image (repeatable)")
+    p.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS)
+
+
+def main(args) -> int:
+    check_output_dir(args.output, args.overwrite)  # fail before the slow load
+    student, cfg, base, recipe = load_student_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
+    export_openvino_pipeline(
+        base,
+        student,
+        args.output,
+        overwrite=args.overwrite,
+        recipe=recipe,
+        sample_prompts=args.sample_prompt,
+        sample_steps=args.sample_steps,
+        resolution=cfg.get("resolution"),
+    )
+    print(f"OpenVINO pipeline written to {args.output}")
+    return 0

@@ -1,8 +1,8 @@
-"""`QATConfig`: every knob of UNet quantization-aware training, as `TrainingArguments` fields.
+"""`QATConfig`: every knob of UNet quantization-aware training, as `TrainingArguments` fields, and the recipes.
 
-Recipes (`--recipe file.json`) hold these field names; their values become parser defaults and
-command-line flags override them, as TRL's `TrlParser` does. Unknown keys and wrong types are
-one-line errors that name the key.
+Recipes (`--recipe NAME` for a shipped one, `--recipe FILE.json` for your own) hold these field names; their values
+become parser defaults and command-line flags override them, as TRL's `TrlParser` does. Unknown keys and wrong types
+are one-line errors that name the key. The shipped recipes are package data in `ov_sd_trainer/recipes/`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .errors import UserError
-from .tome import TomeConfig
+from ..assets import REFERENCE
+from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, OVERFLOW_FIX, PRESETS
+from ..compress.tome_config import MAX_RATIO, TomeConfig
+from ..errors import UserError
 
-REFERENCE = "reference"  # the bundled reference model (ov_sd_trainer/assets/reference)
-PRESETS = ("mixed", "performance")
-OVERFLOW_FIX = ("disable", "enable", "first_layer_only")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -48,15 +47,13 @@ class QATConfig(TrainingArguments):
     random_flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
     # --- quantization ------------------------------------------------------------------------
     quantization_preset: str = field(
-        default="mixed", metadata={"help": f"NNCF preset: {' | '.join(PRESETS)} (mixed: asymmetric activations)"}
+        default=DEFAULT_PRESET, metadata={"help": f"NNCF preset: {' | '.join(PRESETS)} (mixed: asymmetric activations)"}
     )
     num_calibration_samples: int = field(
         default=300, metadata={"help": "UNet inputs from the training data used to initialise quantizer ranges"}
     )
     overflow_fix: str = field(
-        default="enable",
-        # Measured here (AMD Zen 4): with "disable" the exported int8 UNet drifted 31-37% (relative L2) from the
-        # PyTorch student, with "enable" 3.6%. "enable" stores 7-bit weights, which is what keeps int8 exact.
+        default=DEFAULT_OVERFLOW_FIX,  # why: see compress.quantize.DEFAULT_OVERFLOW_FIX
         metadata={"help": f"NNCF overflow fix: {' | '.join(OVERFLOW_FIX)} (enable: 7-bit weights, exact on any CPU)"},
     )
     ignored_scope: list[str] | None = field(
@@ -81,7 +78,9 @@ class QATConfig(TrainingArguments):
     ema_use_warmup: bool = field(default=False, metadata={"help": "diffusers' power-law EMA warm-up"})
     ema_power: float = field(default=2 / 3, metadata={"help": "power of the EMA warm-up"})
     # --- token merging -----------------------------------------------------------------------
-    tome_ratio: float = field(default=0.0, metadata={"help": "token merging ratio on the student (0 = off, <= 0.75)"})
+    tome_ratio: float = field(
+        default=0.0, metadata={"help": f"token merging ratio on the student (0 = off, <= {MAX_RATIO})"}
+    )
     tome_mode: str = field(
         default="tome",
         metadata={"help": "tome: merge similar tokens (ToMe for SD) | todo: downsample self-attention keys/values"},
@@ -117,9 +116,7 @@ class QATConfig(TrainingArguments):
             raise UserError(f"overflow_fix={self.overflow_fix!r}: use one of {OVERFLOW_FIX}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"prediction_type={self.prediction_type!r}: use one of {PREDICTION_TYPES} or leave unset")
-        if not 0.0 <= self.tome_ratio <= 0.75:
-            raise UserError(f"tome_ratio={self.tome_ratio}: must be between 0 and 0.75")
-        TomeConfig.from_training_config(self)  # the other tome_* fields, with errors that name them
+        TomeConfig.from_training_config(self)  # every tome_* field, with errors that name them
         if self.num_calibration_samples < 1:
             raise UserError(f"num_calibration_samples={self.num_calibration_samples}: must be >= 1")
         if self.resolution < 8 or self.resolution % 8:
@@ -169,11 +166,33 @@ def _type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # shipped recipes (package data)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of every recipe shipped with the package (`reference-int8`, `sd15-pokemon-int8`, ...)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.json"))}
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, else a shipped recipe's name (with or without `.json` or a `recipes/`
+    prefix, so the checkout's `recipes/NAME.json` also works from anywhere once installed)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.name[: -len(".json")] if path.name.endswith(".json") else path.name
+    if name in shipped and (path.parent == Path(".") or path.parent.name == "recipes"):
+        return shipped[name]
+    raise UserError(
+        f"recipe {str(name_or_path)!r} not found; pass a JSON file or a shipped recipe name ({', '.join(shipped)})"
+    )
+
+
 def load_recipe(path: str | Path, config_cls=QATConfig) -> dict:
-    """Read a JSON recipe and check every key is a field of `config_cls` with a value of its type."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {str(path)!r} not found; pass a JSON file such as recipes/reference-int8.json")
+    """Read a JSON recipe (a path or a shipped name) and check every key is a field of `config_cls` with a value of
+    its type."""
+    path = resolve_recipe(path)
     try:
         recipe = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -197,30 +216,50 @@ def load_recipe(path: str | Path, config_cls=QATConfig) -> dict:
 
 class _Parser(HfArgumentParser):
     def error(self, message):  # one-line errors instead of argparse's usage dump
-        raise UserError(f"{message}; see `python train.py --help`")
+        raise UserError(f"{message}; see `ov-sd train --help`")
+
+
+def _pop_recipe(argv: list[str]) -> str | None:
+    """Remove `--recipe X` / `--recipe=X` from argv and return X (the last one wins, as for any flag)."""
+    found = None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--recipe":
+            if i + 1 >= len(argv):
+                raise UserError("--recipe needs a shipped recipe name or a path to a JSON file")
+            found = argv[i + 1]
+            del argv[i : i + 2]
+        elif argv[i].startswith("--recipe="):
+            found = argv[i].split("=", 1)[1]
+            del argv[i]
+        else:
+            i += 1
+    return found
+
+
+def make_parser(config_cls=QATConfig) -> HfArgumentParser:
+    parser = _Parser(config_cls, prog="ov-sd train", description="QAT of a Stable Diffusion UNet (NNCF, distillation)")
+    parser.allow_abbrev = False  # `--learning_rat` must be an error, not silently --learning_rate
+    parser.add_argument(
+        "--recipe",
+        help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a JSON file of config fields; flags override it",
+    )
+    return parser
 
 
 def parse_config(argv: list[str] | None = None, config_cls=QATConfig) -> tuple:
-    """Parse `[--recipe FILE] [--field value ...]` into a config. Flags override the recipe.
+    """Parse `[--recipe NAME_OR_FILE] [--field value ...]` into a config. Flags override the recipe.
 
     Returns (config, recipe_dict) where recipe_dict holds the recipe's own keys (or {})."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    recipe_path = None
-    if "--recipe" in argv:
-        i = argv.index("--recipe")
-        if i + 1 >= len(argv):
-            raise UserError("--recipe needs a path to a JSON file")
-        recipe_path = argv[i + 1]
-        del argv[i : i + 2]
+    recipe_path = _pop_recipe(argv)
     recipe = load_recipe(recipe_path, config_cls) if recipe_path else {}
-    parser = _Parser(config_cls)
-    parser.allow_abbrev = False  # `--learning_rat` must be an error, not silently --learning_rate
-    parser.add_argument("--recipe", help="JSON file whose keys are config fields; flags override it")
+    parser = make_parser(config_cls)
     parser.set_defaults(**recipe)
     try:
         cfg, *_, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # TrainingArguments' own checks (incompatible options, bad strategies, ...)
         raise UserError(str(e).strip().splitlines()[0]) from None
     if remaining:
-        raise UserError(f"unrecognized arguments: {' '.join(remaining)}; see `python train.py --help`")
+        raise UserError(f"unrecognized arguments: {' '.join(remaining)}; see `ov-sd train --help`")
     return cfg, recipe

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 SYNTHETIC = "synthetic"
 
@@ -35,7 +35,7 @@ def load_captioned_dataset(
     import datasets
 
     if name == SYNTHETIC or name.startswith(SYNTHETIC + ":"):
-        from .synthetic import make_synthetic_dataset
+        from ..assets.synthetic import make_synthetic_dataset
 
         n = synthetic_size
         if ":" in name:

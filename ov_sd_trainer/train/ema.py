@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-EMA_FILE = "ema.safetensors"
+from ..run_folder import EMA_FILE
 
 
 def ema_decay(step: int, decay: float, use_warmup: bool = False, power: float = 2 / 3, inv_gamma: float = 1.0,

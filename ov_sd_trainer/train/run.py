@@ -1,6 +1,10 @@
-"""The QAT recipe: setup (pipeline, data, calibration, student/teacher) -> train -> save -> export.
+"""`ov-sd train`: setup (pipeline, data, calibration, student/teacher) -> train -> save -> export.
 
-`run(config)` is what `train.py` calls; each stage is a function so tests can drive them alone.
+    ov-sd train --recipe reference-int8 --output_dir outputs/reference-int8
+    accelerate launch -m ov_sd_trainer.train --recipe sd15-pokemon-int8 --output_dir outputs/pokemon
+
+`run(config)` is the whole job; each stage is a function so tests can drive them alone. What the output folder
+holds is `run_folder`'s contract.
 """
 
 from __future__ import annotations
@@ -13,8 +17,26 @@ from pathlib import Path
 
 import torch
 
-from . import quantization
-from .config import REFERENCE, QATConfig
+from ..assets import resolve_model_path
+from ..compress import quantize
+from ..compress.tome import apply_tome_config
+from ..compress.tome_config import TomeConfig
+from ..errors import UserError
+from ..export.openvino import export_openvino_pipeline
+from ..pipeline_folder import load_pipeline
+from ..run_folder import (
+    CONFIG_FILE,
+    FINAL_DIR,
+    HANDOVER_DIR,
+    LOSS_PLOT,
+    OPENVINO_DIR,
+    RECIPE_FILE,
+    STUDENT_DIR,
+    TRAINING_INFO_FILE,
+    find_resumable_checkpoint,
+    is_complete,
+)
+from .config import QATConfig, parse_config
 from .data import (
     INDEX_COLUMN,
     Augmentation,
@@ -24,23 +46,10 @@ from .data import (
     make_train_transform,
 )
 from .ema import EMACallback
-from .errors import UserError
-from .export import RECIPE_FILE, export_openvino_pipeline
-from .models import load_pipeline
-from .tome import TomeConfig, apply_tome_config
-from .trainer import COMPLETE_MARKER, QATModel, QATTrainer, find_resumable_checkpoint
+from .losses import QATModel
+from .trainer import QATTrainer
 
 logger = logging.getLogger(__name__)
-OPENVINO_DIR = "openvino"  # output_dir/openvino: the exported pipeline folder
-FINAL_DIR = "final"  # output_dir/final: the trained student (EMA applied), NNCF config + state dict
-
-
-def resolve_model_path(name: str) -> str:
-    if name == REFERENCE:
-        from .reference import reference_model_path
-
-        return str(reference_model_path())
-    return name
 
 
 def collate(rows):
@@ -133,7 +142,7 @@ def build(cfg: QATConfig):
     for p in student.parameters():  # NNCF also keeps integer buffers-as-parameters (e.g. bit widths)
         p.requires_grad_(p.is_floating_point())
     if cfg.tune_quantizers_only:
-        for _, p in quantization.weight_parameters(student):
+        for _, p in quantize.weight_parameters(student):
             p.requires_grad_(False)
     model.student = student
     return model, train_ds, augmentation
@@ -152,15 +161,15 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
     from accelerate import PartialState
 
     state = PartialState()
-    handover = Path(cfg.output_dir) / ".calibrated-student"
+    handover = Path(cfg.output_dir) / HANDOVER_DIR
     if state.num_processes == 1:
         return _calibrate(cfg, model, fp32_student, train_ds, device)
     with state.main_process_first():
         if state.is_main_process:
             student = _calibrate(cfg, model, fp32_student, train_ds, device)
-            quantization.save_quantized(student, handover)
+            quantize.save_quantized(student, handover)
         else:
-            student = quantization.load_quantized(fp32_student, handover).to(device)
+            student = quantize.load_quantized(fp32_student, handover).to(device)
     state.wait_for_everyone()
     if state.is_main_process:
         shutil.rmtree(handover, ignore_errors=True)
@@ -170,7 +179,7 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
 def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device):
     calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
     t0 = time.perf_counter()
-    student = quantization.quantize_unet(
+    student = quantize.quantize_unet(
         fp32_student,
         calib,
         preset=cfg.quantization_preset,
@@ -186,7 +195,7 @@ def quantizer_digest(student) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for _, p in quantization.quantizer_parameters(student):
+    for _, p in quantize.quantizer_parameters(student):
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -213,7 +222,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         cfg.resume_from_checkpoint = str(last)
     elif cfg.resume_from_checkpoint is not None:
         ckpt = Path(cfg.resume_from_checkpoint)
-        if not (ckpt / COMPLETE_MARKER).is_file():
+        if not is_complete(ckpt):
             what = "does not exist" if not ckpt.exists() else "is incomplete or not a training checkpoint"
             raise UserError(f"resume_from_checkpoint {str(ckpt)!r} {what}; pass a checkpoint-N folder or latest")
     cfg.remove_unused_columns = False  # the transform needs the raw image and caption columns
@@ -240,7 +249,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         ema.copy_to(model.student)  # the exported model is the EMA model
     if trainer.is_world_process_zero():
         final = out / FINAL_DIR
-        quantization.save_quantized(model.student, final / "student")
+        quantize.save_quantized(model.student, final / STUDENT_DIR)
         info = {
             "base_model": cfg.pretrained_model_name_or_path,
             "resolved_model_path": resolve_model_path(cfg.pretrained_model_name_or_path),
@@ -253,9 +262,9 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             "quantizer_digests_at_end": end_digests,
             "log_history": trainer.state.log_history,
         }
-        (final / "training_info.json").write_text(json.dumps(info, indent=2, default=str))
-        (final / "config.json").write_text(cfg.to_json_string())
-        plot_losses(trainer.state.log_history, out / "loss.png")
+        (final / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        (final / CONFIG_FILE).write_text(cfg.to_json_string())
+        plot_losses(trainer.state.log_history, out / LOSS_PLOT)
         if cfg.export:
             export_openvino_pipeline(
                 resolve_model_path(cfg.pretrained_model_name_or_path),
@@ -268,7 +277,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
                 resolution=cfg.resolution,
             )
         if cfg.push_openvino:
-            from .hub import push_to_hub
+            from ..export.hub import push_to_hub
 
             push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
     return out
@@ -298,3 +307,21 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line (`ov-sd train`, `python -m ov_sd_trainer.train`, `accelerate launch train.py`)
+# --------------------------------------------------------------------------------------------------------------------
+
+PASSES_UNKNOWN_ARGS = True  # the CLI hands every flag to `parse_config` (the QATConfig fields come from the dataclass)
+
+
+def add_arguments(parser) -> None:
+    """Nothing to add: `--recipe` and every QATConfig field are parsed by `parse_config` (`ov-sd train --help`)."""
+
+
+def main(args, extra: list[str]) -> int:
+    cfg, recipe = parse_config(extra)
+    out = run(cfg, recipe)
+    print(f"training finished: {out}")
+    return 0

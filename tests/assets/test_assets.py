@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from ov_sd_trainer import synthetic
-from ov_sd_trainer.data import load_captioned_dataset
+from ov_sd_trainer.assets import synthetic
+from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 from ov_sd_trainer.errors import UserError
-from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline, check_pipeline_source
+from ov_sd_trainer.pipeline_folder import check_pipeline_source
+from ov_sd_trainer.train.data import load_captioned_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -125,7 +126,7 @@ def test_tiny_pipeline_exports_to_openvino(tiny_dir, tmp_path):
     for sub in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
         assert (tmp_path / "ov" / sub / "openvino_model.xml").is_file()
     # `ov-sd generate` reads any optimum-intel export, at the size the model was made for
-    from ov_sd_trainer.generate import generate
+    from ov_sd_trainer.eval.generate import generate
 
     info = generate(str(tmp_path / "ov"), "a red circle on a blue background", str(tmp_path / "g.png"), steps=2)
     assert (tmp_path / "g.png").is_file() and (info["height"], info["width"]) == (64, 64) and info["step_s"] > 0

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from ov_sd_trainer import quality, reference
+from ov_sd_trainer import assets, cli
 from ov_sd_trainer.errors import UserError
+from ov_sd_trainer.eval import accuracy as quality
+from ov_sd_trainer.eval.prompts import prompt_set
 
 
 def _folder_mb(path) -> float:
@@ -19,13 +21,13 @@ def _folder_mb(path) -> float:
 def pipe():
     from diffusers import StableDiffusionPipeline
 
-    p = StableDiffusionPipeline.from_pretrained(str(reference.reference_model_path()), safety_checker=None)
+    p = StableDiffusionPipeline.from_pretrained(str(assets.reference_model_path()), safety_checker=None)
     p.set_progress_bar_config(disable=True)
     return p
 
 
 def test_committed_model_is_a_small_sd_pipeline():
-    path = reference.reference_model_path()
+    path = assets.reference_model_path()
     index = json.loads((path / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["scheduler"][1] == "PNDMScheduler"
@@ -50,8 +52,8 @@ def test_committed_model_generates_offline(pipe):
 
 def test_quality_command_prints_table(capsys, tmp_path):
     out_json = tmp_path / "q.json"
-    args = ["--model", str(reference.reference_model_path()), "--steps", "3", "--seeds", "1", "--subset", "4"]
-    assert quality.main(args + ["--output-json", str(out_json)]) == 0
+    args = ["--model", str(assets.reference_model_path()), "--steps", "3", "--seeds", "1", "--subset", "4"]
+    assert cli.main(["quality", *args, "--output-json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "| shape | color | background | all three |" in out
     result = json.loads(out_json.read_text())
@@ -76,23 +78,23 @@ def test_prompt_accuracy_takes_a_loaded_pipeline(pipe):
 
 
 def test_prompt_set_covers_every_combination():
-    from ov_sd_trainer import synthetic
+    from ov_sd_trainer.assets import synthetic
 
-    prompts = quality.prompt_set()
+    prompts = prompt_set()
     assert len(prompts) == len(synthetic.all_combinations())
-    assert len(quality.prompt_set(10)) == 10
+    assert len(prompt_set(10)) == 10
 
 
 def test_training_script_runs_end_to_end(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    record = reference.main(
+    assert cli.main(
         [
-            "--output", str(tmp_path), "--num-images", "48", "--eval-images", "8",
+            "make-reference", "--output", str(tmp_path), "--num-images", "48", "--eval-images", "8",
             "--vae-steps", "2", "--vae-batch-size", "4", "--unet-steps", "2", "--unet-batch-size", "4",
         ]
-    )  # fmt: skip
-    log = json.loads((tmp_path / "training_log.json").read_text())
+    ) == 0  # fmt: skip
+    log = record = json.loads((tmp_path / "training_log.json").read_text())
     assert log["args"]["vae_steps"] == 2 and set(log["times_s"]) >= {"vae", "unet", "total"}
     assert record["scaling_factor"] > 0 and "vae_psnr_db" in log
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path), safety_checker=None)
@@ -103,7 +105,7 @@ def test_training_script_runs_end_to_end(tmp_path):
 def test_committed_model_exports_to_openvino(tmp_path):
     from optimum.intel import OVStableDiffusionPipeline
 
-    ov = OVStableDiffusionPipeline.from_pretrained(str(reference.reference_model_path()), export=True)
+    ov = OVStableDiffusionPipeline.from_pretrained(str(assets.reference_model_path()), export=True)
     ov.save_pretrained(tmp_path)
     result = quality.prompt_accuracy(str(tmp_path), steps=3, seeds=1, subset=4, batch_size=4, backend="openvino")
     assert result["n"] == 4 and result["settings"]["backend"] == "openvino"

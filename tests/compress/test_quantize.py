@@ -11,9 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ov_sd_trainer import quantization as Q  # noqa: E402
+from ov_sd_trainer.assets.builders import TinySDConfig, build_components  # noqa: E402
+from ov_sd_trainer.compress import checkpointing, convert, quantize  # noqa: E402
 from ov_sd_trainer.errors import UserError  # noqa: E402
-from ov_sd_trainer.models import TinySDConfig, build_components  # noqa: E402
 
 CFG = TinySDConfig(unet_channels=(16, 32, 32), text_hidden=32, attention_heads=2)
 
@@ -38,7 +38,7 @@ def models():
     calibration = [unet_inputs(generator) for _ in range(2)]
     # overflow_fix="enable" (7-bit weights): without it OpenVINO's int8 kernels on this machine's CPU drift far
     # from the fake-quant student (measured 0.31 relative error vs 0.04 with it); see test_openvino_outputs_match.
-    qunet = Q.quantize_unet(unet, calibration, overflow_fix="enable").eval()
+    qunet = quantize.quantize_unet(unet, calibration, overflow_fix="enable").eval()
     return unet, qunet
 
 
@@ -49,16 +49,18 @@ def x():
 
 def test_quantize_unet_adds_trainable_quantizers(models, x):
     unet, qunet = models
-    assert Q.is_quantized(qunet) and not Q.is_quantized(unet), "nncf.quantize must leave the FP32 teacher alone"
-    assert Q.count_quantizers(qunet) > 50
-    assert Q.count_quantizers(unet) == 0
+    assert quantize.is_quantized(qunet) and not quantize.is_quantized(unet), (
+        "nncf.quantize must leave the FP32 teacher alone"
+    )
+    assert quantize.count_quantizers(qunet) > 50
+    assert quantize.count_quantizers(unet) == 0
     with torch.no_grad():
         fp32 = unet(**x).sample
         quant = qunet(**x).sample
     err = rel_err(quant, fp32)
     assert 0 < err < 0.2, err  # 8-bit fake quantization: different, but close
 
-    qparams, wparams = Q.quantizer_parameters(qunet), Q.weight_parameters(qunet)
+    qparams, wparams = quantize.quantizer_parameters(qunet), quantize.weight_parameters(qunet)
     assert qparams and wparams
     assert any("scale" in n for n, _ in qparams)  # symmetric weight quantizers
     assert any("input_low" in n or "input_range" in n for n, _ in qparams)  # asymmetric activation quantizers
@@ -69,7 +71,7 @@ def test_quantize_unet_adds_trainable_quantizers(models, x):
     assert everything == {id(p) for p in qunet.parameters()}
     assert all(p.requires_grad for _, p in qparams)
     assert [n for n, _ in wparams] == [n for n, _ in unet.named_parameters()]
-    assert Q.quantizer_parameters(unet) == []
+    assert quantize.quantizer_parameters(unet) == []
 
 
 @pytest.mark.parametrize(
@@ -84,16 +86,16 @@ def test_quantize_unet_validates_arguments(kwargs, words):
     unet = torch.nn.Linear(2, 2)
     calibration = [unet_inputs(torch.Generator().manual_seed(0), batch=1, size=4)]
     with pytest.raises(UserError) as info:
-        Q.quantize_unet(unet, calibration, **kwargs)
+        quantize.quantize_unet(unet, calibration, **kwargs)
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
 def test_quantize_unet_validates_calibration_inputs():
     unet = torch.nn.Linear(2, 2)
     with pytest.raises(UserError, match="empty"):
-        Q.quantize_unet(unet, [])
+        quantize.quantize_unet(unet, [])
     with pytest.raises(UserError, match="encoder_hidden_states"):
-        Q.quantize_unet(unet, [{"sample": torch.zeros(1, 4, 4, 4), "timestep": torch.zeros(1)}])
+        quantize.quantize_unet(unet, [{"sample": torch.zeros(1, 4, 4, 4), "timestep": torch.zeros(1)}])
 
 
 def _train_step(model, x):
@@ -102,7 +104,7 @@ def _train_step(model, x):
     phase = ["forward"]
     handles = [
         m.register_forward_hook(lambda *_: calls.__setitem__(phase[0], calls[phase[0]] + 1))
-        for m in Q._quantizer_modules(model)
+        for m in quantize._quantizer_modules(model)
     ]
     try:
         model.train()
@@ -131,17 +133,17 @@ def test_gradient_checkpointing_on_quantized_unet_matches_plain_training(models,
     _, qunet = models
     loss0, grads0, calls0 = _train_step(qunet, x)
     assert calls0["backward"] == 0
-    Q.enable_gradient_checkpointing(qunet)
+    checkpointing.enable_gradient_checkpointing(qunet)
     try:
         assert qunet.down_blocks[0].gradient_checkpointing
         loss1, grads1, calls1 = _train_step(qunet, x)
     finally:
-        Q.disable_gradient_checkpointing(qunet)
+        checkpointing.disable_gradient_checkpointing(qunet)
     assert not qunet.down_blocks[0].gradient_checkpointing
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
-    qnames = {n for n, _ in Q.quantizer_parameters(qunet)}
+    qnames = {n for n, _ in quantize.quantizer_parameters(qunet)}
     assert qnames & grads0.keys(), "quantizer scales must receive gradients"
-    assert len(grads0) == len(Q.quantizer_parameters(qunet)) + len(Q.weight_parameters(qunet))
+    assert len(grads0) == len(quantize.quantizer_parameters(qunet)) + len(quantize.weight_parameters(qunet))
     _assert_same_grads(grads0, grads1)
     # the recomputation during backward ran through NNCF's quantizers again
     assert calls1["forward"] == calls0["forward"]
@@ -149,7 +151,7 @@ def test_gradient_checkpointing_on_quantized_unet_matches_plain_training(models,
 
 
 def test_plain_diffusers_checkpointing_breaks_on_quantized_unet(models, x):
-    """Documents the problem `enable_gradient_checkpointing` solves (shared/FINDINGS.md section 2)."""
+    """Documents the problem `enable_gradient_checkpointing` solves (see compress/checkpointing.py)."""
     _, qunet = models
     qunet.enable_gradient_checkpointing()
     try:
@@ -164,7 +166,7 @@ def test_plain_diffusers_checkpointing_breaks_on_quantized_unet(models, x):
 def test_gradient_checkpointing_on_fp32_unet_falls_back(models, x):
     unet = copy.deepcopy(models[0])
     loss0, grads0, _ = _train_step(unet, x)
-    Q.enable_gradient_checkpointing(unet)
+    checkpointing.enable_gradient_checkpointing(unet)
     loss1, grads1, _ = _train_step(unet, x)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
     _assert_same_grads(grads0, grads1)
@@ -174,13 +176,13 @@ def test_save_load_quantized_is_exact(models, x, tmp_path):
     unet, qunet = models
     student = copy.deepcopy(qunet)
     with torch.no_grad():  # as after training: quantizer ranges and weights moved away from their init
-        for _, p in Q.quantizer_parameters(student):
+        for _, p in quantize.quantizer_parameters(student):
             p.mul_(1.01)
-        for _, p in Q.weight_parameters(student):
+        for _, p in quantize.weight_parameters(student):
             p.add_(1e-3 * torch.randn_like(p))
-    Q.save_quantized(student, tmp_path / "q")
-    restored = Q.load_quantized(unet, tmp_path / "q").eval()
-    assert not Q.is_quantized(unet)
+    quantize.save_quantized(student, tmp_path / "q")
+    restored = quantize.load_quantized(unet, tmp_path / "q").eval()
+    assert not quantize.is_quantized(unet)
     s1, s2 = student.state_dict(), restored.state_dict()
     assert s1.keys() == s2.keys()
     for k in s1:
@@ -189,25 +191,25 @@ def test_save_load_quantized_is_exact(models, x, tmp_path):
         assert torch.equal(student(**x).sample, restored(**x).sample)
     # still trainable: gradients reach the restored quantizers
     _, grads, _ = _train_step(restored, x)
-    assert {n for n, _ in Q.quantizer_parameters(restored)} & grads.keys()
+    assert {n for n, _ in quantize.quantizer_parameters(restored)} & grads.keys()
 
 
 def test_load_quantized_rejects_other_folders(models, tmp_path):
     unet = models[0]
     unet.save_pretrained(tmp_path / "fp32")
     with pytest.raises(UserError, match="is not a quantized checkpoint"):
-        Q.load_quantized(unet, tmp_path / "fp32")
+        quantize.load_quantized(unet, tmp_path / "fp32")
     with pytest.raises(UserError, match="does not exist"):
-        Q.load_quantized(unet, tmp_path / "missing")
+        quantize.load_quantized(unet, tmp_path / "missing")
     with pytest.raises(UserError, match="needs a quantized UNet"):
-        Q.save_quantized(unet, tmp_path / "out")
+        quantize.save_quantized(unet, tmp_path / "out")
 
 
 @pytest.fixture(scope="module")
 def ov_models(models):
     unet, qunet = models
     example = unet_inputs(torch.Generator().manual_seed(3), batch=1, size=8)
-    return Q.convert_unet_to_openvino(unet, example), Q.convert_unet_to_openvino(qunet, example)
+    return convert.convert_unet_to_openvino(unet, example), convert.convert_unet_to_openvino(qunet, example)
 
 
 def test_openvino_ir_interface_and_int8_size(ov_models, tmp_path):
@@ -221,8 +223,8 @@ def test_openvino_ir_interface_and_int8_size(ov_models, tmp_path):
         assert model.inputs[1].get_partial_shape().to_string() == "[?]"
         assert model.inputs[2].get_partial_shape().to_string() == f"[?,?,{CFG.text_hidden}]"
         assert "out_sample" in model.outputs[0].get_names()
-    assert Q.count_fake_quantize(ov_fp32) == 0
-    assert Q.count_fake_quantize(ov_q) > 50
+    assert convert.count_fake_quantize(ov_fp32) == 0
+    assert convert.count_fake_quantize(ov_q) > 50
 
     ov.save_model(ov_fp32, tmp_path / "fp32.xml", compress_to_fp16=False)
     ov.save_model(ov_q, tmp_path / "int8.xml", compress_to_fp16=False)
@@ -230,8 +232,8 @@ def test_openvino_ir_interface_and_int8_size(ov_models, tmp_path):
     print(f"int8/fp32 .bin size ratio: {ratio:.3f}")
     assert ratio <= 0.30, ratio
     reread = ov.Core().read_model(tmp_path / "int8.xml")
-    assert Q.count_int8_constants(reread) > 50
-    assert Q.count_int8_constants(ov.Core().read_model(tmp_path / "fp32.xml")) == 0
+    assert convert.count_int8_constants(reread) > 50
+    assert convert.count_int8_constants(ov.Core().read_model(tmp_path / "fp32.xml")) == 0
 
 
 def test_openvino_outputs_match_pytorch(models, ov_models):

@@ -1,4 +1,4 @@
-"""Token merging (ov_sd_trainer.tome): exactness at ratio 0 and after removal, agreement with tomesd, the merge
+"""Token merging (ov_sd_trainer.compress.tome): exactness at ratio 0 and after removal, agreement with tomesd, the merge
 itself, OpenVINO conversion (deterministic, any resolution), NNCF quantization, and QAT + export end to end."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ov_sd_trainer import quantization as Q  # noqa: E402
-from ov_sd_trainer.errors import UserError  # noqa: E402
-from ov_sd_trainer.models import TinySDConfig, build_components  # noqa: E402
-from ov_sd_trainer.tome import (  # noqa: E402
+from ov_sd_trainer.assets.builders import TinySDConfig, build_components  # noqa: E402
+from ov_sd_trainer.compress import convert, quantize  # noqa: E402
+from ov_sd_trainer.compress.checkpointing import enable_gradient_checkpointing  # noqa: E402
+from ov_sd_trainer.compress.tome import (  # noqa: E402
     TomeConfig,
     apply_tome,
     bipartite_soft_matching,
@@ -29,6 +29,7 @@ from ov_sd_trainer.tome import (  # noqa: E402
     tome_config,
     transformer_levels,
 )
+from ov_sd_trainer.errors import UserError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def unet():
 
 
 def inputs(unet, height=16, width=16):
-    return Q.unet_example_inputs(unet, batch=2, height=height, width=width)
+    return convert.unet_example_inputs(unet, batch=2, height=height, width=width)
 
 
 def run(unet, x):
@@ -225,7 +226,7 @@ def test_not_a_unet_is_an_error():
 
 
 def test_training_config_fields(tmp_path):
-    from ov_sd_trainer.config import parse_config
+    from ov_sd_trainer.train.config import parse_config
 
     cfg, _ = parse_config(["--recipe", "recipes/reference-tome-int8.json", "--output_dir", str(tmp_path)])
     tome = TomeConfig.from_training_config(cfg)
@@ -249,7 +250,7 @@ def test_openvino_ir_is_deterministic_and_works_at_other_resolutions(unet, mode)
     import openvino as ov
 
     model = apply_tome(copy.deepcopy(unet), ratio=0.5, max_downsample=2, merge_mlp=True, mode=mode)
-    ov_model = Q.convert_unet_to_openvino(model)  # traced at 16x16
+    ov_model = convert.convert_unet_to_openvino(model)  # traced at 16x16
     ops = _op_counts(ov_model)
     assert ops["RandomUniform"] == 0 and ops["Multinomial"] == 0
     if mode == "tome":
@@ -268,19 +269,19 @@ def test_openvino_ir_is_deterministic_and_works_at_other_resolutions(unet, mode)
 @pytest.fixture(scope="module")
 def quantized(unet):
     patched = apply_tome(copy.deepcopy(unet), ratio=0.5)
-    calibration = [Q.unet_example_inputs(unet, batch=2)]  # ranges do not matter here, only where quantizers go
-    student = Q.quantize_unet(patched, calibration, overflow_fix="enable").eval()
-    plain = Q.quantize_unet(unet, calibration, overflow_fix="enable").eval()
+    calibration = [convert.unet_example_inputs(unet, batch=2)]  # ranges do not matter here, only where quantizers go
+    student = quantize.quantize_unet(patched, calibration, overflow_fix="enable").eval()
+    plain = quantize.quantize_unet(unet, calibration, overflow_fix="enable").eval()
     return patched, student, plain
 
 
 def test_nncf_quantizes_the_merged_unet(unet, quantized):
     patched, student, plain = quantized
-    assert is_patched(student) and Q.is_quantized(student)
-    assert not Q.is_quantized(patched)
+    assert is_patched(student) and quantize.is_quantized(student)
+    assert not quantize.is_quantized(patched)
     # The matching is hidden from NNCF (no quantizers on the similarity); the quantizers are those of the plain
     # UNet, now on the merged attention.
-    assert Q.count_quantizers(student) == Q.count_quantizers(plain)
+    assert quantize.count_quantizers(student) == quantize.count_quantizers(plain)
     with pytest.raises(UserError, match="NNCF-quantized"):  # the graph under NNCF's quantizers must not change
         remove_tome(student)
     with pytest.raises(UserError, match="NNCF-quantized"):
@@ -289,9 +290,9 @@ def test_nncf_quantizes_the_merged_unet(unet, quantized):
     with torch.no_grad():
         out = student(**x, return_dict=False)[0]
     assert 0 < rel(out, run(patched, x)) < 0.2  # quantized, close to the FP32 merged UNet
-    ov_model = Q.convert_unet_to_openvino(student)
+    ov_model = convert.convert_unet_to_openvino(student)
     ops = _op_counts(ov_model)
-    assert Q.count_fake_quantize(ov_model) > 0 and ops["TopK"] > 0 and ops["RandomUniform"] == 0
+    assert convert.count_fake_quantize(ov_model) > 0 and ops["TopK"] > 0 and ops["RandomUniform"] == 0
 
 
 def test_gradient_checkpointing_through_the_merged_quantized_unet(unet, quantized):
@@ -300,10 +301,10 @@ def test_gradient_checkpointing_through_the_merged_quantized_unet(unet, quantize
     model = copy.deepcopy(student).train()
     x = inputs(unet)
     grads = []
-    for checkpointing in (False, True):
+    for use_checkpointing in (False, True):
         model.zero_grad(set_to_none=True)
-        if checkpointing:
-            Q.enable_gradient_checkpointing(model)
+        if use_checkpointing:
+            enable_gradient_checkpointing(model)
         model(**x, return_dict=False)[0].square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
@@ -313,8 +314,8 @@ def test_gradient_checkpointing_through_the_merged_quantized_unet(unet, quantize
 
 def test_quantized_merged_student_saves_and_loads_exactly(unet, quantized, tmp_path):
     _, student, _ = quantized
-    Q.save_quantized(student, tmp_path / "s")
-    loaded = Q.load_quantized(apply_tome(copy.deepcopy(unet), ratio=0.5), tmp_path / "s").eval()
+    quantize.save_quantized(student, tmp_path / "s")
+    loaded = quantize.load_quantized(apply_tome(copy.deepcopy(unet), ratio=0.5), tmp_path / "s").eval()
     x = inputs(unet)
     with torch.no_grad():
         assert torch.equal(loaded(**x, return_dict=False)[0], student(**x, return_dict=False)[0])
@@ -325,9 +326,9 @@ def test_quantized_merged_student_saves_and_loads_exactly(unet, quantized, tmp_p
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from ov_sd_trainer.config import parse_config
-    from ov_sd_trainer.models import build_tiny_pipeline
-    from ov_sd_trainer.training import run as train
+    from ov_sd_trainer.assets.builders import build_tiny_pipeline
+    from ov_sd_trainer.train.config import parse_config
+    from ov_sd_trainer.train.run import run as train
 
     root = tmp_path_factory.mktemp("tome-train")
     base = root / "base"
@@ -346,8 +347,9 @@ def trained(tmp_path_factory):
 def test_training_merges_the_student_only_and_exports_it(trained):
     import openvino as ov
 
-    from ov_sd_trainer.export import RESULTS_FILE, load_student_from_checkpoint
-    from ov_sd_trainer.training import FINAL_DIR, OPENVINO_DIR
+    from ov_sd_trainer.export.openvino import load_student_from_checkpoint
+    from ov_sd_trainer.pipeline_folder import RESULTS_FILE
+    from ov_sd_trainer.run_folder import FINAL_DIR, OPENVINO_DIR
 
     out = trained["out"]
     info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
@@ -359,13 +361,13 @@ def test_training_merges_the_student_only_and_exports_it(trained):
     ir = ov.Core().read_model(out / OPENVINO_DIR / "unet" / "openvino_model.xml")
     ops = _op_counts(ir)
     assert ops["TopK"] > 0 and ops["RandomUniform"] == 0
-    assert Q.count_int8_constants(ir) > 0
+    assert convert.count_int8_constants(ir) > 0
     assert (out / OPENVINO_DIR / "samples" / "sample_0.png").is_file()  # rendered by the exported folder itself
 
 
 def test_teacher_stays_exact_during_training(trained, tmp_path):
-    from ov_sd_trainer.config import parse_config
-    from ov_sd_trainer.training import build
+    from ov_sd_trainer.train.config import parse_config
+    from ov_sd_trainer.train.run import build
 
     argv = [
         "--pretrained_model_name_or_path", str(trained["base"]), "--dataset_name", "synthetic:4",
@@ -385,7 +387,7 @@ def test_teacher_stays_exact_during_training(trained, tmp_path):
 def test_exported_folder_loads_in_optimum_and_generates(trained):
     from optimum.intel import OVStableDiffusionPipeline
 
-    from ov_sd_trainer.training import OPENVINO_DIR
+    from ov_sd_trainer.run_folder import OPENVINO_DIR
 
     pipe = OVStableDiffusionPipeline.from_pretrained(trained["out"] / OPENVINO_DIR, compile=False)
     pipe.reshape(batch_size=1, height=64, width=64, num_images_per_prompt=1)

@@ -1,6 +1,5 @@
 """`ov-sd eval`: fidelity of OpenVINO variants to the FP32 teacher, on a tiny pipeline and its OV exports."""
 
-import argparse
 import json
 import shutil
 
@@ -8,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ov_sd_trainer import evaluation
+from ov_sd_trainer import cli
+from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 from ov_sd_trainer.errors import UserError
-from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.eval import fidelity, metrics, report, stats
 
 SIDE = 32  # tiny: 8x8 latents, fast
 EVAL_ARGS = ["--steps", "3", "--seeds", "2", "--subset", "4", "--batch-size", "4", "--unet-samples", "4",
@@ -24,8 +24,8 @@ def _tiny_clip(folder):
     """A randomly initialised tiny CLIP (model + processor) saved offline, for the CLIP-score path."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from ov_sd_trainer import synthetic
-    from ov_sd_trainer.tokenizer import build_clip_tokenizer
+    from ov_sd_trainer.assets import synthetic
+    from ov_sd_trainer.assets.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(folder / "tok", synthetic.vocabulary())
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -64,8 +64,8 @@ def setup(tmp_path_factory):
     argv = ["--reference", str(base), "--model", f"fp={root / 'fp'}", "--model", f"w8={root / 'w8'}",
             "--output", str(out), "--clip-model", str(clip), "--update-card", str(root / "fp"), "--compare", "fp,w8",
             *EVAL_ARGS]  # fmt: skip
-    assert evaluation.main(argv) == 0
-    result = json.loads((out / evaluation.RESULT_FILE).read_text())
+    assert cli.main(["eval", *argv]) == 0
+    result = json.loads((out / report.RESULT_FILE).read_text())
     return dict(
         root=root, base=base, out=out, result=result, clip=clip, rows={v["name"]: v for v in result["variants"]}
     )
@@ -83,7 +83,7 @@ def test_json_rows_and_settings(setup):
         assert v["backend"] == "openvino"
         assert len(v["per_image"]["psnr"]) == len(v["per_image"]["latent_mse"]) == len(v["per_image"]["ssim"]) == 8
         assert len(v["per_image"]["noise_pred_mse"]) == 4
-        for k in evaluation.ACCURACY_KEYS:
+        for k in metrics.ACCURACY_KEYS:
             assert 0.0 <= v["accuracy"][k] <= 1.0
             assert v["accuracy_delta_vs_fp32"][k] == pytest.approx(v["accuracy"][k] - rows["fp32"]["accuracy"][k])
     assert rows["w8"]["description"] == "int8-weight UNet" and rows["fp"]["description"] == "float UNet"
@@ -104,13 +104,13 @@ def test_equal_variant_matches_and_a_different_one_does_not(setup):
 def test_reference_row_is_what_quality_generates(setup, tmp_path):
     """Same prompts, seeds and initial latents as `quality.prompt_accuracy`: the teacher's grid cells are the very
     images quality saves, and its accuracy is quality's."""
-    from ov_sd_trainer.quality import prompt_accuracy
+    from ov_sd_trainer.eval.accuracy import prompt_accuracy
 
     q = prompt_accuracy(str(setup["base"]), steps=3, seeds=2, subset=4, batch_size=4, progress=False,
                         save_images=tmp_path)  # fmt: skip
     fp32 = setup["rows"]["fp32"]
-    assert {k: q[k] for k in evaluation.ACCURACY_KEYS} == fp32["accuracy"]
-    grid = np.asarray(Image.open(setup["out"] / evaluation.GRID_FILE).convert("RGB"))
+    assert {k: q[k] for k in metrics.ACCURACY_KEYS} == fp32["accuracy"]
+    grid = np.asarray(Image.open(setup["out"] / report.GRID_FILE).convert("RGB"))
     for c, col in enumerate(setup["result"]["grid"]["columns"]):
         index = next(j["index"] for j in setup["result"]["jobs"] if j["prompt"] == col["prompt"])
         saved = np.asarray(Image.open(next(tmp_path.glob(f"{index:03d}_s{col['seed']}_*.png"))).convert("RGB"))
@@ -119,7 +119,7 @@ def test_reference_row_is_what_quality_generates(setup, tmp_path):
 
 def test_grid_png_is_variants_by_samples(setup):
     res = setup["result"]
-    grid = Image.open(setup["out"] / evaluation.GRID_FILE)
+    grid = Image.open(setup["out"] / report.GRID_FILE)
     assert res["grid"]["rows"] == ["fp32", "fp", "w8"] and len(res["grid"]["columns"]) == 3
     assert grid.size == (3 * SIDE, 3 * SIDE)
     a = np.asarray(grid.convert("RGB")).astype(int)
@@ -127,9 +127,9 @@ def test_grid_png_is_variants_by_samples(setup):
 
 
 def test_markdown_and_evaluate_save(setup):
-    md = (setup["out"] / evaluation.TABLE_FILE).read_text()
+    md = (setup["out"] / report.TABLE_FILE).read_text()
     assert "| fp32 |" in md and "| w8 |" in md and "PSNR (dB)" in md and "CLIP score" in md
-    saved = list((setup["out"] / evaluation.EVALUATE_DIR).glob("result-*.json"))
+    saved = list((setup["out"] / report.EVALUATE_DIR).glob("result-*.json"))
     assert len(saved) == 1
     data = json.loads(saved[0].read_text())
     assert "_evaluate_version" in data and set(data["results"]) == {"fp32", "fp", "w8"}
@@ -145,12 +145,12 @@ def test_clip_score(setup):
     assert rows["fp"]["clip_score"] == pytest.approx(rows["fp32"]["clip_score"], abs=0.05)
     (setup["root"] / "notclip").mkdir(exist_ok=True)
     with pytest.raises(UserError, match="not a local CLIP model folder"):
-        evaluation.clip_scorer(setup["root"] / "notclip")
+        metrics.clip_scorer(setup["root"] / "notclip")
     broken = setup["root"] / "brokenclip"
     broken.mkdir(exist_ok=True)
     shutil.copy(setup["clip"] / "config.json", broken / "config.json")  # no weights, no processor files
     with pytest.raises(UserError, match="cannot be loaded"):
-        evaluation.clip_scorer(broken)
+        metrics.clip_scorer(broken)
 
 
 def test_model_card_update_is_parseable_model_index(setup):
@@ -179,14 +179,14 @@ def test_model_card_update_is_parseable_model_index(setup):
     assert text.index(evaluation_heading()) < text.index("## Usage") and "Some text." in text
     assert "| fp32 |" in text and "| w8 |" in text
     # updating again replaces the section, it does not add a second one; other cards are refused
-    evaluation.update_cards(setup["result"], [setup["root"] / "fp"])
+    report.update_cards(setup["result"], [setup["root"] / "fp"])
     assert card.read_text().count(evaluation_heading()) == 1 and card.read_text().endswith("use it\n")
     with pytest.raises(UserError, match="not one of the evaluated"):
-        evaluation.update_cards(setup["result"], [setup["base"]])
+        report.update_cards(setup["result"], [setup["base"]])
 
 
 def evaluation_heading():
-    from ov_sd_trainer.hub import FIDELITY_HEADING
+    from ov_sd_trainer.export.card import FIDELITY_HEADING
 
     return FIDELITY_HEADING
 
@@ -195,9 +195,9 @@ def test_write_outputs_is_atomic(setup, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(evaluation, "make_grid", boom)
+    monkeypatch.setattr(report, "make_grid", boom)
     with pytest.raises(OSError, match="disk full"):
-        evaluation.write_outputs(tmp_path / "o", setup["result"], [[Image.new("RGB", (4, 4))]], 1)
+        report.write_outputs(tmp_path / "o", setup["result"], [[Image.new("RGB", (4, 4))]], 1)
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
 
 
@@ -227,7 +227,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     for argv, message in cases:
         if "--output" not in argv:
             argv = [*argv, "--output", str(tmp_path / "o")]
-        assert evaluation.main([*argv, "--no-progress"]) == 2, argv
+        assert cli.main(["eval", *argv, "--no-progress"]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("ov-sd: error: ") and "\n" not in err, err
         assert (message or "has no model card") in err, (argv, err)
@@ -235,14 +235,12 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
 
 
 def test_model_spec_names_and_subparser_wiring(tmp_path):
-    assert evaluation.parse_model_spec("qat=out/x") == ("qat", evaluation.Path("out/x"))
-    assert evaluation.parse_model_spec(str(tmp_path / "run" / "openvino"))[0] == "run"
-    assert evaluation.parse_model_spec(str(tmp_path / "ptq-int8"))[0] == "ptq-int8"
-    parser = argparse.ArgumentParser(prog="ov-sd")
-    sub = parser.add_subparsers(dest="command", required=True)
-    evaluation.add_arguments(sub.add_parser("eval"))  # the one line cli.py needs
+    assert fidelity.parse_model_spec("qat=out/x") == ("qat", fidelity.Path("out/x"))
+    assert fidelity.parse_model_spec(str(tmp_path / "run" / "openvino"))[0] == "run"
+    assert fidelity.parse_model_spec(str(tmp_path / "ptq-int8"))[0] == "ptq-int8"
+    parser = cli.build_parser("eval")  # the registry imports only the chosen command's module
     args = parser.parse_args(["eval", "--reference", "r", "--model", "a", "--model", "b=c", "--output", "o"])
-    assert args.func is evaluation.run_from_args and args.model == ["a", "b=c"] and args.seeds == 3
+    assert cli.COMMANDS[args.command][0] == fidelity.__name__ and args.model == ["a", "b=c"] and args.seeds == 3
 
 
 def test_clip_score_is_torchmetrics_definition(setup):
@@ -254,7 +252,7 @@ def test_clip_score_is_torchmetrics_definition(setup):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 3, SIDE, SIDE), generator=g, dtype=torch.uint8)
     prompts = ["a red circle on a white background", "a blue square on a black background", "a green cross"]
-    got = evaluation.clip_score(evaluation.clip_scorer(setup["clip"]), images, prompts)
+    got = metrics.clip_score(metrics.clip_scorer(setup["clip"]), images, prompts)
     model, proc = CLIPModel.from_pretrained(setup["clip"]), CLIPProcessor.from_pretrained(setup["clip"])
     with torch.no_grad():
         out = model(**proc(text=prompts, images=list(images), return_tensors="pt", padding=True))
@@ -264,9 +262,9 @@ def test_clip_score_is_torchmetrics_definition(setup):
 
 def test_paired_comparison(setup):
     res = setup["result"]
-    rows = {r["metric"]: r for r in evaluation.paired_comparison(res, "fp", "w8", n_boot=200)}
+    rows = {r["metric"]: r for r in stats.paired_comparison(res, "fp", "w8", n_boot=200)}
     assert set(rows) == {"psnr", "ssim", "latent_mse", "noise_pred_mse"} | {
-        f"accuracy_{k}" for k in evaluation.ACCURACY_KEYS
+        f"accuracy_{k}" for k in metrics.ACCURACY_KEYS
     }
     fp, w8 = setup["rows"]["fp"], setup["rows"]["w8"]
     # the FP32 export is closer to the teacher than the 8-bit-weight one on every fidelity metric
@@ -275,18 +273,18 @@ def test_paired_comparison(setup):
     assert rows["psnr"]["margin"] > 0 and rows["psnr"]["b"] == pytest.approx(w8["psnr"], abs=1e-3)
     for r in rows.values():
         assert r["ci_low"] <= r["margin"] <= r["ci_high"] or r["ci_low"] == r["ci_high"] == r["margin"]
-    same = evaluation.paired_comparison(res, "w8", "w8", n_boot=50)
+    same = stats.paired_comparison(res, "w8", "w8", n_boot=50)
     assert all(r["margin"] == 0 and r["ci_low"] == r["ci_high"] == 0 for r in same)
     with pytest.raises(UserError, match="compare two evaluated"):
-        evaluation.paired_comparison(res, "fp", "fp32")
-    assert "| psnr |" in evaluation.comparison_markdown(list(rows.values()), "fp", "w8")
+        stats.paired_comparison(res, "fp", "fp32")
+    assert "| psnr |" in stats.comparison_markdown(list(rows.values()), "fp", "w8")
     # --compare fp,w8 put the same comparison into eval.json and eval.md
     saved = {r["metric"]: r for r in res["comparisons"]["fp vs w8"]}
     assert saved["latent_mse"]["margin"] == pytest.approx(rows["latent_mse"]["margin"])
-    assert "## fp vs w8" in (setup["out"] / evaluation.TABLE_FILE).read_text()
+    assert "## fp vs w8" in (setup["out"] / report.TABLE_FILE).read_text()
 
 
 def test_grid_columns_are_distinct_jobs():
     for n_jobs, n in ((396, 8), (8, 3), (4, 4), (5, 9), (1, 2)):
-        cols = evaluation.grid_columns(n_jobs, n)
+        cols = report.grid_columns(n_jobs, n)
         assert len(cols) == min(n, n_jobs) == len(set(cols)) and all(0 <= c < n_jobs for c in cols)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ov_sd_trainer import judge as judge_mod
-from ov_sd_trainer import synthetic
+from ov_sd_trainer import assets, cli
+from ov_sd_trainer.assets import judge_training, synthetic
+from ov_sd_trainer.eval import judge as judge_mod
 
 HELD_OUT_SEED = 31_337  # not the judge's training seed
 
@@ -16,7 +17,7 @@ def judge():
 
 
 def test_committed_judge_is_small_and_complete():
-    folder = judge_mod.judge_path()
+    folder = assets.judge_path()
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 5 * 2**20, f"judge folder is {size / 2**20:.1f} MB"
@@ -24,7 +25,7 @@ def test_committed_judge_is_small_and_complete():
 
 def test_held_out_accuracy_per_attribute(judge):
     assert judge.config["train"]["seed"] != HELD_OUT_SEED
-    images, attrs = judge_mod.draw_images(600, HELD_OUT_SEED)
+    images, attrs = judge_training.draw_images(600, HELD_OUT_SEED)
     result = judge_mod.score(judge.predict(images), attrs)
     for attribute in ("shape", "color", "background"):
         assert result[attribute] >= 0.98, f"{attribute} accuracy {result[attribute]:.3f} on held-out images"
@@ -58,6 +59,6 @@ def test_score_counts_each_attribute_and_all_three():
 
 
 def test_eval_cli_prints_table(capsys):
-    assert judge_mod.main(["eval", "--num-images", "200", "--seed", str(HELD_OUT_SEED)]) == 0
+    assert cli.main(["judge", "--num-images", "200", "--seed", str(HELD_OUT_SEED)]) == 0
     out = capsys.readouterr().out
     assert "| clean |" in out and "| augmented |" in out

@@ -1,9 +1,10 @@
 """The regression run's checks (the run itself is `make regression`, called from .ci/run)."""
 
 import json
-from pathlib import Path
 
-from ov_sd_trainer import regression
+from ov_sd_trainer import cli
+from ov_sd_trainer.eval import regression
+from ov_sd_trainer.train.config import shipped_recipes
 
 THRESHOLDS = json.loads(regression.DEFAULT_THRESHOLDS.read_text())
 
@@ -29,7 +30,7 @@ def _run(eval_result, ratio=0.258):
 def test_thresholds_file_is_complete():
     for key in ("schedule", "accuracy_attributes", "max_accuracy_drop", "fidelity_metrics", "max_unet_size_ratio"):
         assert key in THRESHOLDS
-    assert Path(THRESHOLDS["schedule"]["recipe"]).name in {p.name for p in (regression.ROOT / "recipes").iterdir()}
+    assert THRESHOLDS["schedule"]["recipe"] in shipped_recipes()
     assert THRESHOLDS["measured"], "the thresholds file must record the values measured when it was set"
 
 
@@ -49,7 +50,7 @@ def test_each_check_can_fail():
 def test_unreadable_thresholds_is_a_clean_error(tmp_path, capsys):
     bad = tmp_path / "t.json"
     bad.write_text("{not json")
-    assert regression.main(["--thresholds", str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert cli.main(["regression", "--thresholds", str(bad), "--output", str(tmp_path / "out")]) == 2
     assert "cannot read thresholds" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -58,6 +59,6 @@ def test_refuses_to_delete_a_foreign_folder(tmp_path, capsys):
     other = tmp_path / "precious"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    assert regression.main(["--output", str(other)]) == 2
+    assert cli.main(["regression", "--output", str(other)]) == 2
     assert (other / "keep.txt").exists()
     assert "not a regression folder" in capsys.readouterr().err

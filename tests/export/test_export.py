@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from ov_sd_trainer import quantization
-from ov_sd_trainer.config import parse_config
+from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.compress import convert
 from ov_sd_trainer.errors import UserError
-from ov_sd_trainer.export import RESULTS_FILE, export_openvino_pipeline, load_student_from_checkpoint
-from ov_sd_trainer.hub import push_to_hub, upload_plan
-from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
-from ov_sd_trainer.training import FINAL_DIR, OPENVINO_DIR, run
+from ov_sd_trainer.export.hub import push_to_hub, upload_plan
+from ov_sd_trainer.export.openvino import export_openvino_pipeline, load_student_from_checkpoint
+from ov_sd_trainer.pipeline_folder import RESULTS_FILE
+from ov_sd_trainer.run_folder import FINAL_DIR, OPENVINO_DIR
+from ov_sd_trainer.train.config import parse_config
+from ov_sd_trainer.train.run import run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,7 +38,7 @@ def trained(tmp_path_factory):
     cfg, recipe = parse_config(argv)
     pushed = []
     with pytest.MonkeyPatch.context() as mp:  # the recipe's push goes through hub.push_to_hub: record it
-        mp.setattr("ov_sd_trainer.hub.push_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
+        mp.setattr("ov_sd_trainer.export.hub.push_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
         out = run(cfg, {"pretrained_model_name_or_path": str(base), "max_steps": 3})
     return {"base": base, "out": out, "ov": out / OPENVINO_DIR, "root": root, "pushed": pushed}
 
@@ -54,8 +56,8 @@ def test_export_folder_layout_int8_and_size(trained):
     for f in ("model_index.json", "README.md", RESULTS_FILE, "training_recipe.json", "samples/sample_0.png"):
         assert (ov_dir / f).is_file(), f
     unet = ov.Core().read_model(ov_dir / "unet" / "openvino_model.xml")
-    assert quantization.count_fake_quantize(unet) > 0
-    assert quantization.count_int8_constants(unet) > 0
+    assert convert.count_fake_quantize(unet) > 0
+    assert convert.count_int8_constants(unet) > 0
     assert [i.get_any_name() for i in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
     assert "out_sample" in unet.outputs[0].get_names()
     results = json.loads((ov_dir / RESULTS_FILE).read_text())
@@ -81,7 +83,7 @@ def test_parity_ov_unet_vs_pytorch_student_and_teacher(trained):
 
     student, _, base, _ = load_student_from_checkpoint(trained["out"] / FINAL_DIR)
     student.eval()
-    inputs = quantization.unet_example_inputs(student, batch=2, height=16, width=16)
+    inputs = convert.unet_example_inputs(student, batch=2, height=16, width=16)
     inputs["timestep"] = inputs["timestep"][:1]  # one timestep for the batch, as optimum's IR ([1]) takes it
     with torch.no_grad():
         ref = student(**inputs, return_dict=False)[0].numpy()
@@ -184,7 +186,7 @@ def test_export_is_atomic(trained, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(quantization, "convert_unet_to_openvino", boom)
+    monkeypatch.setattr("ov_sd_trainer.export.openvino.convert_unet_to_openvino", boom)
     with pytest.raises(OSError, match="No space left"):
         export_openvino_pipeline(base, student, target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ov"]  # no temporary folder left behind

@@ -1,14 +1,20 @@
 """Recipes and the config: every shipped recipe loads; bad keys/types are one-line errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from ov_sd_trainer.config import QATConfig, load_recipe, parse_config
 from ov_sd_trainer.errors import UserError
+from ov_sd_trainer.train.config import (
+    RECIPES_DIR,
+    QATConfig,
+    load_recipe,
+    parse_config,
+    resolve_recipe,
+    shipped_recipes,
+)
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.json"))
+RECIPES = list(shipped_recipes().values())
 
 
 def test_recipes_exist():
@@ -31,6 +37,20 @@ def test_every_shipped_recipe_parses(recipe):
         if key == "report_to":
             got = got if isinstance(got, str) else got[0] if got else "none"
         assert got == value, key
+
+
+def test_recipes_by_name_or_path_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: shipped recipes are package data
+    want = RECIPES_DIR / "reference-int8.json"
+    for spec in ("reference-int8", "reference-int8.json", "recipes/reference-int8.json"):
+        assert resolve_recipe(spec) == want, spec
+    own = tmp_path / "reference-int8.json"  # a user's own file of the same name wins when it exists
+    own.write_text("{}")
+    assert resolve_recipe("reference-int8.json").resolve() == own
+    with pytest.raises(UserError, match="shipped recipe name"):
+        resolve_recipe("other/reference-int8.json")  # a path that does not exist is not taken for a name
+    cfg, raw = parse_config(["--recipe=reference-int8", "--max-steps", "3"])  # `=` form, kebab-case flag
+    assert cfg.max_steps == 3 and raw["pretrained_model_name_or_path"] == "reference"
 
 
 def test_sd15_recipes_follow_the_published_workflow():

@@ -3,7 +3,7 @@
 import torch
 from diffusers.training_utils import EMAModel
 
-from ov_sd_trainer.ema import EMACallback, ema_decay
+from ov_sd_trainer.train.ema import EMACallback, ema_decay
 
 
 def test_decay_schedule_matches_diffusers():

@@ -1,4 +1,5 @@
-"""Crash and resume with a real `accelerate launch train.py` killed by SIGKILL; incomplete checkpoints; determinism."""
+"""Crash and resume with a real `accelerate launch -m ov_sd_trainer.train` killed by SIGKILL; incomplete checkpoints;
+determinism; two processes with gloo."""
 
 import json
 import os
@@ -6,19 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ov_sd_trainer import quantization
-from ov_sd_trainer.config import parse_config
-from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
-from ov_sd_trainer.trainer import COMPLETE_MARKER, find_resumable_checkpoint
-from ov_sd_trainer.training import FINAL_DIR, run
+from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.compress import quantize
+from ov_sd_trainer.run_folder import COMPLETE_MARKER, FINAL_DIR, find_resumable_checkpoint
+from ov_sd_trainer.train.config import parse_config
+from ov_sd_trainer.train.run import run
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
 
 
@@ -55,7 +54,7 @@ def recipe(tmp_path_factory):
 
 def launch(recipe, out, *extra):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), "--recipe", str(recipe),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train", "--recipe", str(recipe),
            "--output_dir", str(out), *extra]  # fmt: skip
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -83,7 +82,7 @@ def test_sigkill_then_resume_equals_uninterrupted(recipe, tmp_path):
     assert proc.returncode == 0, log[-3000:]
 
     # final student (EMA applied), and the last checkpoint's raw student and EMA: all equal
-    name = quantization.STATE_SAFETENSORS
+    name = quantize.STATE_SAFETENSORS
     pairs = [
         (full / FINAL_DIR / "student" / name, tmp_path / "crash" / FINAL_DIR / "student" / name),
         (full / f"checkpoint-{STEPS}" / "student" / name, tmp_path / "crash" / f"checkpoint-{STEPS}" / "student" / name),
@@ -129,7 +128,7 @@ def test_two_processes_gloo(recipe, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: torchrun + gloo DDP."""
     out = tmp_path / "mp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train",
            "--recipe", str(recipe), "--output_dir", str(out), "--max_steps", "4", "--export", "true"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

@@ -7,12 +7,13 @@ import os
 import pytest
 import torch
 
-from ov_sd_trainer import quantization
-from ov_sd_trainer.config import parse_config
-from ov_sd_trainer.ema import EMACallback
-from ov_sd_trainer.models import TinySDConfig, build_tiny_pipeline
-from ov_sd_trainer.trainer import QATTrainer
-from ov_sd_trainer.training import FINAL_DIR, build, collate, run
+from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.compress import quantize
+from ov_sd_trainer.run_folder import FINAL_DIR
+from ov_sd_trainer.train.config import parse_config
+from ov_sd_trainer.train.ema import EMACallback
+from ov_sd_trainer.train.run import build, collate, run
+from ov_sd_trainer.train.trainer import QATTrainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,8 +66,8 @@ def train_direct(cfg):
 def test_four_steps_move_weights_scales_and_log_separate_losses(tiny_model, tmp_path):
     trainer, model, ema, before = train_direct(make_cfg(tiny_model, tmp_path / "run"))
     after = dict(model.student.named_parameters())
-    qnames = {n for n, _ in quantization.quantizer_parameters(model.student)}
-    wnames = {n for n, _ in quantization.weight_parameters(model.student)}
+    qnames = {n for n, _ in quantize.quantizer_parameters(model.student)}
+    wnames = {n for n, _ in quantize.weight_parameters(model.student)}
     assert qnames and wnames and not (qnames & wnames)
     assert any(not torch.equal(before[n], after[n]) for n in qnames), "no quantizer scale changed"
     assert any(not torch.equal(before[n], after[n]) for n in wnames), "no weight changed"
@@ -91,16 +92,16 @@ def test_no_weight_decay_on_quantizer_parameters(tiny_model, tmp_path):
     trainer, model, _, _ = train_direct(cfg)
     decay_ids = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decay_ids, "some weights should decay"
-    assert not decay_ids & {id(p) for _, p in quantization.quantizer_parameters(model.student)}
+    assert not decay_ids & {id(p) for _, p in quantize.quantizer_parameters(model.student)}
 
 
 def test_tune_quantizers_only_keeps_weights(tiny_model, tmp_path):
     cfg = make_cfg(tiny_model, tmp_path / "run", "--max_steps", "2", "--tune_quantizers_only", "true")
     _, model, _, before = train_direct(cfg)
     after = dict(model.student.named_parameters())
-    for n, _ in quantization.weight_parameters(model.student):
+    for n, _ in quantize.weight_parameters(model.student):
         assert torch.equal(before[n], after[n]), n
-    assert any(not torch.equal(before[n], after[n]) for n, _ in quantization.quantizer_parameters(model.student))
+    assert any(not torch.equal(before[n], after[n]) for n, _ in quantize.quantizer_parameters(model.student))
 
 
 def test_resume_after_two_of_four_steps_matches_uninterrupted(tiny_model, tmp_path):
@@ -113,8 +114,8 @@ def test_resume_after_two_of_four_steps_matches_uninterrupted(tiny_model, tmp_pa
     resumed = run(make_cfg(tiny_model, tmp_path / "part", *save, "--resume_from_checkpoint", "latest"))
     from safetensors.torch import load_file
 
-    sa = load_file(str(full / FINAL_DIR / "student" / quantization.STATE_SAFETENSORS))
-    sb = load_file(str(resumed / FINAL_DIR / "student" / quantization.STATE_SAFETENSORS))
+    sa = load_file(str(full / FINAL_DIR / "student" / quantize.STATE_SAFETENSORS))
+    sb = load_file(str(resumed / FINAL_DIR / "student" / quantize.STATE_SAFETENSORS))
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
@@ -170,7 +171,7 @@ def test_accelerate_launch_train_py(tiny_model, tmp_path):
             }
         )  # fmt: skip
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: its train.py is the mission's launch line
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(root / "train.py"), "--recipe", str(recipe), "--max_steps", "2", "--output_dir", str(tmp_path / "o")]  # fmt: skip
@@ -182,5 +183,5 @@ def test_accelerate_launch_train_py(tiny_model, tmp_path):
     # bad input through the same entry point: one line, exit 2, nothing written
     r = subprocess.run([sys.executable, str(root / "train.py"), "--recipe", str(recipe), "--tome_ratio", "2",
                         "--output_dir", str(tmp_path / "bad")], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("train.py: error: tome_ratio=2.0")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("ov-sd: error: tome_ratio=2.0")
     assert not (tmp_path / "bad").exists()

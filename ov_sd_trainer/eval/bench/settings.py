@@ -1,0 +1,82 @@
+"""`BenchSettings`: how `ov-sd bench` measures. Every default is defined here, once (the CLI reads them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...compress.tome_config import MODES as TOME_MODES
+from ...compress.tome_config import TomeConfig
+from ...compress.tome_config import validate as validate_tome
+from ...errors import UserError
+
+ARCHS = ("sd15",)
+# --arch sd15 is slow on 2 cores (~3-13 s per UNet step): fewer repeats than for a small model.
+SD15_DEFAULTS = {"steps_pipeline": 2, "repeats": 3, "pipeline_repeats": 1}
+
+
+@dataclass
+class BenchSettings:
+    height: int | None = None  # default: the model's native size (512 for --arch sd15)
+    width: int | None = None
+    batch_size: int = 2  # UNet batch: with classifier-free guidance, batch_size // 2 images per pipeline call
+    steps_pipeline: int = 3  # K: denoising steps of each full-pipeline run
+    repeats: int = 5  # N: timed UNet calls (median reported)
+    pipeline_repeats: int = 2  # timed full-pipeline runs (median reported)
+    warmup: int = 1  # untimed UNet calls first (first inference allocates and tunes)
+    threads: int | None = None  # torch threads and OpenVINO INFERENCE_NUM_THREADS; None: the libraries' choice
+    static_shapes: bool = True
+    ov_config: dict[str, str] = field(default_factory=dict)  # extra OpenVINO properties for every OV variant
+    profile: bool = False
+    seed: int = 0
+    prompt: str = "a red circle on a blue background"
+    guidance_scale: float = 7.5
+    ptq_samples: int = 4  # UNet calls recorded for the PTQ peers when bench builds them (speed does not depend on it)
+    ptq_steps: int = 4
+    tome_ratio: float = 0.4  # qat-int8-tome under --arch sd15: `tome.apply_tome` arguments (the published 0.4)
+    tome_max_downsample: int = 1
+    tome_mode: str = "tome"
+    tome_merge_mlp: bool = False
+
+    def tome_kwargs(self) -> dict[str, Any]:
+        return {
+            "ratio": self.tome_ratio,
+            "max_downsample": self.tome_max_downsample,
+            "mode": self.tome_mode,
+            "merge_mlp": self.tome_merge_mlp,
+        }
+
+    def check(self) -> None:
+        """One-line errors naming the flag, before any slow work."""
+        for name in ("batch_size", "steps_pipeline", "repeats", "pipeline_repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.batch_size % 2:
+            raise UserError(f"--batch-size {self.batch_size}: must be even (the UNet batch with CFG is 2 x images)")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise UserError(f"--{name} {value}: must be a positive multiple of 8")
+        if self.tome_ratio <= 0:
+            raise UserError(f"--tome-ratio {self.tome_ratio}: must be > 0 (qat-int8-tome merges tokens)")
+        if self.tome_mode not in TOME_MODES:
+            raise UserError(f"--tome-mode {self.tome_mode!r}: use one of {', '.join(TOME_MODES)}")
+        # the other bounds, checked where token merging defines them, with errors that name the flags
+        values = dataclasses.asdict(TomeConfig()) | self.tome_kwargs()
+        validate_tome(values, key=lambda name: "--tome-" + name.replace("_", "-"))
+
+
+def parse_ov_config(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"--ov-config {item!r}: expected KEY=VALUE, e.g. PERFORMANCE_HINT=LATENCY")
+        out[key.strip()] = value.strip()
+    return out

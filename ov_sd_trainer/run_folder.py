@@ -1,0 +1,77 @@
+"""What a training run folder (`output_dir`) holds. Training writes it; export, eval and the CLI read it through here.
+
+    output_dir/
+      training_recipe.json     the recipe's own keys (what `--recipe` held plus nothing else)
+      checkpoint-N/            a Trainer checkpoint: student/ (NNCF config + state dict), ema.safetensors,
+                               config.json, optimizer/scheduler/RNG state; checkpoint_complete.json is written last
+      final/                   the trained student with the EMA applied: student/, config.json, training_info.json
+      openvino/                the exported OpenVINO pipeline folder (see pipeline_folder)
+      loss.png                 task, distillation and total loss against the step
+
+A checkpoint without `checkpoint_complete.json` was interrupted while being written and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from .pipeline_folder import RECIPE_FILE
+
+FINAL_DIR = "final"
+OPENVINO_DIR = "openvino"
+STUDENT_DIR = "student"  # in checkpoint-N/ and final/: the quantized student (compress.quantize.save_quantized)
+CONFIG_FILE = "config.json"  # in checkpoint-N/ and final/: the QATConfig as JSON
+TRAINING_INFO_FILE = "training_info.json"  # in final/: runtime, steps, quantizer digests, log history
+EMA_FILE = "ema.safetensors"  # in checkpoint-N/: the EMA shadow (final/ has it applied)
+COMPLETE_MARKER = "checkpoint_complete.json"
+LOSS_PLOT = "loss.png"
+HANDOVER_DIR = ".calibrated-student"  # multi-process: the main process's calibrated student for the other ranks
+CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
+
+__all__ = [
+    "RECIPE_FILE",
+    "FINAL_DIR",
+    "OPENVINO_DIR",
+    "STUDENT_DIR",
+    "CONFIG_FILE",
+    "TRAINING_INFO_FILE",
+    "EMA_FILE",
+    "COMPLETE_MARKER",
+    "LOSS_PLOT",
+    "HANDOVER_DIR",
+    "find_resumable_checkpoint",
+    "mark_complete",
+    "is_complete",
+    "is_checkpoint",
+]
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """A folder export can load a student from: checkpoint-N/ or final/ (both hold config.json and student/)."""
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def mark_complete(checkpoint: str | Path, global_step: int) -> None:
+    """Write the completion marker atomically (by rename), after everything else in the checkpoint."""
+    folder = Path(checkpoint)
+    tmp = folder / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"global_step": global_step}))
+    os.replace(tmp, folder / COMPLETE_MARKER)
+
+
+def find_resumable_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint-N in output_dir that was written completely (has the marker)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_RE.fullmatch(p.name)]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        if is_complete(folder):
+            return folder
+        logging.getLogger(__name__).warning("skipping %s: incomplete (interrupted while saving)", folder)
+    return None

@@ -1,0 +1,103 @@
+"""`QATModel`: the student, the frozen FP32 teacher, VAE, text encoder and noise schedule, and the losses.
+
+loss = task MSE against the scheduler's target (epsilon / v / sample, optionally Min-SNR weighted)
++ `distillation_weight` x MSE(student, teacher). Everything the Trainer moves, wraps in DDP and calls lives here:
+`forward(pixel_values, input_ids)` returns the losses, and going through the wrapped model's forward is what makes
+DDP synchronise the student's gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress.checkpointing import enable_gradient_checkpointing
+
+
+class QATModel(nn.Module):
+    """Student (trainable), teacher, VAE and text encoder (frozen) and the noise schedule."""
+
+    def __init__(self, student, teacher, vae, text_encoder, noise_scheduler, distillation_weight: float = 1.0,
+                 prediction_type: str | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.student, self.teacher, self.vae, self.text_encoder = student, teacher, vae, text_encoder
+        for frozen in (teacher, vae, text_encoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        self.noise_scheduler = noise_scheduler
+        self.distillation_weight = distillation_weight
+        self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
+        self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+        self.generator: torch.Generator | None = None
+
+    def set_noise_seed(self, seed: int, stream: int, index: int):
+        """Seed the noise, timesteps and latent sampling of the next forward.
+
+        Each micro-batch draws from a generator seeded by (seed, stream, index), never from torch's
+        global RNG, so a run resumed from a checkpoint draws exactly what an uninterrupted run would."""
+        device = next(self.student.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + stream) * 1_000_033) + index)
+
+    def train(self, mode: bool = True):
+        # Only the student ever trains; the frozen parts stay in eval (no dropout, fixed norms).
+        super().train(mode)
+        for frozen in (self.teacher, self.vae, self.text_encoder):
+            frozen.eval()
+        return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Called by Trainer when `gradient_checkpointing=True` (a UNet lacks this method)."""
+        enable_gradient_checkpointing(self.student)
+
+    @torch.no_grad()
+    def encode(self, pixel_values, input_ids):
+        """pixel_values [B,3,H,W] in [-1,1], input_ids [B,77] -> latents [B,4,h,w], text states [B,77,D]."""
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample(generator=self.generator)
+        latents = latents * self.vae.config.scaling_factor
+        states = self.text_encoder(input_ids, return_dict=False)[0]
+        return latents.float(), states
+
+    def noisy_inputs(self, latents):
+        """Sample noise and timesteps as diffusers' train_text_to_image.py does."""
+        g, dev = self.generator, latents.device
+        noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
+        if self.noise_offset:
+            noise += self.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g, device=dev)
+        n_t = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, n_t, (latents.shape[0],), generator=g, device=dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        return noisy, noise, t.long()
+
+    def target(self, latents, noise, timesteps):
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if self.prediction_type == "sample":
+            return latents
+        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+
+    def forward(self, pixel_values, input_ids):
+        latents, states = self.encode(pixel_values, input_ids)
+        noisy, noise, t = self.noisy_inputs(latents)
+        pred = self.student(noisy, t, states, return_dict=False)[0].float()
+        target = self.target(latents, noise, t).float()
+        if self.snr_gamma is None:
+            task = F.mse_loss(pred, target)
+        else:  # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (as in diffusers' examples)
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, t)
+            w = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
+            w = w / (snr + 1) if self.prediction_type == "v_prediction" else w / snr
+            task = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        if self.distillation_weight:
+            with torch.no_grad():
+                teacher_pred = self.teacher(noisy, t, states, return_dict=False)[0].float()
+            distill = F.mse_loss(pred, teacher_pred)
+        else:
+            distill = torch.zeros((), device=pred.device)
+        loss = task + self.distillation_weight * distill
+        return {"loss": loss, "task_loss": task.detach(), "distillation_loss": distill.detach()}
