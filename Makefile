@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install test test-slow quality format demo regression clean
+.PHONY: install test test-slow test-install quality format demo regression clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -rs -m slow
+
+# The wheel in a fresh virtualenv, run outside the checkout (marked slow: ~3 min); CI runs it.
+test-install: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q -rs -m slow tests/test_install.py
 
 quality: $(STAMP)
 	$(VENV)/bin/ruff check .

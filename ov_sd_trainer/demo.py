@@ -18,6 +18,9 @@ DEFAULT_QAT_STEPS = 60  # the full recipe runs 300; 60 shows the whole job in a 
 def add_arguments(p) -> None:
     p.add_argument("--output", default="outputs/demo")
     p.add_argument("--max-steps", type=int, default=DEFAULT_QAT_STEPS, help="QAT steps (the full recipe runs 300)")
+    p.add_argument(
+        "--calibration-samples", type=int, default=None, help="UNet inputs for NNCF's ranges (default: the recipe's 300)"
+    )
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--steps", type=int, default=25, help="denoising steps for the final image")
 

@@ -9,14 +9,11 @@ from pathlib import Path
 import pytest
 
 from ov_sd_trainer import cli
-from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bad") / "pipe"
-    build_tiny_pipeline(path, TinySDConfig(seed=3))
-    return path
+@pytest.fixture
+def tiny(tiny_pipeline):
+    return tiny_pipeline
 
 
 def write(path: Path, obj) -> str:

@@ -4,7 +4,8 @@ with nothing read from the repository.
 
 The wheel is built once from the checkout; the new virtualenv sees the already-installed dependencies through a
 path entry (the test environment's site-packages, whose own .pth files, such as the editable install's finder, are
-not run), so nothing is downloaded."""
+not run), so nothing is downloaded. About 3 minutes on 2 cores, so it is marked `slow`: `make test-install` runs it,
+and CI runs that after `make test`."""
 
 import json
 import os
@@ -48,6 +49,7 @@ def installed(tmp_path_factory):
     return {"venv": venv, "py": py, "env": env, "work": work, "wheel": wheel}
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_its_data_and_runs_outside_the_checkout(installed):
     py, env, work = installed["py"], installed["env"], installed["work"]
     r = _run([py, "-c", "import ov_sd_trainer, ov_sd_trainer.train.config as c, ov_sd_trainer.assets as a; "
@@ -59,9 +61,14 @@ def test_the_wheel_carries_its_data_and_runs_outside_the_checkout(installed):
     assert data == "True True"
 
 
+@pytest.mark.slow
 def test_train_export_generate_demo_from_the_installed_package(installed):
     env, work = installed["env"], installed["work"]
     ov_sd = str(installed["venv"] / "bin" / "ov-sd")
+    # demo: QAT of the bundled model with the shipped recipe (short), export, one image through optimum-intel
+    _run([ov_sd, "demo", "--output", str(work / "demo"), "--max-steps", "1", "--calibration-samples", "4",
+          "--steps", "2"], work, env)  # fmt: skip
+    assert (work / "demo" / "sample.png").is_file() and (work / "demo" / "run" / "openvino" / "README.md").is_file()
     run = work / "run"
     _run([ov_sd, "train", "--recipe", "reference-int8", "--max_steps", "2", "--num_calibration_samples", "4",
           "--output_dir", str(run), "--export", "false"], work, env)  # fmt: skip
@@ -72,8 +79,6 @@ def test_train_export_generate_demo_from_the_installed_package(installed):
     r = _run([ov_sd, "generate", "--model", str(work / "ov"), "--prompt", "a red circle on a blue background",
               "--steps", "2", "--output", str(work / "img.png")], work, env)  # fmt: skip
     assert (work / "img.png").is_file() and "ms/step" in r.stdout
-    r = _run([ov_sd, "demo", "--output", str(work / "demo"), "--max-steps", "1", "--steps", "2"], work, env)
-    assert (work / "demo" / "sample.png").is_file() and (work / "demo" / "run" / "openvino" / "README.md").is_file()
     # the module form (what `accelerate launch -m ov_sd_trainer.train` runs) and the one error path
     bad = subprocess.run([installed["py"], "-m", "ov_sd_trainer.train", "--recipe", "nope"], cwd=work, env=env,
                          capture_output=True, text=True)  # fmt: skip

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ov_sd_trainer.assets import synthetic
-from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.assets.builders import TinySDConfig
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.pipeline_folder import check_pipeline_source
 from ov_sd_trainer.train.data import load_captioned_dataset
@@ -90,11 +90,9 @@ def test_loader_bad_paths(tmp_path):
 # --- pipeline factory --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "pipe"
-    build_tiny_pipeline(path)
-    return path
+@pytest.fixture
+def tiny_dir(tiny_pipeline):
+    return tiny_pipeline
 
 
 def test_tiny_pipeline_structure_and_tokenizer(tiny_dir):

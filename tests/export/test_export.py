@@ -2,45 +2,25 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer import cli
 from ov_sd_trainer.compress import convert
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.export.hub import push_to_hub, upload_plan
 from ov_sd_trainer.export.openvino import export_openvino_pipeline, load_student_from_checkpoint
 from ov_sd_trainer.pipeline_folder import RESULTS_FILE
-from ov_sd_trainer.run_folder import FINAL_DIR, OPENVINO_DIR
-from ov_sd_trainer.train.config import parse_config
-from ov_sd_trainer.train.run import run
+from ov_sd_trainer.run_folder import FINAL_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 3-step QAT run of a tiny pipeline with export at the end."""
-    root = tmp_path_factory.mktemp("export")
-    base = root / "base"
-    build_tiny_pipeline(base, TinySDConfig(seed=2))
-    argv = [
-        "--pretrained_model_name_or_path", str(base), "--dataset_name", "synthetic:12",
-        "--output_dir", str(root / "run"), "--max_steps", "3", "--per_device_train_batch_size", "2",
-        "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
-        "--disable_tqdm", "true", "--learning_rate", "1e-4",
-    ]  # fmt: skip
-    argv += ["--push_to_hub", "true", "--hub_model_id", "me/tiny-int8", "--hub_token", "t0k"]
-    cfg, recipe = parse_config(argv)
-    pushed = []
-    with pytest.MonkeyPatch.context() as mp:  # the recipe's push goes through hub.push_to_hub: record it
-        mp.setattr("ov_sd_trainer.export.hub.push_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
-        out = run(cfg, {"pretrained_model_name_or_path": str(base), "max_steps": 3})
-    return {"base": base, "out": out, "ov": out / OPENVINO_DIR, "root": root, "pushed": pushed}
+@pytest.fixture
+def trained(qat_run):
+    return qat_run
 
 
 def test_recipe_push_uploads_the_openvino_folder(trained):
@@ -193,19 +173,15 @@ def test_export_is_atomic(trained, tmp_path, monkeypatch):
     assert (target / "precious.txt").read_text() == "keep me"
 
 
-def test_cli_export_generate_and_errors(trained, tmp_path):
-    cli = [sys.executable, "-m", "ov_sd_trainer.cli"]
+def test_cli_export_generate_and_errors(trained, tmp_path, capsys):
+    """`ov-sd export` and `ov-sd generate` in-process (tests/test_install.py runs the installed console script)."""
     out = tmp_path / "cli-ov"
-    r = subprocess.run(cli + ["export", "--checkpoint", str(trained["out"] / FINAL_DIR), "--output", str(out)],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert cli.main(["export", "--checkpoint", str(trained["out"] / FINAL_DIR), "--output", str(out)]) == 0
     assert (out / "unet" / "openvino_model.xml").is_file()
     png = tmp_path / "x.png"
-    r = subprocess.run(cli + ["generate", "--model", str(out), "--prompt", "a blue square on a white background",
-                              "--steps", "3", "--output", str(png)], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert png.is_file() and "ms/step" in r.stdout
-    r = subprocess.run(cli + ["export", "--checkpoint", str(trained["base"]), "--output", str(tmp_path / "y")],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and "not a training checkpoint" in r.stderr
+    argv = ["generate", "--model", str(out), "--prompt", "a blue square on a white background", "--steps", "3"]
+    assert cli.main([*argv, "--output", str(png)]) == 0
+    assert png.is_file() and "ms/step" in capsys.readouterr().out
+    assert cli.main(["export", "--checkpoint", str(trained["base"]), "--output", str(tmp_path / "y")]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()

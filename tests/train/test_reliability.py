@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 from ov_sd_trainer.compress import quantize
 from ov_sd_trainer.run_folder import COMPLETE_MARKER, FINAL_DIR, find_resumable_checkpoint
 from ov_sd_trainer.train.config import parse_config
@@ -22,14 +21,13 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
+def recipe(tmp_path_factory, tiny_pipeline):
     root = tmp_path_factory.mktemp("crash")
-    build_tiny_pipeline(root / "pipe", TinySDConfig(seed=4))
     path = root / "recipe.json"
     path.write_text(
         json.dumps(
             {
-                "pretrained_model_name_or_path": str(root / "pipe"),
+                "pretrained_model_name_or_path": str(tiny_pipeline),
                 "dataset_name": "synthetic:16",
                 "max_steps": STEPS,
                 "per_device_train_batch_size": 2,

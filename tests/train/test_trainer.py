@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 from ov_sd_trainer.compress import quantize
 from ov_sd_trainer.run_folder import FINAL_DIR
 from ov_sd_trainer.train.config import parse_config
@@ -18,11 +17,9 @@ from ov_sd_trainer.train.trainer import QATTrainer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "pipe"
-    build_tiny_pipeline(path, TinySDConfig(seed=1))
-    return str(path)
+@pytest.fixture
+def tiny_model(tiny_pipeline):
+    return str(tiny_pipeline)
 
 
 def make_cfg(tiny_model, out, *extra):
