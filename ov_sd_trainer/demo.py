@@ -19,7 +19,10 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default="outputs/demo")
     p.add_argument("--max-steps", type=int, default=DEFAULT_QAT_STEPS, help="QAT steps (the full recipe runs 300)")
     p.add_argument(
-        "--calibration-samples", type=int, default=None, help="UNet inputs for NNCF's ranges (default: the recipe's 300)"
+        "--calibration-samples",
+        type=int,
+        default=None,
+        help="UNet inputs for NNCF's ranges (default: the recipe's 300)",
     )
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--steps", type=int, default=25, help="denoising steps for the final image")

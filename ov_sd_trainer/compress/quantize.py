@@ -27,6 +27,14 @@ OVERFLOW_FIX = ("disable", "enable", "first_layer_only")
 # "enable" stores 7-bit weights. Measured on an AMD Zen 4 host: with "disable" the exported int8 UNet drifted
 # 31-37 % (relative L2) from the PyTorch student, with "enable" 3.6 %, so 7-bit weights are what keep the export exact.
 DEFAULT_OVERFLOW_FIX = "enable"
+# What is quantized (int8 in the OpenVINO export):
+#   full:   weights and activations of every op NNCF quantizes (convolutions, linear layers, attention inputs);
+#   hybrid: optimum-intel's hybrid scheme: linear layers get int8 weights only (their inputs stay float), everything
+#           else as in full. Measured with optimum's PTQ, the linear layers' int8 activations cost the most fidelity.
+SCHEMES = ("full", "hybrid")
+DEFAULT_SCHEME = "full"
+LINEAR_TYPES = ("linear",)  # NNCF torch graph node types of the layers `hybrid` keeps float at the input
+CONV_TYPES = ("conv2d",)
 UNET_INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
 
 # The first NNCF call compiles a CPU extension (~30-40 s on an idle 2-core machine); NNCF's 60 s load timeout is
@@ -113,6 +121,20 @@ def _ignored_scope(ignored_scope: Any):
     )
 
 
+def _merge_scopes(a, b):
+    """The union of two `nncf.IgnoredScope`s (either may be None)."""
+    import nncf
+
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return nncf.IgnoredScope(
+        names=[*a.names, *b.names], patterns=[*a.patterns, *b.patterns], types=[*a.types, *b.types],
+        subgraphs=[*a.subgraphs, *b.subgraphs], validate=False,
+    )  # fmt: skip
+
+
 def quantize_unet(
     unet: torch.nn.Module,
     calibration_inputs: Sequence[dict[str, torch.Tensor]],
@@ -122,6 +144,7 @@ def quantize_unet(
     subset_size: int | None = None,
     smooth_quant: bool = False,
     bias_correction: bool = True,
+    scheme: str = DEFAULT_SCHEME,
 ) -> torch.nn.Module:
     """Return an NNCF-quantized deep copy of `unet` (8-bit weights and activations, ranges from the calibration data).
 
@@ -133,7 +156,10 @@ def quantize_unet(
     `subset_size`: how many calibration items to use (default: all). `smooth_quant`: NNCF's SmoothQuant for
     matmuls (NNCF's default for transformers; off here: measured on the tiny UNet, the OpenVINO IR of a
     SmoothQuant-ed student drifted 7% from its PyTorch fake-quant outputs, 0.2% without it, and QAT tunes the
-    ranges anyway). `bias_correction`: NNCF's fast bias correction.
+    ranges anyway). `bias_correction`: NNCF's fast bias correction. `scheme`: "full" or "hybrid" (`SCHEMES`); hybrid
+    quantizes everything but the linear layers with `nncf.quantize`, then gives the linear layers trainable int8
+    weight fake-quantizers (`nncf.compress_weights`, INT8_SYM, per output channel, `CompressionFormat.FQ`), so they
+    export as int8 weights with float activations.
     The input model is left unchanged (it stays the FP32 teacher).
     """
     import nncf
@@ -147,6 +173,8 @@ def quantize_unet(
         raise UserError(f"unknown quantization preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if overflow_fix not in OVERFLOW_FIX:
         raise UserError(f"unknown overflow_fix {overflow_fix!r}; choose one of {', '.join(OVERFLOW_FIX)}")
+    if scheme not in SCHEMES:
+        raise UserError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if not isinstance(unet, torch.nn.Module):
         raise UserError(f"quantize_unet needs a torch UNet module, got {type(unet).__name__}")
     unet = unwrap_model(unet)
@@ -168,19 +196,35 @@ def quantize_unet(
     if not smooth_quant:
         advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
 
+    ignored = _ignored_scope(ignored_scope)
+    if scheme == "hybrid":
+        ignored = _merge_scopes(ignored, nncf.IgnoredScope(types=list(LINEAR_TYPES), validate=False))
+    dataset = nncf.Dataset(items, lambda item: _calibration_transform(item, device, dtype))
     was_training = unet.training
     unet.eval()
     try:
         with torch.no_grad():
             quantized = nncf.quantize(
                 unet,
-                nncf.Dataset(items, lambda item: _calibration_transform(item, device, dtype)),
+                dataset,
                 preset=nncf.QuantizationPreset(preset),
                 model_type=nncf.ModelType.TRANSFORMER,
                 subset_size=subset_size,
-                ignored_scope=_ignored_scope(ignored_scope),
+                ignored_scope=ignored,
                 advanced_parameters=advanced,
             )
+            if scheme == "hybrid":
+                weights_scope = _merge_scopes(
+                    _ignored_scope(ignored_scope), nncf.IgnoredScope(types=list(CONV_TYPES), validate=False)
+                )
+                quantized = nncf.compress_weights(
+                    quantized,
+                    mode=nncf.CompressWeightsMode.INT8_SYM,
+                    group_size=-1,  # per output channel, as optimum's 8-bit weight compression
+                    compression_format=nncf.CompressionFormat.FQ,  # trainable fake quantizers, exported as int8
+                    ignored_scope=weights_scope,
+                    dataset=dataset,
+                )
     finally:
         unet.train(was_training)
     quantized.train(was_training)

@@ -17,9 +17,11 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..assets import REFERENCE
-from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, OVERFLOW_FIX, PRESETS
+from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
 from ..compress.tome_config import MAX_RATIO, TomeConfig
 from ..errors import UserError
+from .calibration import DEFAULT_STEPS as CALIBRATION_STEPS
+from .calibration import SOURCES as CALIBRATION_SOURCES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -46,11 +48,28 @@ class QATConfig(TrainingArguments):
     center_crop: bool = field(default=False, metadata={"help": "centre crop instead of random crop"})
     random_flip: bool = field(default=True, metadata={"help": "random horizontal flips"})
     # --- quantization ------------------------------------------------------------------------
+    quantization_scheme: str = field(
+        default=DEFAULT_SCHEME,
+        metadata={
+            "help": f"{' | '.join(SCHEMES)}: full = int8 weights and activations everywhere; hybrid = optimum-intel's "
+            "scheme: linear layers int8 weights only (float inputs), full int8 elsewhere"
+        },
+    )
     quantization_preset: str = field(
         default=DEFAULT_PRESET, metadata={"help": f"NNCF preset: {' | '.join(PRESETS)} (mixed: asymmetric activations)"}
     )
     num_calibration_samples: int = field(
-        default=300, metadata={"help": "UNet inputs from the training data used to initialise quantizer ranges"}
+        default=300, metadata={"help": "UNet inputs (calls) used to initialise the quantizer ranges"}
+    )
+    calibration_source: str = field(
+        default="training",
+        metadata={
+            "help": f"{' | '.join(CALIBRATION_SOURCES)}: training = noisy training images at random timesteps; "
+            "trajectories = the FP32 pipeline's own UNet calls sampling the training captions (as optimum's PTQ)"
+        },
+    )
+    calibration_steps: int = field(
+        default=CALIBRATION_STEPS, metadata={"help": "denoising steps of each calibration trajectory"}
     )
     overflow_fix: str = field(
         default=DEFAULT_OVERFLOW_FIX,  # why: see compress.quantize.DEFAULT_OVERFLOW_FIX
@@ -65,6 +84,13 @@ class QATConfig(TrainingArguments):
     # --- losses ------------------------------------------------------------------------------
     distillation_weight: float = field(
         default=1.0, metadata={"help": "weight of MSE(student, FP32 teacher) added to the task loss"}
+    )
+    task_weight: float = field(
+        default=1.0, metadata={"help": "weight of the task loss (MSE to the true target); 0 = pure distillation"}
+    )
+    teacher_gap_samples: int = field(
+        default=32,
+        metadata={"help": "held-out UNet inputs of the teacher-gap evaluation (used when eval_strategy is not 'no')"},
     )
     prediction_type: str | None = field(
         default=None, metadata={"help": "epsilon | v_prediction | sample; default: the scheduler's"}
@@ -117,12 +143,24 @@ class QATConfig(TrainingArguments):
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"prediction_type={self.prediction_type!r}: use one of {PREDICTION_TYPES} or leave unset")
         TomeConfig.from_training_config(self)  # every tome_* field, with errors that name them
+        if self.calibration_source not in CALIBRATION_SOURCES:
+            raise UserError(f"calibration_source={self.calibration_source!r}: use one of {CALIBRATION_SOURCES}")
+        if self.calibration_steps < 1:
+            raise UserError(f"calibration_steps={self.calibration_steps}: must be >= 1")
         if self.num_calibration_samples < 1:
             raise UserError(f"num_calibration_samples={self.num_calibration_samples}: must be >= 1")
         if self.resolution < 8 or self.resolution % 8:
             raise UserError(f"resolution={self.resolution}: must be a multiple of 8 (the VAE factor of SD)")
-        if self.distillation_weight < 0:
-            raise UserError(f"distillation_weight={self.distillation_weight}: must be >= 0")
+        if self.quantization_scheme not in SCHEMES:
+            raise UserError(f"quantization_scheme={self.quantization_scheme!r}: use one of {SCHEMES}")
+        if self.distillation_weight < 0 or self.task_weight < 0:
+            raise UserError(
+                f"distillation_weight={self.distillation_weight}, task_weight={self.task_weight}: must be >= 0"
+            )
+        if self.distillation_weight == 0 and self.task_weight == 0:
+            raise UserError("distillation_weight and task_weight are both 0: nothing to train on; set one > 0")
+        if self.teacher_gap_samples < 1:
+            raise UserError(f"teacher_gap_samples={self.teacher_gap_samples}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay}: must be in [0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:

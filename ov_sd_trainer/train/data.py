@@ -174,3 +174,8 @@ def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_f
         return {"pixel_values": images, "input_ids": list(ids)}
 
     return transform
+
+
+def collate(rows):
+    """Training rows (pixel_values, input_ids) or teacher-gap rows (sample, timestep, ...): stack every tensor."""
+    return {k: torch.stack([r[k] for r in rows]).contiguous() for k in rows[0] if isinstance(rows[0][k], torch.Tensor)}

@@ -7,6 +7,7 @@ its "EMA" a two-step average; here the decay only depends on the step count.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -73,6 +74,19 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step()
         return control
+
+    @contextlib.contextmanager
+    def applied(self, module: torch.nn.Module | None = None):
+        """Within the block the module holds the EMA weights; its own come back after (diffusers' store/copy_to/
+        restore around validation)."""
+        module = module or self.module
+        names = set(self.shadow)
+        backup = {n: p.detach().clone() for n, p in module.named_parameters() if n in names}
+        self.copy_to(module)
+        try:
+            yield module
+        finally:
+            copy_into(module, backup)
 
     def copy_to(self, module: torch.nn.Module | None = None):
         """Write the EMA weights into the module (the student by default)."""

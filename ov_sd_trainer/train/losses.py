@@ -1,7 +1,8 @@
 """`QATModel`: the student, the frozen FP32 teacher, VAE, text encoder and noise schedule, and the losses.
 
-loss = task MSE against the scheduler's target (epsilon / v / sample, optionally Min-SNR weighted)
-+ `distillation_weight` x MSE(student, teacher). Everything the Trainer moves, wraps in DDP and calls lives here:
+loss = `task_weight` x task MSE against the scheduler's target (epsilon / v / sample, optionally Min-SNR
+weighted) + `distillation_weight` x MSE(student, teacher); `task_weight` 0 is pure distillation. Everything the
+Trainer moves, wraps in DDP and calls lives here:
 `forward(pixel_values, input_ids)` returns the losses, and going through the wrapped model's forward is what makes
 DDP synchronise the student's gradients.
 """
@@ -19,7 +20,8 @@ class QATModel(nn.Module):
     """Student (trainable), teacher, VAE and text encoder (frozen) and the noise schedule."""
 
     def __init__(self, student, teacher, vae, text_encoder, noise_scheduler, distillation_weight: float = 1.0,
-                 prediction_type: str | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0):  # fmt: skip
+                 prediction_type: str | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                 task_weight: float = 1.0):  # fmt: skip
         super().__init__()
         self.student, self.teacher, self.vae, self.text_encoder = student, teacher, vae, text_encoder
         for frozen in (teacher, vae, text_encoder):
@@ -27,6 +29,7 @@ class QATModel(nn.Module):
             frozen.eval()
         self.noise_scheduler = noise_scheduler
         self.distillation_weight = distillation_weight
+        self.task_weight = task_weight
         self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
@@ -79,7 +82,18 @@ class QATModel(nn.Module):
             return latents
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
-    def forward(self, pixel_values, input_ids):
+    @torch.no_grad()
+    def teacher_gap(self, sample, timestep, encoder_hidden_states, target):
+        """On fixed UNet inputs (`teacher_gap.TeacherGapSet`): the student's noise-prediction MSE against the teacher's
+        (`teacher_mse`) and against the true target (`task_loss`), averaged over the batch."""
+        pred = self.student(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
+        teacher_pred = self.teacher(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
+        gap = F.mse_loss(pred, teacher_pred)
+        return {"loss": gap, "teacher_mse": gap, "task_loss": F.mse_loss(pred, target.float())}
+
+    def forward(self, pixel_values=None, input_ids=None, **teacher_gap_inputs):
+        if teacher_gap_inputs:  # an evaluation batch of the teacher-gap set
+            return self.teacher_gap(**teacher_gap_inputs)
         latents, states = self.encode(pixel_values, input_ids)
         noisy, noise, t = self.noisy_inputs(latents)
         pred = self.student(noisy, t, states, return_dict=False)[0].float()
@@ -93,11 +107,13 @@ class QATModel(nn.Module):
             w = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
             w = w / (snr + 1) if self.prediction_type == "v_prediction" else w / snr
             task = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        if not self.task_weight:
+            task = task.detach()  # logged, not trained on (pure distillation)
         if self.distillation_weight:
             with torch.no_grad():
                 teacher_pred = self.teacher(noisy, t, states, return_dict=False)[0].float()
             distill = F.mse_loss(pred, teacher_pred)
         else:
             distill = torch.zeros((), device=pred.device)
-        loss = task + self.distillation_weight * distill
+        loss = self.task_weight * task + self.distillation_weight * distill
         return {"loss": loss, "task_loss": task.detach(), "distillation_loss": distill.detach()}

@@ -36,27 +36,30 @@ from ..run_folder import (
     find_resumable_checkpoint,
     is_complete,
 )
+from .calibration import collect_calibration_inputs, collect_trajectory_inputs
 from .config import QATConfig, parse_config
 from .data import (
     INDEX_COLUMN,
     Augmentation,
     check_captions,
+    collate,
     drop_unreadable_images,
     load_captioned_dataset,
     make_train_transform,
 )
 from .ema import EMACallback
 from .losses import QATModel
+from .teacher_gap import build_teacher_gap_set
 from .trainer import QATTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def collate(rows):
-    return {
-        "pixel_values": torch.stack([r["pixel_values"] for r in rows]).contiguous(),
-        "input_ids": torch.stack([r["input_ids"] for r in rows]),
-    }
+def load_tokenizer(cfg: QATConfig):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(resolve_model_path(cfg.pretrained_model_name_or_path), subfolder="tokenizer",
+                                         revision=cfg.revision)  # fmt: skip
 
 
 def prepare_dataset(cfg: QATConfig, tokenizer):
@@ -93,50 +96,41 @@ def prepare_dataset(cfg: QATConfig, tokenizer):
     return ds.with_transform(transform), augmentation
 
 
-@torch.no_grad()
-def collect_calibration_inputs(model: QATModel, dataset, num_samples: int, seed: int, device) -> list[dict]:
-    """Real UNet inputs for NNCF's range initialisation: noisy latents of training images at random
-    timesteps with their caption embeddings, one sample per item (as training sees them)."""
-    from tqdm.auto import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=g)[:num_samples].tolist()
-    items = []
-    for n, i in enumerate(tqdm(order, desc="calibration inputs", leave=False)):
-        row = collate([dataset[i]])
-        model.set_noise_seed(seed, stream=1, index=n)  # a stream of its own, apart from training's
-        latents, states = model.encode(row["pixel_values"].to(device), row["input_ids"].to(device))
-        noisy, _, t = model.noisy_inputs(latents)
-        items.append({"sample": noisy, "timestep": t, "encoder_hidden_states": states})
-    return items
-
-
-def build(cfg: QATConfig):
-    """Load everything and quantize the student. Returns (model, train_dataset, augmentation)."""
+def build_model(cfg: QATConfig):
+    """The pipeline and a `QATModel` whose student is still the FP32 teacher. Returns (model, pipe)."""
     path = resolve_model_path(cfg.pretrained_model_name_or_path)
     pipe = load_pipeline(path, revision=cfg.revision)
     factor = pipe.vae_scale_factor
     if cfg.resolution % factor:
         raise UserError(f"resolution={cfg.resolution} is not divisible by the VAE factor {factor} of {path}")
-    tome = TomeConfig.from_training_config(cfg)
-    train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
     device = cfg.device
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     model = QATModel(
-        student=teacher,  # replaced below by its quantized copy
+        student=teacher,  # replaced by its quantized copy in `build`
         teacher=teacher,
         vae=pipe.vae.to(device),
         text_encoder=pipe.text_encoder.to(device),
         noise_scheduler=_noise_scheduler(path, cfg.revision),
         distillation_weight=cfg.distillation_weight,
+        task_weight=cfg.task_weight,
         prediction_type=cfg.prediction_type,
         snr_gamma=cfg.snr_gamma,
         noise_offset=cfg.noise_offset,
     )
+    return model, pipe
+
+
+def build(cfg: QATConfig):
+    """Load everything and quantize the student. Returns (model, train_dataset, augmentation)."""
+    model, pipe = build_model(cfg)
+    tome = TomeConfig.from_training_config(cfg)
+    train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
+    device = cfg.device
+    teacher = model.teacher
     # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
     # attention; the teacher stays exact. (quantize_unet / load_quantized copy it again: this copy is freed below.)
     fp32_student = apply_tome_config(copy.deepcopy(teacher), tome) if tome.active else teacher
-    student = calibrate_once(cfg, model, fp32_student, train_ds, device)
+    student = calibrate_once(cfg, model, fp32_student, train_ds, device, pipe)
     del fp32_student
     student.train()
     for p in student.parameters():  # NNCF also keeps integer buffers-as-parameters (e.g. bit widths)
@@ -148,7 +142,7 @@ def build(cfg: QATConfig):
     return model, train_ds, augmentation
 
 
-def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device):
+def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, pipe=None):
     """NNCF calibration on the main process only; the other ranks load its result.
 
     So every rank starts from the same quantizer ranges, and a multi-process run pays for
@@ -163,10 +157,10 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
     state = PartialState()
     handover = Path(cfg.output_dir) / HANDOVER_DIR
     if state.num_processes == 1:
-        return _calibrate(cfg, model, fp32_student, train_ds, device)
+        return _calibrate(cfg, model, fp32_student, train_ds, device, pipe)
     with state.main_process_first():
         if state.is_main_process:
-            student = _calibrate(cfg, model, fp32_student, train_ds, device)
+            student = _calibrate(cfg, model, fp32_student, train_ds, device, pipe)
             quantize.save_quantized(student, handover)
         else:
             student = quantize.load_quantized(fp32_student, handover).to(device)
@@ -176,8 +170,14 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
     return student
 
 
-def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device):
-    calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
+def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, pipe=None):
+    if cfg.calibration_source == "trajectories":
+        captions = list(train_ds.with_format(None)[cfg.caption_column]) if pipe is not None else []
+        calib = collect_trajectory_inputs(
+            pipe, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.calibration_steps
+        )
+    else:
+        calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
     t0 = time.perf_counter()
     student = quantize.quantize_unet(
         fp32_student,
@@ -185,6 +185,7 @@ def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device):
         preset=cfg.quantization_preset,
         overflow_fix=cfg.overflow_fix,
         ignored_scope=cfg.ignored_scope,
+        scheme=cfg.quantization_scheme,
     )
     logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
     return student
@@ -231,6 +232,12 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
+    eval_ds = None
+    if cfg.eval_strategy != "no":
+        eval_ds = build_teacher_gap_set(
+            model, load_tokenizer(cfg), cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
+            cfg.caption_column, cfg.image_column,
+        )  # fmt: skip
     from accelerate.utils import gather_object
 
     start_digests = gather_object([quantizer_digest(model.student)])
@@ -238,8 +245,9 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     if cfg.use_ema:
         ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
     trainer = QATTrainer(
-        model=model, args=cfg, train_dataset=train_ds, data_collator=collate, ema=ema, augmentation=augmentation
-    )
+        model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collate, ema=ema,
+        augmentation=augmentation,
+    )  # fmt: skip
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2))
@@ -260,6 +268,9 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             "world_size": cfg.world_size,
             "quantizer_digests_at_start": start_digests,  # one per rank
             "quantizer_digests_at_end": end_digests,
+            "teacher_gap": teacher_gap_history(trainer.state.log_history),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_metric": trainer.state.best_metric,
             "log_history": trainer.state.log_history,
         }
         (final / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
@@ -283,6 +294,15 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     return out
 
 
+def teacher_gap_history(log_history: list[dict]) -> list[dict]:
+    """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
+    return [
+        {"step": h["step"], "teacher_mse": h["eval_teacher_mse"], "task_loss": h.get("eval_task_loss")}
+        for h in log_history
+        if "eval_teacher_mse" in h
+    ]
+
+
 def plot_losses(log_history: list[dict], path: Path) -> Path | None:
     """Task, distillation and total loss against the step (matplotlib, headless)."""
     rows = [h for h in log_history if "loss" in h]
@@ -298,6 +318,9 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
     for key, label in (("loss", "total"), ("task_loss", "task (vs target)"), ("distillation_loss", "distillation")):
         if all(key in h for h in rows):
             ax.plot(steps, [h[key] for h in rows], label=label)
+    gap = teacher_gap_history(log_history)
+    if gap:
+        ax.plot([g["step"] for g in gap], [g["teacher_mse"] for g in gap], "o-", label="held-out student vs teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MSE")
     ax.set_yscale("log")

@@ -7,10 +7,12 @@ contract (`run_folder`) says: the student as NNCF config + state dict, the EMA, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from ..compress import quantize
@@ -39,6 +41,7 @@ class QATTrainer(Trainer):
         if augmentation is not None:
             self.add_callback(_EpochToAugmentation(augmentation))
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._eval_sums: dict[str, float] = defaultdict(float)  # teacher-gap metrics x items, this evaluation
         self._micro = (-1, 0)  # (global step, micro-batch within it)
 
     # --- loss ------------------------------------------------------------------------------
@@ -60,6 +63,39 @@ class QATTrainer(Trainer):
                 logs[key] = round(sum(values) / len(values), 6)
             self._metrics.clear()
         super().log(logs, start_time)
+
+    # --- teacher-gap evaluation (Trainer's own loop: eval_strategy / eval_steps) --------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """One teacher-gap batch: the loss is the student-teacher MSE; the task loss is kept for the log."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            out = model(**inputs)
+        n = len(inputs["sample"])
+        for key in ("teacher_mse", "task_loss"):
+            self._eval_sums[key] += out[key].item() * n
+        self._eval_sums["n"] += n
+        return out["loss"].detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):  # fmt: skip
+        """Evaluate what gets exported: with an EMA, its weights are swapped in for the evaluation (as diffusers'
+        examples validate), so `load_best_model_at_end` keeps the best exported model."""
+        student = self.accelerator.unwrap_model(self.model).student
+        self._eval_sums.clear()
+        with self.ema.applied(student) if self.ema is not None else contextlib.nullcontext():
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        sums = torch.tensor([self._eval_sums[k] for k in ("teacher_mse", "task_loss", "n")], dtype=torch.float64)
+        sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        if sums[2] > 0:
+            output.metrics[f"{metric_key_prefix}_teacher_mse"] = float(sums[0] / sums[2])
+            output.metrics[f"{metric_key_prefix}_task_loss"] = float(sums[1] / sums[2])
+        return output
+
+    def _load_best_model(self):
+        """The best checkpoint by `metric_for_best_model` (e.g. teacher_mse): student and EMA, as a resume loads them."""
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     # --- optimizer -------------------------------------------------------------------------
     def get_decay_parameter_names(self, model):

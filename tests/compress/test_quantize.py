@@ -264,3 +264,79 @@ def test_openvino_outputs_match_pytorch(models, ov_models):
     print(f"quant noise {quant_noise:.4f}, OV emulated-FQ vs PT {err_emulated:.4f}, OV int8 vs PT {err_int8:.4f}")
     assert err_emulated <= quant_noise, (err_emulated, quant_noise)
     assert err_int8 <= 2 * quant_noise + 1e-3, (err_int8, quant_noise)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scheme="hybrid": optimum-intel's hybrid as QAT (linear layers: int8 weights, float inputs; full int8 elsewhere)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hybrid(models):
+    unet, _ = models
+    calibration = [unet_inputs(torch.Generator().manual_seed(1)) for _ in range(2)]
+    return quantize.quantize_unet(unet, calibration, scheme="hybrid").eval()
+
+
+def _hook_names(model) -> dict[str, list[str]]:
+    """NNCF's hook keys: pre-hooks `<scope>/<op>/<call>__<port>` on an op's input (port 1 of a conv / linear: its
+    weight), post-hooks `<scope>/<op>/<call>__0` on an op's output (activation quantizers sit on the producer) and
+    `<module:path>:weight__0` on a weight constant (where weight compression's fake quantizers sit)."""
+    storage = getattr(model, quantize.HOOK_STORAGE_ATTR)
+    return {kind: [name for name, _ in getattr(storage, kind).named_children()] for kind in ("pre_hooks", "post_hooks")}
+
+
+def test_hybrid_scheme_keeps_linear_inputs_float_and_quantizes_their_weights(models, hybrid, x):
+    unet, full = models
+    linear = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    full_hooks, hybrid_hooks = _hook_names(full), _hook_names(hybrid)
+    # full: the linear layers' weights are quantized on their input port 1; hybrid: not there ...
+    assert any("/linear/" in h and h.endswith("__1") for h in full_hooks["pre_hooks"])
+    assert not any("/linear/" in h for h in hybrid_hooks["pre_hooks"])
+    assert any("/conv2d/" in h and h.endswith("__1") for h in hybrid_hooks["pre_hooks"])  # conv weights: int8
+    # ... but by one weight fake quantizer per linear layer on the weight itself (nncf.compress_weights, FQ format)
+    compressed = {h.removesuffix(":weight__0").replace(":", ".") for h in hybrid_hooks["post_hooks"] if ":weight" in h}
+    assert compressed == linear
+    # and no activation quantizer feeds a linear layer: the producers of linear inputs carry no post-hook that
+    # full has for them, so hybrid has fewer activation quantizers
+    activations = [h for h in hybrid_hooks["post_hooks"] if ":weight" not in h]
+    assert len(activations) < len(full_hooks["post_hooks"])
+    with torch.no_grad():
+        err = rel_err(hybrid(**x).sample, unet(**x).sample)
+    assert 0 < err < 0.2, err  # quantized (int8 weights and conv activations), close to FP32
+
+
+def test_hybrid_scheme_trains_saves_exports_int8_weights(models, hybrid, tmp_path):
+    import openvino as ov
+
+    unet, _ = models
+    q = quantize.quantize_unet(unet, [unet_inputs(torch.Generator().manual_seed(1))], scheme="hybrid")
+    ranges = dict(quantize.quantizer_parameters(q))
+    assert any(":weight__0" in n for n in ranges)  # the linear layers' weight scales are quantizer parameters too
+    for p in ranges.values():  # as train.run.build does for every floating-point parameter
+        p.requires_grad_(True)
+    x = unet_inputs(torch.Generator().manual_seed(5), batch=1, size=8)
+    q.train()
+    q(**x).sample.square().mean().backward()
+    moved = {n for n, p in ranges.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(":weight__0" in n for n in moved) and any("conv2d" in n for n in moved)
+    quantize.save_quantized(hybrid, tmp_path / "s")
+    loaded = quantize.load_quantized(unet, tmp_path / "s").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).sample, hybrid(**x).sample)
+    example = unet_inputs(torch.Generator().manual_seed(3), batch=1, size=8)
+    ov.save_model(convert.convert_unet_to_openvino(hybrid, example), tmp_path / "h.xml", compress_to_fp16=False)
+    ov.save_model(convert.convert_unet_to_openvino(unet, example), tmp_path / "f.xml", compress_to_fp16=False)
+    ratio = (tmp_path / "h.bin").stat().st_size / (tmp_path / "f.bin").stat().st_size
+    assert ratio <= 0.30, ratio  # int8 weights everywhere (tiny UNets keep relatively more float biases)
+    ir = ov.Core().read_model(tmp_path / "h.xml")
+    feed = {k: v.numpy() for k, v in x.items()}
+    out = torch.from_numpy(ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)[0])
+    with torch.no_grad():
+        pt = hybrid(**x).sample
+    assert rel_err(out, pt) <= 2 * rel_err(pt, unet(**x).sample) + 1e-3
+
+
+def test_unknown_scheme_is_refused(models):
+    with pytest.raises(UserError, match="unknown quantization scheme 'int4'"):
+        quantize.quantize_unet(models[0], [unet_inputs(torch.Generator().manual_seed(1))], scheme="int4")

@@ -10,8 +10,9 @@ import torch
 from ov_sd_trainer.compress import quantize
 from ov_sd_trainer.run_folder import FINAL_DIR
 from ov_sd_trainer.train.config import parse_config
+from ov_sd_trainer.train.data import collate
 from ov_sd_trainer.train.ema import EMACallback
-from ov_sd_trainer.train.run import build, collate, run
+from ov_sd_trainer.train.run import build, run
 from ov_sd_trainer.train.trainer import QATTrainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,3 +183,46 @@ def test_accelerate_launch_train_py(tiny_model, tmp_path):
                         "--output_dir", str(tmp_path / "bad")], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("ov-sd: error: tome_ratio=2.0")
     assert not (tmp_path / "bad").exists()
+
+
+def test_teacher_gap_eval_is_logged_and_keeps_the_best_student(tiny_model, tmp_path):
+    """The Trainer's own evaluation loop runs the teacher-gap set; `load_best_model_at_end` with
+    metric_for_best_model=teacher_mse restores the best checkpoint (student and EMA), and that is what is saved."""
+    from ov_sd_trainer.export.openvino import load_student_from_checkpoint
+
+    out = tmp_path / "run"
+    eval_flags = ["--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                  "--load_best_model_at_end", "true", "--metric_for_best_model", "teacher_mse",
+                  "--greater_is_better", "false", "--teacher_gap_samples", "4", "--save_total_limit", "10"]  # fmt: skip
+    # a learning rate large enough to push the student away from its teacher, so the best is not the last step
+    run(make_cfg(tiny_model, out, *eval_flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
+    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
+    gap = info["teacher_gap"]
+    assert [g["step"] for g in gap] == [1, 2, 3, 4]
+    assert all(g["teacher_mse"] > 0 and g["task_loss"] > 0 for g in gap)
+    best = min(gap, key=lambda g: g["teacher_mse"])
+    assert info["best_metric"] == pytest.approx(best["teacher_mse"])
+    assert info["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert best["step"] < 4, "precondition: the last step is not the best (else the restore would be untested)"
+    final, *_ = load_student_from_checkpoint(out / FINAL_DIR)
+    kept, *_ = load_student_from_checkpoint(info["best_checkpoint"])  # with its EMA applied, as training saves
+    for (n, a), (_, b) in zip(final.state_dict().items(), kept.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    assert (out / "loss.png").is_file()
+
+
+def test_pure_distillation_and_the_hybrid_scheme_train_and_export(tiny_model, tmp_path):
+    """task_weight 0 trains on the teacher alone (the task loss is logged, not used); the hybrid scheme trains,
+    exports int8 weights (UNet <= 0.30x FP32 on this tiny model) and loads in optimum-intel (the export renders)."""
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model, out, "--max_steps", "2", "--task_weight", "0", "--quantization_scheme", "hybrid",
+                   "--export", "true")  # fmt: skip
+    trainer, model, _, before = train_direct(cfg)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["loss"] == pytest.approx(h["distillation_loss"], abs=1e-4) for h in logs)  # Trainer rounds "loss"
+    assert all(h["task_loss"] > 0 for h in logs)
+    run(make_cfg(tiny_model, tmp_path / "run2", "--max_steps", "1", "--quantization_scheme", "hybrid",
+                 "--export", "true"))  # fmt: skip
+    results = json.loads((tmp_path / "run2" / "openvino" / "results.json").read_text())
+    assert results["unet_size_ratio"] <= 0.30 and results["fake_quantize_ops"] > 0
+    assert (tmp_path / "run2" / "openvino" / "samples" / "sample_0.png").is_file()
