@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..assets import resolve_model_path
 from ..errors import UserError
 from ..pipeline_folder import (
     PTQ_INFO_FILE,
@@ -220,7 +221,7 @@ def evaluate_fidelity(
         raise UserError(f"--precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
     if not models:
         raise UserError("pass at least one --model (an OpenVINO pipeline folder) to compare with the reference")
-    ref_path = check_reference(reference)
+    ref_path = check_reference(resolve_model_path(str(reference)))
     checked, seen = [], {REFERENCE_NAME}
     for name, path in models:
         if name in seen:
@@ -357,7 +358,9 @@ def evaluate_fidelity(
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `ov-sd eval`'s options to `parser` (a subparser) and make it run the evaluation."""
     parser.description = parser.description or __doc__.split("\n")[0]
-    parser.add_argument("--reference", required=True, help="the FP32 diffusers pipeline folder (the teacher)")
+    parser.add_argument(
+        "--reference", required=True, help="the FP32 diffusers pipeline folder (the teacher), or 'reference'"
+    )
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
                         help="an OpenVINO pipeline folder to evaluate (repeatable); NAME labels its row")  # fmt: skip
     parser.add_argument("--output", required=True, help="output folder (eval.json, eval.md, grid.png, evaluate/)")

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..assets import resolve_model_path
 from ..errors import UserError
 from ..outputs import atomic_output_dir, check_output_dir
 from ..pipeline_folder import PTQ_INFO_FILE, UNET_XML, check_pipeline_source, is_openvino_folder
@@ -314,7 +315,9 @@ def _versions() -> dict[str, str]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="diffusers folder, Hub id or optimum-intel OpenVINO folder (FP32)")
+    p.add_argument(
+        "--model", required=True, help="diffusers folder, Hub id, optimum-intel OpenVINO folder (FP32) or 'reference'"
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--prompts-file", default=None, help="one prompt a line (default: the synthetic captions)")
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
@@ -339,7 +342,7 @@ def main(args) -> int:
         except OSError as e:
             raise UserError(f"cannot read --prompts-file {args.prompts_file!r}: {e.strerror}") from e
     out = quantize_pipeline_int8(
-        args.model,
+        resolve_model_path(args.model),
         args.output,
         prompts,
         num_samples=args.num_samples,

@@ -8,7 +8,10 @@ is read from a checkout). The run fails (exit 1) when any stage errors or when a
 (`regression_thresholds.json` beside this module, shipped with the package) fails:
 
 - prompt accuracy of the QAT model more than `max_accuracy_drop` below the FP32 model's (per attribute);
-- QAT fidelity to the FP32 teacher below optimum-intel's PTQ (image PSNR/SSIM lower, latent or noise MSE higher);
+- QAT fidelity to the FP32 teacher against each peer in `peers`: optimum-intel's full-int8 PTQ (`ptq`), its hybrid
+  PTQ (`ptq-hybrid`) and the QAT student as calibrated, before any training (`qat-start`). For every metric the
+  margin (QAT better by: PSNR/SSIM difference, or MSE difference peer - QAT) must be at least the file's
+  `min_margin` for that peer and metric;
 - the int8 UNet larger than `max_unet_size_ratio` x the FP32 UNet.
 
 The thresholds file also records the values measured when the thresholds were set. The report
@@ -57,17 +60,19 @@ def _check(report: dict, name: str, value, limit, ok: bool, note: str = "") -> N
 def run_checks(report: dict, thresholds: dict, eval_result: dict, export_results: dict) -> None:
     """Compare the QAT row of `ov-sd eval` with the FP32 row and the PTQ row, and the export's size ratio."""
     rows = {v["name"]: v for v in eval_result["variants"]}
-    fp32, qat, ptq = rows["fp32"], rows["qat"], rows["ptq"]
+    fp32, qat = rows["fp32"], rows["qat"]
     drop = thresholds["max_accuracy_drop"]
     for attr in thresholds["accuracy_attributes"]:
         base, got = fp32["accuracy"][attr], qat["accuracy"][attr]
         _check(
             report, f"qat {attr} accuracy >= fp32 - {drop}", round(got, 4), round(base - drop, 4), got >= base - drop
         )
-    for metric, better in thresholds["fidelity_metrics"].items():
-        q, p = qat[metric], ptq[metric]
-        ok = q >= p if better == "higher" else q <= p
-        _check(report, f"qat {metric} {'>=' if better == 'higher' else '<='} ptq", q, p, ok)
+    for peer, min_margins in thresholds["peers"].items():
+        for metric, min_margin in min_margins.items():
+            q, p = qat[metric], rows[peer][metric]
+            margin = q - p if thresholds["fidelity_metrics"][metric] == "higher" else p - q
+            _check(report, f"qat {metric} better than {peer} by >= {min_margin:g}", round(margin, 6), min_margin,
+                   margin >= min_margin, note=f"qat {q:.6g}, {peer} {p:.6g}")  # fmt: skip
     ratio = export_results["unet_size_ratio"]
     limit = thresholds["max_unet_size_ratio"]
     _check(report, f"int8 unet size ratio <= {limit}", ratio, limit, ratio <= limit)
@@ -109,21 +114,37 @@ def main(args) -> int:
     py = sys.executable
     ov_sd = [py, "-m", "ov_sd_trainer.cli"]
     s = thresholds["schedule"]
-    qat_dir, ptq_dir, eval_dir, bench_dir = out / "qat", out / "ptq", out / "eval", out / "bench"
+    qat_dir, start_dir, eval_dir, bench_dir = out / "qat", out / "qat-start", out / "eval", out / "bench"
+    ptq_dir, hybrid_dir = out / "ptq", out / "ptq-hybrid"
     reference = str(reference_model_path())
+    launch = [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train", "--recipe", s["recipe"],
+              "--num_calibration_samples", str(s["calibration_samples"]), "--disable_tqdm", "true"]  # fmt: skip
+    ptq = [
+        "--model",
+        reference,
+        "--num-samples",
+        str(s["ptq_samples"]),
+        "--steps",
+        str(s["ptq_steps"]),
+        "--threads",
+        "1",
+    ]
     stages = [
-        ("qat", [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train",
-                 "--recipe", s["recipe"], "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
-                 "--save_steps", str(s["qat_steps"]), "--num_calibration_samples", str(s["calibration_samples"])]),
-        ("ptq", [*ov_sd, "ptq", "--mode", "full", "--model", reference, "--output", str(ptq_dir),
-                 "--num-samples", str(s["ptq_samples"]), "--steps", str(s["ptq_steps"]), "--threads", "1"]),
-        ("eval", [*ov_sd, "eval", "--reference", reference,
-                  "--model", f"qat={qat_dir / OPENVINO_DIR}", "--model", f"ptq={ptq_dir}", "--output", str(eval_dir),
-                  "--subset", str(s["eval_prompts"]), "--seeds", str(s["eval_seeds"]), "--threads", "1",
-                  "--no-progress"]),
-        ("bench", [*ov_sd, "bench", "--model", reference, "--qat", str(qat_dir / OPENVINO_DIR),
-                   "--ptq", str(ptq_dir), "--output", str(bench_dir), "--threads", "1",
+        ("qat", [*launch, "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
+                 "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"])]),
+        # the calibrated student before any training: one step at learning rate 0, no EMA
+        ("qat-start", [*launch, "--output_dir", str(start_dir), "--max_steps", "1", "--learning_rate", "0",
+                       "--use_ema", "false", "--eval_strategy", "no", "--save_strategy", "no",
+                       "--load_best_model_at_end", "false"]),
+        ("ptq", [*ov_sd, "ptq", "--mode", "full", *ptq, "--output", str(ptq_dir)]),
+        ("ptq-hybrid", [*ov_sd, "ptq", "--mode", "hybrid", *ptq, "--output", str(hybrid_dir)]),
+        ("eval", [*ov_sd, "eval", "--reference", reference, "--model", f"qat={qat_dir / OPENVINO_DIR}",
+                  "--model", f"qat-start={start_dir / OPENVINO_DIR}", "--model", f"ptq={ptq_dir}",
+                  "--model", f"ptq-hybrid={hybrid_dir}", "--output", str(eval_dir), "--subset", str(s["eval_prompts"]),
+                  "--seeds", str(s["eval_seeds"]), "--threads", "1", "--no-progress"]),
+        ("bench", [*ov_sd, "bench", "--model", reference, "--qat", str(qat_dir / OPENVINO_DIR), "--ptq", str(ptq_dir),
+                   "--ptq-hybrid", str(hybrid_dir), "--output", str(bench_dir), "--threads", "1",
                    "--repeats", str(s["bench_repeats"])]),
     ]  # fmt: skip
     report: dict = dict(thresholds_file=str(args.thresholds), thresholds=thresholds, stages=[], checks=[])

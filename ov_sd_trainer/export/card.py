@@ -87,6 +87,26 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         "## Size",
         _md_table(size_rows),
     ]
+    gap = training.get("teacher_gap") or []
+    if gap:
+        best = training.get("best_checkpoint")
+        parts += [
+            "## Teacher gap during training",
+            "Noise-prediction MSE of the student (its EMA when training kept one) against the FP32 teacher on "
+            f"{training.get('teacher_gap_samples', 'the')} fixed held-out UNet inputs (held-out images noised at "
+            "timesteps spread over the schedule), measured by the training loop; step 0 is the calibrated student "
+            "before training." + (f" The exported model is the best evaluation, `{Path(best).name}`." if best else ""),
+            _md_table(
+                [
+                    {
+                        "step": g["step"],
+                        "student vs teacher MSE": f"{g['teacher_mse']:.6f}",
+                        "task loss": f"{g['task_loss']:.6f}" if g.get("task_loss") is not None else "",
+                    }
+                    for g in gap
+                ]
+            ),  # fmt: skip
+        ]
     if results.get("benchmark"):
         parts += ["## Benchmark", _md_table(results["benchmark"])]
     if results.get("fidelity"):

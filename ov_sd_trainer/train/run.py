@@ -269,6 +269,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             "quantizer_digests_at_start": start_digests,  # one per rank
             "quantizer_digests_at_end": end_digests,
             "teacher_gap": teacher_gap_history(trainer.state.log_history),
+            "teacher_gap_samples": cfg.teacher_gap_samples if eval_ds is not None else None,
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "best_metric": trainer.state.best_metric,
             "log_history": trainer.state.log_history,

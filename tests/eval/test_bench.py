@@ -17,8 +17,8 @@ from ov_sd_trainer.eval.bench import measure, report, run, variants
 
 REQUIRED = ("name", "unet_step_s", "unet_bytes", "speedup_vs_pytorch_fp32")
 # the variants, in registry order
-A, B, C, D, H, E, F, G = (v.name for v in variants.VARIANTS)
-ALL = [A, B, C, D, H, E, F, G]
+A, B, C, D, H, E, F, FH, G = (v.name for v in variants.VARIANTS)
+ALL = [A, B, C, D, H, E, F, FH, G]
 FAST = ["--threads", "1", "--repeats", "2", "--pipeline-repeats", "1", "--steps-pipeline", "2", "--warmup", "1"]
 
 
@@ -73,8 +73,9 @@ def test_all_applicable_variants_run(local_run):
     rows = check_rows(result, [A, B, C, D, H, E])
     assert rows[A]["speedup_vs_pytorch_fp32"] == 1.0 and rows[E]["speedup_vs_optimum_int8"] == 1.0
     assert rows[H]["speedup_vs_optimum_hybrid"] == 1.0
-    assert set(result["skipped"]) == {F, G}
+    assert set(result["skipped"]) == {F, FH, G}
     assert "--qat OV_DIR" in result["skipped"][F] and "--qat-tome OV_DIR" in result["skipped"][G]
+    assert "--qat-hybrid OV_DIR" in result["skipped"][FH]
     assert result["settings"]["height"] == result["settings"]["width"] == 64  # the model's own size
     assert rows[C]["ov_config"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert rows[C]["unet_execution"]["INFERENCE_PRECISION_HINT"] == "f32"
@@ -146,7 +147,7 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     rows = check_rows(result, ALL)
     assert result["skipped"] == {}
-    for name in (H, E, F, G):
+    for name in (H, E, F, FH, G):
         assert rows[name]["unet_bytes"] < 0.5 * rows[C]["unet_bytes"], name
         assert rows[name]["profile"]["by_precision_ms"].get("i8", 0) > 0, name
     merge_types = set(measure.MERGE_OP_TYPES)
@@ -191,7 +192,7 @@ def test_bad_folders_fail_before_any_work(tmp_path, capsys):
     _tiny_sd15(pipe)
     not_ov = tmp_path / "not_ov"
     not_ov.mkdir()
-    for flag in ("--qat", "--qat-tome", "--ptq", "--ptq-hybrid"):
+    for flag in ("--qat", "--qat-hybrid", "--qat-tome", "--ptq", "--ptq-hybrid"):
         argv = ["bench", "--model", str(pipe), "--output", str(tmp_path / "o"), flag, str(not_ov)]
         assert cli.main(argv) == 2
         assert "is not an OpenVINO pipeline folder" in capsys.readouterr().err

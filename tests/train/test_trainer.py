@@ -226,3 +226,21 @@ def test_pure_distillation_and_the_hybrid_scheme_train_and_export(tiny_model, tm
     results = json.loads((tmp_path / "run2" / "openvino" / "results.json").read_text())
     assert results["unet_size_ratio"] <= 0.30 and results["fake_quantize_ops"] > 0
     assert (tmp_path / "run2" / "openvino" / "samples" / "sample_0.png").is_file()
+
+
+def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model):
+    """calibration_source=trajectories: the FP32 pipeline's UNet inputs while it samples captions (CFG batch 2, the
+    scheduler's timesteps in order), as optimum-intel's PTQ collects them; a full run calibrates from them."""
+    from ov_sd_trainer.pipeline_folder import load_pipeline
+    from ov_sd_trainer.train.calibration import collect_trajectory_inputs
+
+    pipe = load_pipeline(tiny_model)
+    items = collect_trajectory_inputs(pipe, ["a red circle on a blue background", "a cross"], 7, 64, seed=0, steps=4)
+    assert len(items) == 7  # 4 calls of the first prompt, 3 of the second (stopped when full)
+    for item in items:
+        assert item["sample"].shape == (2, 4, 16, 16) and item["encoder_hidden_states"].shape[:2] == (2, 77)
+        assert item["timestep"].shape == (2,) and item["timestep"][0] == item["timestep"][1]
+    ts = [int(i["timestep"][0]) for i in items]
+    assert ts[:4] == sorted(ts[:4], reverse=True) and ts[4] == ts[0]  # each trajectory runs from noise to image
+    again = collect_trajectory_inputs(pipe, ["a red circle on a blue background", "a cross"], 7, 64, seed=0, steps=4)
+    assert all(torch.equal(a["sample"], b["sample"]) for a, b in zip(items, again))  # seeded

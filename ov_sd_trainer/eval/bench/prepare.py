@@ -14,7 +14,7 @@ from ...outputs import atomic_output_dir
 from ...pipeline_folder import UNET_XML, check_pipeline_source, geometry, is_openvino_folder, unet_rt_info
 from .monitor import PhaseMonitor, free_memory
 from .settings import BenchSettings
-from .variants import BY_NAME
+from .variants import BY_NAME, VARIANTS
 
 PTQ_MODES = {"ptq-full": "full", "ptq-hybrid": "hybrid"}  # source -> `ptq.quantize_pipeline_int8(mode=...)`
 
@@ -51,6 +51,7 @@ def build_qat_folder(
     batch: int,
     tome: dict[str, Any] | None = None,
     calibration_samples: int = 2,
+    scheme: str = "full",
 ) -> dict[str, Any]:
     """The OpenVINO folder QAT exports, from random calibration (speed only): the FP32 UNet, ToMe applied first if
     `tome` (`tome.apply_tome` keyword arguments; as training applies it to the student before quantization),
@@ -81,7 +82,8 @@ def build_qat_folder(
         }
         for _ in range(calibration_samples)
     ]
-    student = quantize_unet(unet, calib)
+    student = quantize_unet(unet, calib, scheme=scheme)
+    info["scheme"] = scheme
     del unet
     free_memory()
     # traced at the benchmark's latent size: a merge whose token count were fixed at trace time would still be right
@@ -138,7 +140,7 @@ def prepare(
     prep = Prepared()
     sources = {BY_NAME[v].source for v in variants}
     need_ov = any(s != "diffusers" for s in sources)
-    built = [s for s in ("ptq-hybrid", "ptq-full", "qat", "qat-tome") if s in sources]
+    built = [s for s in ("ptq-hybrid", "ptq-full", "qat", "qat-hybrid", "qat-tome") if s in sources]
     bar = tqdm(total=1 + need_ov + len(built), desc="bench: preparing", disable=not progress)
 
     # the source pipeline
@@ -212,13 +214,14 @@ def prepare(
             )
         elif arch == "sd15":
             tome = settings.tome_kwargs() if source == "qat-tome" else None
+            scheme = "hybrid" if source == "qat-hybrid" else "full"
             bar.set_description(f"bench: QAT graph ({source})")
             lh, lw = height // geo["vae_factor"], width // geo["vae_factor"]
             tag = "-".join(f"{k}{v}" for k, v in tome.items()) if tome else ""
             name = "-".join(filter(None, (source, tag, f"{height}x{width}-b{settings.batch_size}")))
             info: dict[str, Any] = {}
 
-            def build(d, tome=tome, info=info, lh=lh, lw=lw):
+            def build(d, tome=tome, scheme=scheme, info=info, lh=lh, lw=lw):
                 info.update(
                     build_qat_folder(
                         prep.diffusers_dir,
@@ -227,13 +230,14 @@ def prepare(
                         latent_hw=(lh, lw),
                         batch=settings.batch_size,
                         tome=tome,
+                        scheme=scheme,
                     )  # fmt: skip
                 )
 
             prep.folders[source] = _cached(work_dir / name, build, source, prep.log)
             prep.log[source].update(info)
         else:
-            flag = "--qat" if source == "qat" else "--qat-tome"
+            flag = next(v.flag for v in VARIANTS if v.source == source)
             prep.notes[source] = f"omitted: pass {flag} OV_DIR (an exported QAT folder, a run's output_dir/openvino)"
         bar.update()
     bar.close()

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from ...assets import resolve_model_path
 from ...errors import UserError
 from ...outputs import atomic_output_dir, check_output_dir
 from ...pipeline_folder import check_openvino_folder, geometry, looks_local
@@ -79,6 +80,8 @@ def run_bench(
     if arch is not None and arch not in ARCHS:
         raise UserError(f"--arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
     settings.check()
+    if model is not None:
+        model = resolve_model_path(model)  # 'reference': the bundled model
     explicit = variants is not None
     names = variants or [v.name for v in VARIANTS]
     check_output_dir(output, overwrite)
@@ -160,7 +163,7 @@ _D = {f.name: f.default for f in fields(BenchSettings)}
 
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="diffusers folder, Hub id or optimum-intel OpenVINO folder (FP32 UNet)")
+    src.add_argument("--model", help="diffusers folder, Hub id, optimum-intel OpenVINO folder (FP32) or 'reference'")
     src.add_argument("--arch", choices=ARCHS, help="sd15: SD 1.5 architecture with random weights (speed only)")
     p.add_argument("--output", required=True, help="folder for bench.json, bench.md, bench.png (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -18,7 +18,7 @@ class Variant:
     name: str
     label: str
     runtime: str  # "pytorch" (diffusers) or "openvino" (optimum-intel's OVStableDiffusionPipeline)
-    source: str  # the prepared folder it loads: diffusers | openvino-fp32 | ptq-full | ptq-hybrid | qat | qat-tome
+    source: str  # the folder it loads: diffusers | openvino-fp32 | ptq-full | ptq-hybrid | qat | qat-hybrid | qat-tome
     bf16: bool = False  # PyTorch: under torch.autocast("cpu", bfloat16)
     f32: bool = False  # OpenVINO: INFERENCE_PRECISION_HINT=f32 whatever --ov-config says
     flag: str | None = None  # the bench option that passes an existing folder for `source` instead of building it
@@ -42,6 +42,13 @@ VARIANTS: tuple[Variant, ...] = (
     ),  # fmt: skip
     Variant("optimum-int8-ptq", "optimum-intel INT8 PTQ (full int8 UNet)", "openvino", "ptq-full", flag="--ptq"),
     Variant("qat-int8", "QAT INT8 (this project)", "openvino", "qat", flag="--qat"),
+    Variant(
+        "qat-int8-hybrid",
+        "QAT hybrid (int8 weights, int8 convolutions; this project)",
+        "openvino",
+        "qat-hybrid",
+        flag="--qat-hybrid",
+    ),  # fmt: skip
     Variant("qat-int8-tome", "QAT INT8 + ToMe", "openvino", "qat-tome", flag="--qat-tome"),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
@@ -50,6 +57,7 @@ OPENVINO_FP32 = "openvino-fp32"  # the FP32 UNet size when there is no PyTorch r
 OPTIMUM_INT8 = "optimum-int8-ptq"  # the full-int8 peer
 OPTIMUM_HYBRID = "optimum-hybrid-ptq"  # the hybrid peer (optimum-intel's recommended 8-bit mode for diffusion)
 QAT = "qat-int8"
+QAT_HYBRID = "qat-int8-hybrid"
 QAT_TOME = "qat-int8-tome"
 
 
