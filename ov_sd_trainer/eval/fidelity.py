@@ -139,10 +139,12 @@ def describe_variant(path: Path) -> str:
     writer = written_by(path)
     if writer == "qat":
         try:
-            ratio = float(json.loads((path / RECIPE_FILE).read_text()).get("tome_ratio") or 0)
+            recipe = json.loads((path / RECIPE_FILE).read_text())
+            ratio, scheme = float(recipe.get("tome_ratio") or 0), recipe.get("quantization_scheme", "full")
         except (ValueError, TypeError, AttributeError):
-            ratio = 0.0
-        return f"QAT int8 + ToMe {ratio:g} (ov-sd-trainer)" if ratio > 0 else "QAT int8 (ov-sd-trainer)"
+            ratio, scheme = 0.0, "full"
+        what = "QAT hybrid int8" if scheme == "hybrid" else "QAT int8"
+        return f"{what} + ToMe {ratio:g} (ov-sd-trainer)" if ratio > 0 else f"{what} (ov-sd-trainer)"
     if writer == "ptq":
         try:
             ptq = json.loads((path / PTQ_INFO_FILE).read_text())

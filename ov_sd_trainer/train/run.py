@@ -233,7 +233,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     t0 = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
-    if cfg.eval_strategy != "no":
+    if cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap only
         eval_ds = build_teacher_gap_set(
             model, load_tokenizer(cfg), cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
