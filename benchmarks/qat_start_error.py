@@ -40,34 +40,13 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ov_predict(xml: Path, items: dict, threads: int) -> np.ndarray:
-    """The IR at `xml` on the held-out items (batch 1 each), float parts in f32."""
-    import openvino as ov
+    """The IR at `xml` (a folder's unet/openvino_model.xml) on the held-out items, float parts in f32."""
+    from ov_sd_trainer.eval.metrics import ov_unet_noise
 
-    core = ov.Core()
-    model = core.read_model(xml)
-    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-    shapes = {}
-    for port in model.inputs:
-        names = port.get_names()
-        if "sample" in names:
-            shapes[port] = [1, *items["sample"].shape[1:]]
-        elif "timestep" in names:
-            shapes[port] = [1] if port.get_partial_shape().rank.get_length() else []
-        else:
-            shapes[port] = [1, *items["encoder_hidden_states"].shape[1:]]
-    model.reshape(shapes)
-    request = core.compile_model(model, "CPU", cfg).create_infer_request()
-    out = []
-    for i in range(len(items["sample"])):
-        feed = {}
-        for port in model.inputs:
-            names = port.get_names()
-            key = "sample" if "sample" in names else "timestep" if "timestep" in names else "encoder_hidden_states"
-            x = items[key][i : i + 1].numpy().astype(port.get_element_type().to_dtype())
-            feed[port.get_any_name()] = x.reshape(()) if not port.get_partial_shape().rank.get_length() else x
-        request.infer(feed)
-        out.append(request.get_output_tensor(0).data.copy())
-    return np.concatenate(out)
+    inputs = {k: items[k].numpy() for k in ("sample", "timestep", "encoder_hidden_states")}
+    return ov_unet_noise(
+        xml.parent.parent, inputs, {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+    )
 
 
 @torch.no_grad()

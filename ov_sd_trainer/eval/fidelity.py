@@ -44,12 +44,11 @@ from ..pipeline_folder import (
     check_pipeline_source,
     image_size,
     is_openvino_folder,
-    load_ov_pipeline,
-    load_pipeline,
     native_size,
     unet_config,
     written_by,
 )
+from .accuracy import load_for_quality
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate_set, initial_latents
 from .metrics import (
     ACCURACY_KEYS,
@@ -170,8 +169,7 @@ def _ov_config(precision: str, threads: int | None) -> dict:
 
 def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler):
     """The OpenVINO pipeline, reshaped to the batch, compiled with `ov_config`, using the teacher's scheduler."""
-    pipe = load_ov_pipeline(path, *native_size(path), batch_size=batch_size)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_for_quality(path, "openvino", batch_size)
     if any(pipe.ov_config.get(k) != v for k, v in ov_config.items()):
         pipe.ov_config.update(ov_config)  # the parts share this dict: recompile them with it
         pipe.clear_requests()
@@ -240,8 +238,7 @@ def evaluate_fidelity(
     cols = grid_columns(len(jobs), grid_samples)
     t_start = time.perf_counter()
 
-    teacher = load_pipeline(str(ref_path))
-    teacher.set_progress_bar_config(disable=True)
+    teacher = load_for_quality(ref_path, "pytorch")
     height, width = image_size(teacher)
     shape = (teacher.unet.config["in_channels"], height // teacher.vae_scale_factor, width // teacher.vae_scale_factor)
     latents = initial_latents(jobs, shape)

@@ -135,7 +135,7 @@ def main(args) -> int:
                  "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"])]),
         # the calibrated student before any training: one step at learning rate 0, no EMA
         ("qat-start", [*launch, "--output_dir", str(start_dir), "--max_steps", "1", "--learning_rate", "0",
-                       "--use_ema", "false", "--eval_strategy", "no", "--save_strategy", "no",
+                       "--use_ema", "false", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
                        "--load_best_model_at_end", "false"]),
         ("ptq", [*ov_sd, "ptq", "--mode", "full", *ptq, "--output", str(ptq_dir)]),
         ("ptq-hybrid", [*ov_sd, "ptq", "--mode", "hybrid", *ptq, "--output", str(hybrid_dir)]),

@@ -55,13 +55,6 @@ from .trainer import QATTrainer
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(cfg: QATConfig):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(resolve_model_path(cfg.pretrained_model_name_or_path), subfolder="tokenizer",
-                                         revision=cfg.revision)  # fmt: skip
-
-
 def prepare_dataset(cfg: QATConfig, tokenizer):
     ds = load_captioned_dataset(
         cfg.dataset_name,
@@ -117,6 +110,7 @@ def build_model(cfg: QATConfig):
         snr_gamma=cfg.snr_gamma,
         noise_offset=cfg.noise_offset,
     )
+    model.tokenizer = pipe.tokenizer  # for the teacher-gap set's captions (not a module: the Trainer ignores it)
     return model, pipe
 
 
@@ -235,7 +229,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     eval_ds = None
     if cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap only
         eval_ds = build_teacher_gap_set(
-            model, load_tokenizer(cfg), cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
+            model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
         )  # fmt: skip
     from accelerate.utils import gather_object
