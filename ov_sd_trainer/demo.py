@@ -28,6 +28,16 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps for the final image")
 
 
+def train_argv(args, run_dir: Path) -> list[str]:
+    """`ov-sd train` flags of the demo: the shipped recipe, shortened; no checkpoints, so the last step is kept
+    (the recipe's best-checkpoint selection needs them) while the teacher-gap evaluation still reports progress."""
+    argv = ["--recipe", RECIPE, "--output_dir", str(run_dir), "--max_steps", str(args.max_steps),
+            "--save_strategy", "no", "--load_best_model_at_end", "false", "--overwrite", "true"]  # fmt: skip
+    if args.calibration_samples is not None:
+        argv += ["--num_calibration_samples", str(args.calibration_samples)]
+    return argv
+
+
 def main(args) -> int:
     from .eval.generate import generate
     from .run_folder import OPENVINO_DIR
@@ -36,20 +46,7 @@ def main(args) -> int:
 
     out = Path(args.output)
     run_dir = out / "run"
-    cfg, recipe = parse_config(
-        [
-            "--recipe",
-            RECIPE,
-            "--output_dir",
-            str(run_dir),
-            "--max_steps",
-            str(args.max_steps),
-            "--save_strategy",
-            "no",
-            "--overwrite",
-            "true",
-        ]  # fmt: skip
-    )
+    cfg, recipe = parse_config(train_argv(args, run_dir))
     t0 = time.perf_counter()
     run(cfg, {**recipe, "max_steps": args.max_steps})
     train_s = time.perf_counter() - t0

@@ -111,3 +111,24 @@ def test_cli_value_errors(argv, message):
 def test_8bit_adam_flag_sets_optimizer():
     cfg, _ = parse_config(["--output_dir", "x", "--use_8bit_adam", "true"])
     assert cfg.optim == "adamw_bnb_8bit"
+
+
+def test_trainingarguments_conflicts_are_one_line_with_both_strategies():
+    argv = ["--recipe", "reference-int8", "--output_dir", "x", "--save_strategy", "no"]
+    with pytest.raises(UserError) as e:
+        parse_config(argv)
+    msg = str(e.value)
+    assert "\n" not in msg and "load_best_model_at_end" in msg and "Save strategy: SaveStrategy.NO" in msg
+
+
+def test_demo_flags_parse_with_the_shipped_recipe(tmp_path):
+    import argparse
+
+    from ov_sd_trainer import demo
+
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    args = p.parse_args(["--max-steps", "1", "--calibration-samples", "4"])
+    cfg, _ = parse_config(demo.train_argv(args, tmp_path / "run"))
+    assert (cfg.max_steps, cfg.num_calibration_samples, cfg.save_strategy) == (1, 4, "no")
+    assert not cfg.load_best_model_at_end and cfg.eval_strategy == "steps"
