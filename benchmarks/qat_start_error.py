@@ -97,10 +97,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ov_sd_trainer.train.calibration import collect_calibration_inputs, collect_trajectory_inputs
     from ov_sd_trainer.train.config import parse_config
     from ov_sd_trainer.train.run import build_model, prepare_dataset
     from ov_sd_trainer.train.teacher_gap import build_teacher_gap_set
+    from ov_sd_trainer.train.unet_inputs import collect_calibration_inputs, collect_trajectory_inputs
 
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="qat-start-"))

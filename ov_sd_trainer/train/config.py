@@ -20,10 +20,12 @@ from ..assets import REFERENCE
 from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
 from ..compress.tome_config import MAX_RATIO, TomeConfig
 from ..errors import UserError
-from .calibration import DEFAULT_STEPS as CALIBRATION_STEPS
-from .calibration import SOURCES as CALIBRATION_SOURCES
+from .teacher_gap import SOURCES as TEACHER_GAP_SOURCES
+from .unet_inputs import DEFAULT_STEPS as CALIBRATION_STEPS
+from .unet_inputs import SOURCES as CALIBRATION_SOURCES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+QUANTIZE_KERNELS = ("auto", "extension", "reference")
 
 
 @dataclass
@@ -69,7 +71,8 @@ class QATConfig(TrainingArguments):
         },
     )
     calibration_steps: int = field(
-        default=CALIBRATION_STEPS, metadata={"help": "denoising steps of each calibration trajectory"}
+        default=CALIBRATION_STEPS,
+        metadata={"help": "denoising steps of each teacher trajectory (calibration and distillation inputs)"},
     )
     overflow_fix: str = field(
         default=DEFAULT_OVERFLOW_FIX,  # why: see compress.quantize.DEFAULT_OVERFLOW_FIX
@@ -77,6 +80,13 @@ class QATConfig(TrainingArguments):
     )
     ignored_scope: list[str] | None = field(
         default=None, metadata={"help": "regex patterns of node names NNCF must not quantize"}
+    )
+    quantize_kernels: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | extension | reference: NNCF's fake-quantize kernels on CUDA. auto = the compiled CUDA "
+            "extension when it builds (needs nvcc), else NNCF's pure-torch reference functions with a warning"
+        },
     )
     tune_quantizers_only: bool = field(
         default=False, metadata={"help": "train only the quantizer parameters (scales), keep weights frozen"}
@@ -87,6 +97,25 @@ class QATConfig(TrainingArguments):
     )
     task_weight: float = field(
         default=1.0, metadata={"help": "weight of the task loss (MSE to the true target); 0 = pure distillation"}
+    )
+    distillation_source: str = field(
+        default="training",
+        metadata={
+            "help": "training | trajectories: the UNet inputs training runs on. training = noisy training images at "
+            "random timesteps (needed for task_weight > 0); trajectories = the FP32 teacher's own sampling states "
+            "on the training captions (CFG pairs split), what the exported UNet meets at inference"
+        },
+    )
+    trajectory_inputs: int = field(
+        default=2000,
+        metadata={"help": "UNet calls (CFG pairs) collected along teacher trajectories for distillation_source"},
+    )
+    teacher_gap_source: str = field(
+        default="images",
+        metadata={
+            "help": "images | trajectories: the held-out teacher-gap set: noisy held-out images at evenly spread "
+            "timesteps, or states of teacher trajectories sampled from held-out seeds"
+        },
     )
     teacher_gap_samples: int = field(
         default=32,
@@ -159,6 +188,21 @@ class QATConfig(TrainingArguments):
             )
         if self.distillation_weight == 0 and self.task_weight == 0:
             raise UserError("distillation_weight and task_weight are both 0: nothing to train on; set one > 0")
+        if self.distillation_source not in CALIBRATION_SOURCES:
+            raise UserError(f"distillation_source={self.distillation_source!r}: use one of {CALIBRATION_SOURCES}")
+        if self.distillation_source == "trajectories" and self.task_weight:
+            raise UserError(
+                f"distillation_source=trajectories has no true target for task_weight={self.task_weight}; "
+                "set task_weight 0 (pure distillation) or distillation_source training"
+            )
+        if self.distillation_source == "trajectories" and not self.distillation_weight:
+            raise UserError("distillation_source=trajectories trains only on distillation; set distillation_weight > 0")
+        if self.trajectory_inputs < 1:
+            raise UserError(f"trajectory_inputs={self.trajectory_inputs}: must be >= 1")
+        if self.teacher_gap_source not in TEACHER_GAP_SOURCES:
+            raise UserError(f"teacher_gap_source={self.teacher_gap_source!r}: use one of {TEACHER_GAP_SOURCES}")
+        if self.quantize_kernels not in QUANTIZE_KERNELS:
+            raise UserError(f"quantize_kernels={self.quantize_kernels!r}: use one of {QUANTIZE_KERNELS}")
         if self.teacher_gap_samples < 1:
             raise UserError(f"teacher_gap_samples={self.teacher_gap_samples}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -297,7 +341,7 @@ def parse_config(argv: list[str] | None = None, config_cls=QATConfig) -> tuple:
     try:
         cfg, *_, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # TrainingArguments' own checks (incompatible options, bad strategies, ...)
-        raise UserError(str(e).strip().splitlines()[0]) from None
+        raise UserError(" ".join(line.strip() for line in str(e).strip().splitlines())) from None
     if remaining:
         raise UserError(f"unrecognized arguments: {' '.join(remaining)}; see `ov-sd train --help`")
     return cfg, recipe

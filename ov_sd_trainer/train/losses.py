@@ -3,7 +3,7 @@
 loss = `task_weight` x task MSE against the scheduler's target (epsilon / v / sample, optionally Min-SNR
 weighted) + `distillation_weight` x MSE(student, teacher); `task_weight` 0 is pure distillation. Everything the
 Trainer moves, wraps in DDP and calls lives here:
-`forward(pixel_values, input_ids)` returns the losses, and going through the wrapped model's forward is what makes
+`forward(pixel_values, input_ids)` (or precomputed UNet inputs of teacher trajectories) returns the losses, and going through the wrapped model's forward is what makes
 DDP synchronise the student's gradients.
 """
 
@@ -83,17 +83,32 @@ class QATModel(nn.Module):
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     @torch.no_grad()
-    def teacher_gap(self, sample, timestep, encoder_hidden_states, target):
-        """On fixed UNet inputs (`teacher_gap.TeacherGapSet`): the student's noise-prediction MSE against the teacher's
-        (`teacher_mse`) and against the true target (`task_loss`), averaged over the batch."""
+    def teacher_gap(self, sample, timestep, encoder_hidden_states, target=None, teacher_pred=None):
+        """On fixed UNet inputs (`teacher_gap`): the student's noise-prediction MSE against the teacher's
+        (`teacher_mse`) and, where the true target is known, against it (`task_loss`), averaged over the batch."""
         pred = self.student(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
-        teacher_pred = self.teacher(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
-        gap = F.mse_loss(pred, teacher_pred)
-        return {"loss": gap, "teacher_mse": gap, "task_loss": F.mse_loss(pred, target.float())}
+        if teacher_pred is None:
+            teacher_pred = self.teacher(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        gap = F.mse_loss(pred, teacher_pred.float())
+        out = {"loss": gap, "teacher_mse": gap}
+        if target is not None:
+            out["task_loss"] = F.mse_loss(pred, target.float())
+        return out
 
-    def forward(self, pixel_values=None, input_ids=None, **teacher_gap_inputs):
-        if teacher_gap_inputs:  # an evaluation batch of the teacher-gap set
-            return self.teacher_gap(**teacher_gap_inputs)
+    def distill(self, sample, timestep, encoder_hidden_states, teacher_pred):
+        """Pure distillation on precomputed UNet inputs and the teacher's outputs for them (`unet_inputs.UNetInputs`
+        of teacher trajectories): no task loss exists there."""
+        pred = self.student(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
+        distill = F.mse_loss(pred, teacher_pred.float())
+        return {"loss": self.distillation_weight * distill, "distillation_loss": distill.detach()}
+
+    def forward(self, pixel_values=None, input_ids=None, evaluate: bool = False, **unet_inputs):
+        """Training on images (`pixel_values`, `input_ids`) or on precomputed UNet inputs (`sample`, `timestep`,
+        `encoder_hidden_states`, `teacher_pred`); `evaluate=True`: a teacher-gap batch."""
+        if evaluate:
+            return self.teacher_gap(**unet_inputs)
+        if pixel_values is None:
+            return self.distill(**unet_inputs)
         latents, states = self.encode(pixel_values, input_ids)
         noisy, noise, t = self.noisy_inputs(latents)
         pred = self.student(noisy, t, states, return_dict=False)[0].float()

@@ -36,7 +36,6 @@ from ..run_folder import (
     find_resumable_checkpoint,
     is_complete,
 )
-from .calibration import collect_calibration_inputs, collect_trajectory_inputs
 from .config import QATConfig, parse_config
 from .data import (
     INDEX_COLUMN,
@@ -49,8 +48,9 @@ from .data import (
 )
 from .ema import EMACallback
 from .losses import QATModel
-from .teacher_gap import build_teacher_gap_set
+from .teacher_gap import build_teacher_gap_set, build_trajectory_gap_set
 from .trainer import QATTrainer
+from .unet_inputs import UNetInputs, collect_calibration_inputs, collect_trajectory_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +111,23 @@ def build_model(cfg: QATConfig):
         noise_offset=cfg.noise_offset,
     )
     model.tokenizer = pipe.tokenizer  # for the teacher-gap set's captions (not a module: the Trainer ignores it)
+    model.pipeline = pipe  # for trajectory inputs (idem)
     return model, pipe
 
 
 def build(cfg: QATConfig):
-    """Load everything and quantize the student. Returns (model, train_dataset, augmentation)."""
+    """Load everything and quantize the student. Returns (model, train_dataset, augmentation): the dataset is the
+    training images, or with `distillation_source: trajectories` the teacher's sampling states (augmentation None)."""
     model, pipe = build_model(cfg)
     tome = TomeConfig.from_training_config(cfg)
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
     device = cfg.device
+    calls = trajectory_calls(cfg, pipe, train_ds)
     teacher = model.teacher
     # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
     # attention; the teacher stays exact. (quantize_unet / load_quantized copy it again: this copy is freed below.)
     fp32_student = apply_tome_config(copy.deepcopy(teacher), tome) if tome.active else teacher
-    student = calibrate_once(cfg, model, fp32_student, train_ds, device, pipe)
+    student = calibrate_once(cfg, model, fp32_student, train_ds, device, calls)
     del fp32_student
     student.train()
     for p in student.parameters():  # NNCF also keeps integer buffers-as-parameters (e.g. bit widths)
@@ -133,10 +136,26 @@ def build(cfg: QATConfig):
         for _, p in quantize.weight_parameters(student):
             p.requires_grad_(False)
     model.student = student
+    if cfg.distillation_source == "trajectories":
+        return model, UNetInputs.from_calls(calls[: cfg.trajectory_inputs]), None
     return model, train_ds, augmentation
 
 
-def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, pipe=None):
+def trajectory_calls(cfg: QATConfig, pipe, train_ds) -> list[dict] | None:
+    """The teacher's UNet calls sampling the training captions, once, for whatever needs them: calibration (the
+    first `num_calibration_samples`) and trajectory distillation (the first `trajectory_inputs`). Deterministic, so
+    every rank of a multi-process run collects the same calls."""
+    n = max(
+        cfg.num_calibration_samples if cfg.calibration_source == "trajectories" else 0,
+        cfg.trajectory_inputs if cfg.distillation_source == "trajectories" else 0,
+    )
+    if not n:
+        return None
+    captions = list(train_ds.with_format(None)[cfg.caption_column])
+    return collect_trajectory_inputs(pipe, captions, n, cfg.resolution, cfg.seed, steps=cfg.calibration_steps)
+
+
+def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls=None):
     """NNCF calibration on the main process only; the other ranks load its result.
 
     So every rank starts from the same quantizer ranges, and a multi-process run pays for
@@ -151,10 +170,10 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
     state = PartialState()
     handover = Path(cfg.output_dir) / HANDOVER_DIR
     if state.num_processes == 1:
-        return _calibrate(cfg, model, fp32_student, train_ds, device, pipe)
+        return _calibrate(cfg, model, fp32_student, train_ds, device, calls)
     with state.main_process_first():
         if state.is_main_process:
-            student = _calibrate(cfg, model, fp32_student, train_ds, device, pipe)
+            student = _calibrate(cfg, model, fp32_student, train_ds, device, calls)
             quantize.save_quantized(student, handover)
         else:
             student = quantize.load_quantized(fp32_student, handover).to(device)
@@ -164,12 +183,9 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
     return student
 
 
-def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, pipe=None):
+def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls=None):
     if cfg.calibration_source == "trajectories":
-        captions = list(train_ds.with_format(None)[cfg.caption_column]) if pipe is not None else []
-        calib = collect_trajectory_inputs(
-            pipe, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.calibration_steps
-        )
+        calib = calls[: cfg.num_calibration_samples]
     else:
         calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
     t0 = time.perf_counter()
@@ -227,7 +243,12 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     t0 = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
-    if cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap only
+    if (cfg.eval_strategy != "no" or cfg.eval_on_start) and cfg.teacher_gap_source == "trajectories":
+        eval_ds = build_trajectory_gap_set(
+            model.pipeline, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
+            cfg.image_column,
+        )  # fmt: skip
+    elif cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap only
         eval_ds = build_teacher_gap_set(
             model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,

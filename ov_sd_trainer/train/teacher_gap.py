@@ -1,10 +1,12 @@
 """The teacher-gap set: fixed, seeded, held-out UNet inputs on which the student is compared with its FP32 teacher.
 
-Held-out synthetic images (drawn from a seed the training data never uses) are encoded by the VAE (posterior mean),
-noised at timesteps spread evenly over the schedule with fixed noise, and paired with their captions' text
-embeddings. The set is computed once; during training the Trainer's own evaluation loop (`eval_strategy`,
+Two sources (`teacher_gap_source`): `images`: held-out synthetic images (drawn from a seed the training data never
+uses) encoded by the VAE (posterior mean), noised at timesteps spread evenly over the schedule with fixed noise, and
+paired with their captions' text embeddings; `trajectories`: the teacher's own sampling states on held-out captions
+and seeds, at steps spread over the schedule (CFG pairs), the inputs the exported UNet meets. The set is computed
+once; during training the Trainer's own evaluation loop (`eval_strategy`,
 `eval_steps`) runs the student on it and logs `eval_teacher_mse` (student vs teacher noise prediction, the number the
-export should keep small) and `eval_task_loss` (student vs the true target), so that `load_best_model_at_end` with
+export should keep small) and `eval_task_loss` (student vs the true target; images only), so that `load_best_model_at_end` with
 `metric_for_best_model="teacher_mse"` keeps the best student. `benchmarks/qat_start_error.py` uses the same set.
 """
 
@@ -12,45 +14,25 @@ from __future__ import annotations
 
 import torch
 
+from .unet_inputs import UNetInputs, collect_spread_trajectory_inputs
+
 HELDOUT_SEED_OFFSET = 7_777_777  # held-out images come from seed + this offset; training data uses `seed` itself
 NOISE_SEED = 2024
 
 
-class TeacherGapSet(torch.utils.data.Dataset):
-    """Precomputed items: sample [4,h,w], timestep [] (long), encoder_hidden_states [77,D], target [4,h,w]."""
-
-    def __init__(self, items: dict[str, torch.Tensor]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items["sample"])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.items.items()}
+SOURCES = ("images", "trajectories")
 
 
 @torch.no_grad()
 def build_teacher_gap_set(model, tokenizer, num: int, seed: int, resolution: int, dataset_name: str = "synthetic",
-                          caption_column: str = "text", image_column: str = "image") -> TeacherGapSet:  # fmt: skip
+                          caption_column: str = "text", image_column: str = "image") -> UNetInputs:  # fmt: skip
     """`num` held-out UNet inputs for `model` (a `QATModel`: its VAE, text encoder and noise schedule).
 
     For the synthetic dataset the images are fresh ones from `seed + HELDOUT_SEED_OFFSET`; for any other dataset
     the last `num` rows serve (shuffle-free, so the choice is fixed; they are also seen in training)."""
     from torchvision.transforms import functional as TF
 
-    from .data import load_captioned_dataset
-
-    name = "synthetic" if dataset_name.startswith("synthetic") else dataset_name
-    ds = load_captioned_dataset(
-        name,
-        image_column=image_column,
-        caption_column=caption_column,
-        synthetic_size=num,
-        synthetic_resolution=resolution,
-        seed=seed + HELDOUT_SEED_OFFSET,
-    )
-    if name != "synthetic":
-        ds = ds.select(range(max(0, len(ds) - num), len(ds)))
+    ds = _heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column)
     pixels = torch.stack(
         [
             TF.to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), resolution), resolution)) * 2 - 1
@@ -71,4 +53,34 @@ def build_teacher_gap_set(model, tokenizer, num: int, seed: int, resolution: int
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(NOISE_SEED)).to(device)
     sample = model.noise_scheduler.add_noise(latents, noise, timesteps)
     target = model.target(latents, noise, timesteps).float()
-    return TeacherGapSet({"sample": sample, "timestep": timesteps, "encoder_hidden_states": states, "target": target})
+    return UNetInputs({"sample": sample, "timestep": timesteps, "encoder_hidden_states": states, "target": target})
+
+
+@torch.no_grad()
+def build_trajectory_gap_set(pipe, num: int, seed: int, resolution: int, dataset_name: str = "synthetic",
+                             caption_column: str = "text", image_column: str = "image") -> UNetInputs:  # fmt: skip
+    """`num` held-out UNet inputs along teacher trajectories: `num // 2` sampling runs of `pipe` (its UNet: the FP32
+    teacher) on held-out captions from held-out seeds, one CFG call of each at step indices spread over the
+    schedule, both halves of the CFG batch kept. No true target exists there (`task_loss` is not reported)."""
+    ds = _heldout_rows(max(1, num // 2), seed, resolution, dataset_name, caption_column, image_column)
+    calls = collect_spread_trajectory_inputs(pipe, list(ds[caption_column]), max(1, num // 2), resolution,
+                                             seed + HELDOUT_SEED_OFFSET)  # fmt: skip
+    return UNetInputs.from_calls(calls)
+
+
+def _heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column):
+    """Held-out rows: fresh synthetic ones from `seed + HELDOUT_SEED_OFFSET`, else the dataset's last `num`."""
+    from .data import load_captioned_dataset
+
+    name = "synthetic" if dataset_name.startswith("synthetic") else dataset_name
+    ds = load_captioned_dataset(
+        name,
+        image_column=image_column,
+        caption_column=caption_column,
+        synthetic_size=num,
+        synthetic_resolution=resolution,
+        seed=seed + HELDOUT_SEED_OFFSET,
+    )
+    if name != "synthetic":
+        ds = ds.select(range(max(0, len(ds) - num), len(ds)))
+    return ds

@@ -51,9 +51,10 @@ class QATTrainer(Trainer):
         self._micro = (self.state.global_step, micro)
         index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * self.args.world_size
         self.accelerator.unwrap_model(model).set_noise_seed(self.args.seed, 0, index + self.args.process_index)
-        out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"])
+        out = model(**inputs)  # images (pixel_values, input_ids) or trajectory UNet inputs
         for key in ("task_loss", "distillation_loss"):
-            self._metrics[key].append(out[key].item())
+            if key in out:
+                self._metrics[key].append(out[key].item())
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def log(self, logs, start_time=None):
@@ -69,11 +70,13 @@ class QATTrainer(Trainer):
         """One teacher-gap batch: the loss is the student-teacher MSE; the task loss is kept for the log."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            out = model(**inputs)
+            out = model(**inputs, evaluate=True)
         n = len(inputs["sample"])
-        for key in ("teacher_mse", "task_loss"):
-            self._eval_sums[key] += out[key].item() * n
+        self._eval_sums["teacher_mse"] += out["teacher_mse"].item() * n
         self._eval_sums["n"] += n
+        if "task_loss" in out:  # known only on noisy images, not on trajectory states
+            self._eval_sums["task_loss"] += out["task_loss"].item() * n
+            self._eval_sums["n_task"] += n
         return out["loss"].detach(), None, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -86,11 +89,13 @@ class QATTrainer(Trainer):
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-        sums = torch.tensor([self._eval_sums[k] for k in ("teacher_mse", "task_loss", "n")], dtype=torch.float64)
+        keys = ("teacher_mse", "n", "task_loss", "n_task")
+        sums = torch.tensor([self._eval_sums[k] for k in keys], dtype=torch.float64)
         sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
-        if sums[2] > 0:
-            output.metrics[f"{metric_key_prefix}_teacher_mse"] = float(sums[0] / sums[2])
-            output.metrics[f"{metric_key_prefix}_task_loss"] = float(sums[1] / sums[2])
+        if sums[1] > 0:
+            output.metrics[f"{metric_key_prefix}_teacher_mse"] = float(sums[0] / sums[1])
+        if sums[3] > 0:
+            output.metrics[f"{metric_key_prefix}_task_loss"] = float(sums[2] / sums[3])
         return output
 
     def _load_best_model(self):

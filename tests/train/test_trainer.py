@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from ov_sd_trainer.compress import quantize
+from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.run_folder import FINAL_DIR
 from ov_sd_trainer.train.config import parse_config
 from ov_sd_trainer.train.data import collate
 from ov_sd_trainer.train.ema import EMACallback
+from ov_sd_trainer.train.losses import QATModel
 from ov_sd_trainer.train.run import build, run
 from ov_sd_trainer.train.trainer import QATTrainer
 
@@ -232,7 +234,11 @@ def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model)
     """calibration_source=trajectories: the FP32 pipeline's UNet inputs while it samples captions (CFG batch 2, the
     scheduler's timesteps in order), as optimum-intel's PTQ collects them; a full run calibrates from them."""
     from ov_sd_trainer.pipeline_folder import load_pipeline
-    from ov_sd_trainer.train.calibration import collect_trajectory_inputs
+    from ov_sd_trainer.train.unet_inputs import (
+        UNetInputs,
+        collect_spread_trajectory_inputs,
+        collect_trajectory_inputs,
+    )
 
     pipe = load_pipeline(tiny_model)
     items = collect_trajectory_inputs(pipe, ["a red circle on a blue background", "a cross"], 7, 64, seed=0, steps=4)
@@ -245,3 +251,47 @@ def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model)
     assert ts[:restart] == sorted(ts[:restart], reverse=True) and ts[restart] == ts[0] and restart >= 4, ts
     again = collect_trajectory_inputs(pipe, ["a red circle on a blue background", "a cross"], 7, 64, seed=0, steps=4)
     assert all(torch.equal(a["sample"], b["sample"]) for a, b in zip(items, again))  # seeded
+    # the teacher's output is recorded with its inputs: what trajectory distillation trains against
+    pred = pipe.unet(items[3]["sample"], items[3]["timestep"], items[3]["encoder_hidden_states"], return_dict=False)[0]
+    assert torch.allclose(items[3]["teacher_pred"], pred, atol=1e-5)
+    ds = UNetInputs.from_calls(items)  # the training set of distillation_source=trajectories: CFG pairs split
+    assert len(ds) == 14 and set(ds[0]) == {"sample", "timestep", "encoder_hidden_states", "teacher_pred"}
+    model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, task_weight=0)
+    batch = collate([ds[i] for i in (0, 5, 9)])
+    assert model(**batch)["loss"].item() < 1e-10  # each split input is paired with the teacher's own output for it
+    spread = collect_spread_trajectory_inputs(pipe, ["a cross", "a square"], 4, 64, seed=5, steps=8)
+    ts = [int(i["timestep"][0]) for i in spread]
+    assert len(spread) == 4 and ts == sorted(ts, reverse=True) and len(set(ts)) == 4, ts  # early to late states
+
+
+def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_out_ones(tiny_model, tmp_path):
+    """distillation_source=trajectories: the training set is the teacher's own sampling states (CFG pairs split)
+    with its outputs, the loss pure distillation against them; teacher_gap_source=trajectories evaluates on held-out
+    trajectories (no task loss there) and the best checkpoint is kept."""
+    out = tmp_path / "run"
+    flags = ["--distillation_source", "trajectories", "--trajectory_inputs", "6", "--calibration_steps", "3",
+             "--task_weight", "0", "--teacher_gap_source", "trajectories", "--teacher_gap_samples", "4",
+             "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+             "--load_best_model_at_end", "true", "--metric_for_best_model", "teacher_mse",
+             "--greater_is_better", "false", "--max_steps", "3"]  # fmt: skip
+    run(make_cfg(tiny_model, out, *flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
+    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
+    assert [g["step"] for g in info["teacher_gap"]] == [1, 2, 3]
+    assert all(g["teacher_mse"] > 0 and g["task_loss"] is None for g in info["teacher_gap"])
+    logs = [h for h in info["log_history"] if "loss" in h]
+    assert logs and all("distillation_loss" in h and "task_loss" not in h for h in logs)
+    assert info["best_metric"] == pytest.approx(min(g["teacher_mse"] for g in info["teacher_gap"]))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--distillation_source", "trajectories"], "task_weight"),
+        (["--distillation_source", "frames", "--task_weight", "0"], "distillation_source='frames'"),
+        (["--teacher_gap_source", "video"], "teacher_gap_source='video'"),
+        (["--trajectory_inputs", "0"], "trajectory_inputs=0"),
+    ],
+)
+def test_trajectory_option_errors(tiny_model, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        make_cfg(tiny_model, tmp_path / "x", *extra)
