@@ -130,13 +130,16 @@ def main(args) -> int:
         "--threads",
         "1",
     ]
+    # trajectory distillation: as many teacher calls as the short schedule consumes (CFG pairs split: 2 inputs each)
+    pool = ["--trajectory_inputs", str(s["trajectory_inputs"])] if "trajectory_inputs" in s else []
     stages = [
         ("qat", [*launch, "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
-                 "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"])]),
-        # the calibrated student before any training: one step at learning rate 0, no EMA
+                 "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"]), *pool]),
+        # the calibrated student before any training: one step at learning rate 0, no EMA (its calibration is the
+        # same whatever the distillation inputs; training images spare collecting a trajectory pool it would not use)
         ("qat-start", [*launch, "--output_dir", str(start_dir), "--max_steps", "1", "--learning_rate", "0",
                        "--use_ema", "false", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
-                       "--load_best_model_at_end", "false"]),
+                       "--load_best_model_at_end", "false", "--distillation_source", "training"]),
         ("ptq", [*ov_sd, "ptq", "--mode", "full", *ptq, "--output", str(ptq_dir)]),
         ("ptq-hybrid", [*ov_sd, "ptq", "--mode", "hybrid", *ptq, "--output", str(hybrid_dir)]),
         ("eval", [*ov_sd, "eval", "--reference", reference, "--model", f"qat={qat_dir / OPENVINO_DIR}",
