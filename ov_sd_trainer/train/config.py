@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..assets import REFERENCE
+from ..compress.kernels import MODES as KERNEL_MODES
 from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
 from ..compress.tome_config import MAX_RATIO, TomeConfig
 from ..errors import UserError
@@ -25,7 +26,7 @@ from .unet_inputs import DEFAULT_STEPS as CALIBRATION_STEPS
 from .unet_inputs import SOURCES as CALIBRATION_SOURCES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-QUANTIZE_KERNELS = ("auto", "extension", "reference")
+QUANTIZE_KERNELS = KERNEL_MODES  # auto | extension | reference (compress.kernels)
 
 
 @dataclass
@@ -163,6 +164,10 @@ class QATConfig(TrainingArguments):
         self.push_openvino = bool(self.push_to_hub)
         self.push_to_hub = False
         super().__post_init__()
+        if self.fp16 and self.device.type == "cpu":  # accelerate enables fp16 autocast on GPUs only: fp32 otherwise
+            raise UserError(
+                "fp16=true needs a GPU (on the CPU it is ignored and training runs in fp32); use --bf16 true"
+            )
         if self.push_openvino and not self.hub_model_id:
             raise UserError("push_to_hub needs hub_model_id (user/name)")
         if self.quantization_preset not in PRESETS:

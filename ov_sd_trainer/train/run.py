@@ -19,6 +19,7 @@ import torch
 
 from ..assets import resolve_model_path
 from ..compress import quantize
+from ..compress.kernels import select_quantize_kernels
 from ..compress.tome import apply_tome_config
 from ..compress.tome_config import TomeConfig
 from ..errors import UserError
@@ -127,6 +128,7 @@ def build(cfg: QATConfig):
     # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
     # attention; the teacher stays exact. (quantize_unet / load_quantized copy it again: this copy is freed below.)
     fp32_student = apply_tome_config(copy.deepcopy(teacher), tome) if tome.active else teacher
+    select_quantize_kernels(cfg.quantize_kernels, device)  # before NNCF's first quantized forward (calibration)
     student = calibrate_once(cfg, model, fp32_student, train_ds, device, calls)
     del fp32_student
     student.train()
