@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ov_sd_trainer.demo", "the main job offline on the bundled model: short QAT, export, one image"),
     # export
     "export": ("ov_sd_trainer.export.openvino", "export a training checkpoint to an OpenVINO pipeline folder"),
+    "deepcache": ("ov_sd_trainer.export.deepcache", "add step-caching (DeepCache) UNet IRs to an OpenVINO folder"),
     "push": ("ov_sd_trainer.export.hub", "upload an exported OpenVINO folder to the Hugging Face Hub"),
     # eval
     "generate": ("ov_sd_trainer.eval.generate", "generate an image from an OpenVINO or diffusers pipeline"),
