@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ov_sd_trainer.export.openvino", "export a training checkpoint to an OpenVINO pipeline folder"),
     "deepcache": ("ov_sd_trainer.export.deepcache", "add step-caching (DeepCache) UNet IRs to an OpenVINO folder"),
     "push": ("ov_sd_trainer.export.hub", "upload an exported OpenVINO folder to the Hugging Face Hub"),
+    "prepare-genai": (
+        "ov_sd_trainer.export.openvino",
+        "add the tokenizer IRs OpenVINO GenAI needs to an older OpenVINO folder (and list its scheduler's betas)",
+    ),
     # eval
     "generate": ("ov_sd_trainer.eval.generate", "generate an image from an OpenVINO or diffusers pipeline"),
     "ptq": ("ov_sd_trainer.eval.ptq", "optimum-intel's post-training quantization (hybrid or full int8): the peer"),
@@ -38,7 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("ov_sd_trainer.assets.judge_training", "held-out accuracy of the judge"),
 }
 # Commands whose module exposes other names than add_arguments / main (two commands in one module).
-ENTRY_POINTS = {"make-judge": ("add_make_arguments", "make_main")}
+ENTRY_POINTS = {
+    "make-judge": ("add_make_arguments", "make_main"),
+    "prepare-genai": ("add_prepare_genai_arguments", "prepare_genai_main"),
+}
 
 
 class Parser(argparse.ArgumentParser):

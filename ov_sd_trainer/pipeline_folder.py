@@ -6,6 +6,13 @@ Two kinds exist:
   `diffusion_pytorch_model.*`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; PyTorch runs it;
 - an **OpenVINO folder** as optimum-intel writes it: `model_index.json`, `unet/openvino_model.xml|.bin`,
   `text_encoder/`, `vae_decoder/`, `vae_encoder/`, `tokenizer/`, `scheduler/`; `OVStableDiffusionPipeline` runs it.
+  Every OpenVINO folder this project writes is also ready for OpenVINO GenAI's `Text2ImagePipeline`
+  (`write_genai_files`): it holds the tokenizer as OpenVINO IRs (`tokenizer/openvino_tokenizer.xml|.bin`,
+  `tokenizer/openvino_detokenizer.xml|.bin`), which GenAI needs to run at all, and its scheduler config lists the
+  beta schedule (`trained_betas`), so that GenAI's schedulers use diffusers' betas (they compute their own slightly
+  differently: `pin_scheduler_betas`). optimum and diffusers read both the same as before. Neither is required for a
+  folder to count as an OpenVINO folder: older exports and plain optimum exports stay loadable by optimum, and
+  `check_genai_folder` names the fix (`ov-sd prepare-genai --model DIR`) where GenAI needs the tokenizer.
 
 Folders written by this project carry one file that says who wrote them: `results.json` + `training_recipe.json`
 (a QAT export) or `ptq_info.json` (an optimum-intel PTQ peer). A folder's native image size is the UNet's
@@ -15,11 +22,19 @@ Folders written by this project carry one file that says who wrote them: `result
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
 
 UNET_XML = Path("unet") / "openvino_model.xml"
+# The tokenizer as OpenVINO IRs (openvino_tokenizers), the file names optimum-cli and OpenVINO GenAI use.
+OV_TOKENIZER_XML = Path("tokenizer") / "openvino_tokenizer.xml"
+OV_DETOKENIZER_XML = Path("tokenizer") / "openvino_detokenizer.xml"
+GENAI_TOKENIZER_FILES = (OV_TOKENIZER_XML, OV_DETOKENIZER_XML)  # each with its .bin
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+PREPARE_GENAI_COMMAND = "ov-sd prepare-genai --model"  # the fix for a folder written before (or by optimum-intel)
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 RESULTS_FILE = "results.json"  # a QAT export: sizes, FakeQuantize count, training summary
 RECIPE_FILE = "training_recipe.json"  # a QAT export (and its run folder): the recipe's own keys
@@ -34,6 +49,12 @@ def looks_local(name_or_path: str) -> bool:
 
 def is_openvino_folder(path: str | Path) -> bool:
     return (Path(path) / UNET_XML).is_file()
+
+
+def has_openvino_tokenizer(path: str | Path) -> bool:
+    """Whether the folder holds the tokenizer and detokenizer IRs (.xml and .bin) that OpenVINO GenAI loads."""
+    files = [Path(path) / f for f in GENAI_TOKENIZER_FILES]
+    return all(f.is_file() and f.with_suffix(".bin").is_file() for f in files)
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -140,6 +161,136 @@ def check_openvino_folder(path: str, flag: str) -> Path:
     if not is_openvino_folder(p):
         raise UserError(f"{flag} {path!r} is not an OpenVINO pipeline folder (no {UNET_XML.as_posix()})")
     return p.resolve()
+
+
+def check_genai_folder(path: str, flag: str = "--model") -> Path:
+    """An OpenVINO pipeline folder that OpenVINO GenAI's `Text2ImagePipeline` can load (tokenizer IRs included)."""
+    p = check_openvino_folder(path, flag)
+    if not has_openvino_tokenizer(p):
+        raise UserError(
+            f"{flag} {path!r} lacks the OpenVINO tokenizer IRs that OpenVINO GenAI needs "
+            f"({OV_TOKENIZER_XML.as_posix()}, {OV_DETOKENIZER_XML.as_posix()}); add them with "
+            f"`{PREPARE_GENAI_COMMAND} {path}` or export the folder again"
+        )
+    return p
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_genai_files(folder: str | Path) -> None:
+    """Make an OpenVINO pipeline folder ready for OpenVINO GenAI: the tokenizer IRs and the pinned beta schedule."""
+    write_openvino_tokenizer(folder)
+    pin_scheduler_betas(folder)
+
+
+def pin_scheduler_betas(folder: str | Path) -> bool:
+    """Write the scheduler's beta schedule into its config as `trained_betas`. Returns whether the config changed.
+
+    diffusers computes `beta_schedule` "linear"/"scaled_linear" with `torch.linspace` (end point included); OpenVINO
+    GenAI 2026.4's schedulers use their own linspace, which leaves the end point out (`numpy_utils::linspace`,
+    endpoint=false), so their betas run 0.1% short of `beta_end` and every step's coefficients differ by ~1e-3
+    relative. Both read `trained_betas` first: listing diffusers' own float32 betas there changes nothing for diffusers
+    and optimum (the same values, bit for bit) and gives GenAI the same schedule. A config that already has
+    `trained_betas`, or a scheduler without betas (flow matching), is left as it is."""
+    import diffusers
+
+    path = Path(folder) / SCHEDULER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {str(path)!r} ({e}); is it a Stable Diffusion pipeline folder?") from e
+    scheduler_cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if config.get("trained_betas") is not None or "beta_schedule" not in config or scheduler_cls is None:
+        return False
+    betas = getattr(scheduler_cls.from_config(config), "betas", None)
+    if betas is None:
+        return False
+    config["trained_betas"] = [float(b) for b in betas.tolist()]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return True
+
+
+# Checked on every conversion: the IR must give the ids the folder's own tokenizer gives (an empty prompt is the
+# unconditional input of classifier-free guidance).
+_PROBE_PROMPTS = ("a photo of an astronaut riding a horse on mars", "")
+
+
+def write_openvino_tokenizer(folder: str | Path) -> tuple[Path, Path]:
+    """Convert `folder/tokenizer` (a Hugging Face tokenizer) to OpenVINO tokenizer and detokenizer IRs with
+    `openvino_tokenizers.convert_tokenizer` and save them next to it. Returns the two .xml paths.
+
+    The conversion is checked (`_check_tokenizer_ir`): the IR must give the Hugging Face tokenizer's ids for probe
+    prompts and its pad id. The files are written into a temporary folder and moved in (.bin before .xml), so a
+    failure leaves no half-written IR; existing ones are replaced."""
+    import openvino as ov
+
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer"
+    if not tok_dir.is_dir():
+        raise UserError(f"{str(folder)!r} has no tokenizer/ folder; pass a Stable Diffusion pipeline folder")
+    try:
+        from openvino_tokenizers import convert_tokenizer
+    except ImportError as e:
+        raise UserError(
+            f"openvino-tokenizers is not importable ({e}); {openvino_addon_pip_hint('openvino-tokenizers')}"
+        ) from e
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer in {str(tok_dir)!r}: {str(e).splitlines()[0]}") from e
+    try:
+        tokenizer, detokenizer = convert_tokenizer(hf, with_detokenizer=True)
+    except Exception as e:  # openvino_tokenizers raises its own types (OVTypeError, NotImplementedError, ...)
+        raise UserError(
+            f"openvino_tokenizers cannot convert the {type(hf).__name__} in {str(tok_dir)!r}: {str(e).splitlines()[0]}"
+        ) from e
+    _check_tokenizer_ir(tokenizer, hf, tok_dir)
+    targets = [folder / f for f in GENAI_TOKENIZER_FILES]
+    with tempfile.TemporaryDirectory(prefix=".ov-tokenizer-", dir=tok_dir) as tmp:
+        for model, target in zip((tokenizer, detokenizer), targets):
+            ov.save_model(model, Path(tmp) / target.name)
+        for target in targets:
+            os.replace(Path(tmp) / target.with_suffix(".bin").name, target.with_suffix(".bin"))
+            os.replace(Path(tmp) / target.name, target)
+    return targets[0], targets[1]
+
+
+def openvino_addon_pip_hint(package: str) -> str:
+    """How to install an OpenVINO add-on matching the installed OpenVINO (they must share its year.minor)."""
+    from importlib.metadata import version
+
+    year_minor = ".".join(version("openvino").split(".")[:2])
+    return f"`pip install '{package}=={year_minor}.*'` (it must match openvino {version('openvino')})"
+
+
+def _check_tokenizer_ir(tokenizer, hf, tok_dir: Path) -> None:
+    """The converted tokenizer gives `hf`'s ids on the probe prompts, and pads with `hf`'s pad id (GenAI pads prompts
+    to the maximum length with the IR's `pad_token_id`)."""
+    import numpy as np
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(tokenizer, "CPU")
+    for prompt in _PROBE_PROMPTS:
+        want = hf(prompt).input_ids
+        got = np.asarray(compiled([prompt])["input_ids"])[0].tolist()
+        if got != want:
+            raise UserError(
+                f"the OpenVINO tokenizer converted from {str(tok_dir)!r} gives other ids than the tokenizer itself for "
+                f"{prompt!r} ({got[:8]} vs {want[:8]}); report this with the tokenizer files"
+            )
+    pad = int(tokenizer.get_rt_info("pad_token_id").astype(int)) if tokenizer.has_rt_info("pad_token_id") else None
+    if hf.pad_token_id is not None and pad != hf.pad_token_id:
+        raise UserError(
+            f"the OpenVINO tokenizer converted from {str(tok_dir)!r} pads with id {pad}, the tokenizer itself with "
+            f"{hf.pad_token_id}; report this with the tokenizer files"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,17 @@
 """Text-to-image generation: `ov-sd generate` (one image, OpenVINO or PyTorch) and `generate_set`, the one loop that
 generates a prompt set from fixed initial latents for every evaluation (prompt accuracy, fidelity).
+
+An OpenVINO folder runs in one of two runtimes (`--runtime`): `optimum` (optimum-intel's `OVStableDiffusionPipeline`,
+diffusers' loop in Python) or `genai` (OpenVINO GenAI's `Text2ImagePipeline`, the C++ loop, no torch needed by the
+pipeline itself). `--seed` draws the initial noise the same way everywhere, `torch.Generator().manual_seed(seed)`
+(GenAI: `TorchGenerator(seed)`, which follows torch's seeding), so one seed gives the same image in both runtimes
+and in the PyTorch backend (up to the models' numerics).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 
@@ -11,17 +19,23 @@ import torch
 
 from ..errors import UserError
 from ..pipeline_folder import (
+    check_genai_folder,
+    is_diffusers_folder,
     is_openvino_pipeline,
     load_ov_pipeline,
     load_pipeline,
     looks_local,
     native_size,
+    openvino_addon_pip_hint,
     static_batch,
 )
 
+logger = logging.getLogger(__name__)
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5  # diffusers' default
 BACKENDS = ("openvino", "pytorch")
+RUNTIMES = ("optimum", "genai")  # for backend openvino: optimum-intel's pipeline or OpenVINO GenAI's
+GENAI_DEVICE = "CPU"
 
 
 class StepTimer:
@@ -56,31 +70,38 @@ def generate(
     guidance_scale: float = DEFAULT_GUIDANCE,
     backend: str = "openvino",
     negative_prompt: str | None = None,
+    runtime: str = "optimum",
 ):
-    """Generate one image and save it as PNG. Returns a dict with timings."""
-    import numpy as np
-    import torch
+    """Generate one image and save it as PNG. Returns a dict with timings.
 
+    `runtime` (backend openvino only): "optimum" (`OVStableDiffusionPipeline`) or "genai" (OpenVINO GenAI's
+    `Text2ImagePipeline`; the folder must hold the tokenizer IRs, `pipeline_folder.check_genai_folder`)."""
     if not Path(model).expanduser().exists() and looks_local(model):
         raise UserError(f"model {model!r} does not exist; pass an OpenVINO or diffusers pipeline folder or a Hub id")
     out = Path(output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output {output!r} must end in .png or .jpg")
+    if backend not in BACKENDS:
+        raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
+    if runtime not in RUNTIMES:
+        raise UserError(f"runtime {runtime!r} is unknown; use {' or '.join(RUNTIMES)}")
+    if runtime == "genai":
+        if backend != "openvino":
+            raise UserError("--runtime genai runs OpenVINO folders; drop --backend pytorch")
+        return _generate_genai(model, prompt, out, steps, seed, height, width, guidance_scale, negative_prompt)
     t0 = time.perf_counter()
     if backend == "openvino":
         if height is None or width is None:
             height, width = native_size(model)
         pipe = load_ov_pipeline(model, height, width)
-        # optimum-intel draws its initial latents with numpy's global generator when given one.
-        generator = np.random.RandomState(seed)
-    elif backend == "pytorch":
+    else:
         pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=False)
-        generator = torch.Generator().manual_seed(seed)
         if height is None or width is None:
             height = width = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    else:
-        raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
+    # optimum-intel's pipeline is diffusers' loop: a torch generator draws the same noise as the PyTorch backend and
+    # as GenAI's TorchGenerator(seed)
+    generator = torch.Generator().manual_seed(seed)
     load_s = time.perf_counter() - t0
     timer = StepTimer()
     t1 = time.perf_counter()
@@ -97,7 +118,93 @@ def generate(
     total_s = time.perf_counter() - t1
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
-    return dict(load_s=load_s, total_s=total_s, step_s=timer.mean_step_s, steps=steps, height=height, width=width)
+    return dict(load_s=load_s, total_s=total_s, step_s=timer.mean_step_s, steps=steps, height=height, width=width,
+                runtime=runtime if backend == "openvino" else backend)  # fmt: skip
+
+
+def load_genai_pipeline(folder: str | Path, height: int, width: int, guidance_scale: float = DEFAULT_GUIDANCE,
+                        device: str = GENAI_DEVICE, **properties):  # fmt: skip
+    """OpenVINO GenAI's `Text2ImagePipeline` on an OpenVINO folder, reshaped to static shapes (one image of
+    `height` x `width`; the UNet batch follows `guidance_scale`, 2 with classifier-free guidance) and compiled, as
+    `load_ov_pipeline` does for optimum. `properties`: OpenVINO compile properties (e.g. INFERENCE_PRECISION_HINT)."""
+    folder = check_genai_folder(str(folder), "--model")
+    try:
+        import openvino_genai
+    except ImportError as e:
+        raise UserError(
+            f"--runtime genai needs openvino-genai ({e}); {openvino_addon_pip_hint('openvino-genai')}"
+        ) from e
+    try:
+        pipe = openvino_genai.Text2ImagePipeline(str(folder))
+        pipe.reshape(1, height, width, guidance_scale)
+        pipe.compile(device, **properties)
+    except RuntimeError as e:  # GenAI's messages start with the C++ source location; the reason is the last line
+        reason = [line for line in str(e).splitlines() if line.strip()][-1]
+        raise UserError(f"OpenVINO GenAI cannot load {str(folder)!r}: {reason}") from e
+    return pipe
+
+
+def _generate_genai(model, prompt, out: Path, steps, seed, height, width, guidance_scale, negative_prompt) -> dict:
+    from PIL import Image
+
+    if is_diffusers_folder(Path(model).expanduser()):
+        raise UserError(
+            f"--model {model!r} is a diffusers folder; --runtime genai runs OpenVINO folders (`ov-sd export`, "
+            "`ov-sd ptq`), or drop --runtime genai"
+        )
+    folder = check_genai_folder(model, "--model")
+    if height is None or width is None:
+        height, width = native_size(folder)
+    t0 = time.perf_counter()
+    pipe = load_genai_pipeline(folder, height, width, guidance_scale)
+    load_s = time.perf_counter() - t0
+    import openvino_genai  # importable: load_genai_pipeline checked
+
+    _warn_long_prompts(folder, [prompt, negative_prompt or ""])
+    kwargs = {"negative_prompt": negative_prompt} if negative_prompt is not None else {}
+    timer = StepTimer()
+
+    def on_step(step: int, num_steps: int, latent) -> bool:
+        timer(pipe, step, None, None)
+        return False  # True would stop the generation
+
+    t1 = time.perf_counter()
+    image = pipe.generate(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        generator=openvino_genai.TorchGenerator(seed),
+        callback=on_step,
+        **kwargs,
+    )
+    total_s = time.perf_counter() - t1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.data[0]).save(out)
+    return dict(load_s=load_s, total_s=total_s, step_s=timer.mean_step_s, steps=steps, height=height, width=width,
+                runtime="genai")  # fmt: skip
+
+
+def _warn_long_prompts(folder: Path, prompts: list[str]) -> None:
+    """GenAI 2026.4 cuts a prompt longer than the text encoder's positions (77) without the end-of-text token that
+    diffusers' truncation keeps: say so, since the image then differs a little from optimum's."""
+    import openvino_genai
+
+    try:
+        limit = int(json.loads((folder / "text_encoder" / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError):
+        return
+    tokenizer = openvino_genai.Tokenizer(str(folder / "tokenizer"))
+    for prompt in prompts:
+        n = tokenizer.encode(prompt).input_ids.get_shape()[1]
+        if n > limit:
+            logger.warning(
+                "the prompt has %d tokens; OpenVINO GenAI keeps the first %d without the end-of-text token that "
+                "optimum/diffusers keep, so the image differs slightly from --runtime optimum's",
+                n,
+                limit,
+            )
 
 
 def initial_latents(jobs: list[dict], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -167,6 +274,12 @@ def add_arguments(s) -> None:
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
     s.add_argument("--backend", choices=BACKENDS, default="openvino")
+    s.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="optimum",
+        help="for an OpenVINO folder: optimum-intel's OVStableDiffusionPipeline or OpenVINO GenAI's Text2ImagePipeline",
+    )
 
 
 def main(args) -> int:
@@ -181,9 +294,10 @@ def main(args) -> int:
         guidance_scale=args.guidance_scale,
         backend=args.backend,
         negative_prompt=args.negative_prompt,
+        runtime=args.runtime,
     )
     print(
-        f"saved {args.output} ({info['width']}x{info['height']}, {info['steps']} steps): "
+        f"saved {args.output} ({info['width']}x{info['height']}, {info['steps']} steps, {info['runtime']}): "
         f"{info['step_s'] * 1000:.1f} ms/step, {info['total_s']:.2f} s generation, {info['load_s']:.1f} s load+compile"
     )
     return 0

@@ -38,7 +38,13 @@ from typing import Any
 from ..assets import resolve_model_path
 from ..errors import UserError
 from ..outputs import atomic_output_dir, check_output_dir
-from ..pipeline_folder import PTQ_INFO_FILE, UNET_XML, check_pipeline_source, is_openvino_folder
+from ..pipeline_folder import (
+    PTQ_INFO_FILE,
+    UNET_XML,
+    check_pipeline_source,
+    is_openvino_folder,
+    write_genai_files,
+)
 from .generate import DEFAULT_GUIDANCE
 from .prompts import calibration_prompts
 
@@ -171,7 +177,8 @@ def quantize_pipeline_int8(
     progress: bool = True,
 ) -> Path:
     """Quantize `model`'s UNet to full int8 with optimum-intel's PTQ and write an OpenVINO pipeline folder that
-    `OVStableDiffusionPipeline.from_pretrained` loads (atomically: a failure leaves no half-written folder).
+    `OVStableDiffusionPipeline.from_pretrained` and OpenVINO GenAI's `Text2ImagePipeline` load (atomically: a failure
+    leaves no half-written folder).
 
     `model`: an optimum-intel OpenVINO folder (FP32 UNet), a diffusers folder or a Hub id (exported first).
     `calibration_prompts`: prompts run through the pipeline (cycled) until `num_samples` UNet calls are recorded,
@@ -242,6 +249,7 @@ def quantize_pipeline_int8(
         )
         quantize_s = time.perf_counter() - t2
         del pipe, data
+        write_genai_files(tmp)  # as `ov-sd export` does: OpenVINO GenAI loads the peer too
         saved = ov.Core().read_model(tmp / UNET_XML)
         from ..compress.convert import count_fake_quantize, int8_constant_stats
 

@@ -123,6 +123,12 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         f"pipe.reshape(batch_size=1, height={res}, width={res}, num_images_per_prompt=1)\n"
         "pipe.compile()\n"
         f'image = pipe("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps=50).images[0]\n```',
+        "Or with OpenVINO GenAI (no torch; also from C++), which the folder's tokenizer IRs "
+        "(`tokenizer/openvino_tokenizer.xml`) are for:",
+        "```python\nimport openvino_genai\n\n"
+        'pipe = openvino_genai.Text2ImagePipeline("<this folder>", "CPU")\n'
+        f'image = pipe.generate("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps=50, '
+        f"height={res}, width={res}, generator=openvino_genai.TorchGenerator(0))  # image.data[0]: HxWx3 uint8\n```",
     ]
     (folder / CARD_FILE).write_text("\n\n".join(p for p in parts if p is not None) + "\n")
 

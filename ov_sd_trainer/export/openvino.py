@@ -3,8 +3,12 @@
 Text encoder, VAE, tokenizer and scheduler go through optimum-intel's own exporter (so the
 folder is exactly what `OVStableDiffusionPipeline.from_pretrained` expects); the UNet is the
 trained NNCF student converted with `openvino.convert_model`, keeping its FakeQuantize ops, so
-`openvino.save_model` stores its weights as int8. The folder is written to a temporary sibling
-and renamed on success: a failed export leaves any previous one untouched.
+`openvino.save_model` stores its weights as int8. The folder is made ready for OpenVINO GenAI's
+`Text2ImagePipeline` too (`pipeline_folder.write_genai_files`: the tokenizer as OpenVINO IRs, the scheduler's betas
+written out). The folder is written to a temporary sibling and renamed on success: a failed export leaves any
+previous one untouched.
+
+`ov-sd prepare-genai --model DIR` does the same to an OpenVINO folder written before (or by optimum-intel).
 """
 
 from __future__ import annotations
@@ -20,7 +24,18 @@ from ..compress.tome import apply_tome_config, tome_config
 from ..compress.tome_config import TomeConfig
 from ..errors import UserError
 from ..outputs import atomic_output_dir, check_output_dir
-from ..pipeline_folder import RECIPE_FILE, RESULTS_FILE, UNET_XML, load_ov_pipeline, native_size
+from ..pipeline_folder import (
+    RECIPE_FILE,
+    RESULTS_FILE,
+    UNET_XML,
+    check_openvino_folder,
+    has_openvino_tokenizer,
+    load_ov_pipeline,
+    native_size,
+    pin_scheduler_betas,
+    write_genai_files,
+    write_openvino_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_SAMPLE_STEPS = 20
@@ -58,6 +73,7 @@ def export_openvino_pipeline(
         pipe = OVStableDiffusionPipeline.from_pretrained(base_model, export=True, compile=False)
         pipe.save_pretrained(tmp)
         del pipe
+        write_genai_files(tmp)  # OpenVINO GenAI: the tokenizer as IRs, diffusers' betas in the scheduler config
         fp32_bytes = _bin_size(tmp / UNET_XML)
         logger.info("converting the quantized student UNet")
         ov_unet = convert_unet_to_openvino(student)
@@ -162,4 +178,27 @@ def main(args) -> int:
         resolution=cfg.get("resolution"),
     )
     print(f"OpenVINO pipeline written to {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `ov-sd prepare-genai`
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_prepare_genai_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="an OpenVINO pipeline folder (an export, a PTQ peer, optimum's)")
+
+
+def prepare_genai_main(args) -> int:
+    """Add tokenizer/openvino_tokenizer.xml and openvino_detokenizer.xml to an existing OpenVINO folder and list its
+    scheduler's betas (`pipeline_folder.write_genai_files`), in place."""
+    folder = check_openvino_folder(args.model, "--model")
+    had = has_openvino_tokenizer(folder)
+    tokenizer_xml, detokenizer_xml = write_openvino_tokenizer(folder)
+    pinned = pin_scheduler_betas(folder)
+    done = [f"{'replaced' if had else 'added'} {tokenizer_xml.relative_to(folder)} and {detokenizer_xml.name}"]
+    if pinned:
+        done.append("listed the scheduler's betas (trained_betas)")
+    print(f"{'; '.join(done)}: OpenVINO GenAI's Text2ImagePipeline loads {folder}")
     return 0

@@ -247,10 +247,12 @@ def test_ptq_writes_a_loadable_int8_pipeline(local_run, tmp_path):
 
     from ov_sd_trainer.compress import convert
     from ov_sd_trainer.eval.ptq import quantize_pipeline_int8
-    from ov_sd_trainer.pipeline_folder import PTQ_INFO_FILE
+    from ov_sd_trainer.pipeline_folder import PTQ_INFO_FILE, SCHEDULER_CONFIG, has_openvino_tokenizer
 
     out = next(local_run["work"].glob("optimum-full-ptq-*"))
     info = json.loads((out / PTQ_INFO_FILE).read_text())
+    assert has_openvino_tokenizer(out)  # ready for OpenVINO GenAI, as `ov-sd export` folders are
+    assert json.loads((out / SCHEDULER_CONFIG).read_text())["trained_betas"]
     assert info["calibration"]["num_samples"] == 2 and info["quantization"]["subset_size"] == 2
     assert info["calibration"]["height"] == info["calibration"]["width"] == 64
     assert info["quantization"]["preset"] == "mixed" and info["quantization"]["model_type"] == "transformer"

@@ -11,7 +11,14 @@ from typing import Any
 
 from ...errors import UserError
 from ...outputs import atomic_output_dir
-from ...pipeline_folder import UNET_XML, check_pipeline_source, geometry, is_openvino_folder, unet_rt_info
+from ...pipeline_folder import (
+    UNET_XML,
+    check_pipeline_source,
+    geometry,
+    is_openvino_folder,
+    unet_rt_info,
+    write_genai_files,
+)
 from .monitor import PhaseMonitor, free_memory
 from .settings import BenchSettings
 from .variants import BY_NAME, VARIANTS
@@ -40,6 +47,7 @@ def export_openvino_fp32(source: str, out: Path) -> None:
     pipe = OVStableDiffusionPipeline.from_pretrained(source, export=True, compile=False)
     pipe.save_pretrained(out)
     del pipe
+    write_genai_files(out)  # as every OpenVINO folder the project writes (the qat-* folders start from this one)
 
 
 def build_qat_folder(
