@@ -138,6 +138,7 @@ def build(cfg: QATConfig):
         for _, p in quantize.weight_parameters(student):
             p.requires_grad_(False)
     model.student = student
+    model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]  # the export's sample image (idem)
     if cfg.distillation_source == "trajectories":
         return model, UNetInputs.from_calls(calls[: cfg.trajectory_inputs]), None
     return model, train_ds, augmentation
@@ -302,7 +303,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
                 overwrite=True,  # this run's own export; the run already owns output_dir
                 recipe=recipe or {},
                 training_info=info,
-                sample_prompts=[train_ds.with_format(None)[0][cfg.caption_column]],
+                sample_prompts=[model.sample_prompt],
                 resolution=cfg.resolution,
             )
         if cfg.push_openvino:

@@ -273,7 +273,7 @@ def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_ou
              "--task_weight", "0", "--teacher_gap_source", "trajectories", "--teacher_gap_samples", "4",
              "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
              "--load_best_model_at_end", "true", "--metric_for_best_model", "teacher_mse",
-             "--greater_is_better", "false", "--max_steps", "3"]  # fmt: skip
+             "--greater_is_better", "false", "--max_steps", "3", "--export", "true"]  # fmt: skip
     run(make_cfg(tiny_model, out, *flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
     info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
     assert [g["step"] for g in info["teacher_gap"]] == [1, 2, 3]
@@ -281,6 +281,7 @@ def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_ou
     logs = [h for h in info["log_history"] if "loss" in h]
     assert logs and all("distillation_loss" in h and "task_loss" not in h for h in logs)
     assert info["best_metric"] == pytest.approx(min(g["teacher_mse"] for g in info["teacher_gap"]))
+    assert (out / "openvino" / "unet" / "openvino_model.xml").is_file()  # exports like any run
 
 
 @pytest.mark.parametrize(
