@@ -52,23 +52,12 @@ def convert_unet_to_openvino(
     import openvino as ov
 
     model = unwrap_model(unet)
-    config = model.config
     if example_inputs is None:
         example_inputs = unet_example_inputs(model, batch, height, width, text_len)
     missing = [k for k in UNET_INPUT_NAMES if k not in example_inputs]
     if missing:
         raise UserError(f"example_inputs lacks {missing}; it needs {list(UNET_INPUT_NAMES)}")
-    param = next(model.parameters())
-    example = (
-        example_inputs["sample"].to(param.device, torch.float32),
-        example_inputs["timestep"].to(param.device, torch.long).reshape(-1),
-        example_inputs["encoder_hidden_states"].to(param.device, torch.float32),
-    )
-    inputs = [
-        (ov.PartialShape([-1, config.in_channels, -1, -1]), ov.Type.f32),
-        (ov.PartialShape([-1]), ov.Type.i64),
-        (ov.PartialShape([-1, -1, config.cross_attention_dim]), ov.Type.f32),
-    ]
+    example, inputs = unet_trace_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
     try:
@@ -120,3 +109,23 @@ def int8_constant_stats(ov_model) -> tuple[int, int]:
 def count_int8_constants(ov_model) -> int:
     """Number of 8-bit integer Constants in an `openvino.Model` (see `int8_constant_stats`)."""
     return int8_constant_stats(ov_model)[0]
+
+
+def unet_trace_inputs(model, example_inputs: dict) -> tuple[tuple, list]:
+    """The UNet's example tensors (on the model's device, optimum's dtypes) and OpenVINO input specs (dynamic batch,
+    size and text length) for `ov.convert_model`, in optimum-intel's input order."""
+    import openvino as ov
+
+    config = model.config
+    param = next(model.parameters())
+    example = (
+        example_inputs["sample"].to(param.device, torch.float32),
+        example_inputs["timestep"].to(param.device, torch.long).reshape(-1),
+        example_inputs["encoder_hidden_states"].to(param.device, torch.float32),
+    )
+    inputs = [
+        (ov.PartialShape([-1, config.in_channels, -1, -1]), ov.Type.f32),
+        (ov.PartialShape([-1]), ov.Type.i64),
+        (ov.PartialShape([-1, -1, config.cross_attention_dim]), ov.Type.f32),
+    ]
+    return example, inputs

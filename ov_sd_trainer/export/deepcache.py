@@ -33,6 +33,7 @@ from ..compress.convert import (
     count_fake_quantize,
     int8_constant_stats,
     unet_example_inputs,
+    unet_trace_inputs,
 )
 from ..compress.deepcache import DEEP_FEATURE_NAME, DeepCacheUNet, FullUNet, ShallowUNet, deep_feature_channels
 from ..errors import UserError
@@ -93,19 +94,8 @@ def convert_deepcache_unet(unet: torch.nn.Module, batch: int = 2, height: int = 
 
     cache = DeepCacheUNet(unet)
     model = cache.unet
-    config = model.config
     x = unet_example_inputs(model, batch, height, width)
-    param = next(model.parameters())
-    example = (
-        x["sample"].to(param.device, torch.float32),
-        x["timestep"].to(param.device, torch.long).reshape(-1),
-        x["encoder_hidden_states"].to(param.device, torch.float32),
-    )
-    base_inputs = [
-        (ov.PartialShape([-1, config.in_channels, -1, -1]), ov.Type.f32),
-        (ov.PartialShape([-1]), ov.Type.i64),
-        (ov.PartialShape([-1, -1, config.cross_attention_dim]), ov.Type.f32),
-    ]
+    example, base_inputs = unet_trace_inputs(model, x)
     feature_input = (ov.PartialShape([-1, deep_feature_channels(model), -1, -1]), ov.Type.f32)
     names = list(quantize.UNET_INPUT_NAMES)
     was_training = model.training
