@@ -148,7 +148,7 @@ def main(args) -> int:
                   "--seeds", str(s["eval_seeds"]), "--threads", "1", "--no-progress"]),
         ("bench", [*ov_sd, "bench", "--model", reference, "--qat", str(qat_dir / OPENVINO_DIR), "--ptq", str(ptq_dir),
                    "--ptq-hybrid", str(hybrid_dir), "--output", str(bench_dir), "--threads", "1",
-                   "--repeats", str(s["bench_repeats"])]),
+                   "--repeats", str(s["bench_repeats"]), "--no-measure-image"]),
     ]  # fmt: skip
     report: dict = dict(thresholds_file=str(args.thresholds), thresholds=thresholds, stages=[], checks=[])
     t0 = time.perf_counter()

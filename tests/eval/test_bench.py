@@ -1,11 +1,15 @@
 """`ov-sd bench` and optimum-intel's int8 PTQ peers (`eval/ptq.py`) on tiny pipelines: every variant runs, the
-reports agree with the measurements, bad input gives one-line errors.
+reports agree with the measurements (per UNet step and per composed image), bad input gives one-line errors.
 
 The `--arch sd15` path is exercised with `builders.build_sd15_pipeline` swapped for the tiny pipeline (the real one is
 1.1 B parameters): same code (build, optimum export, PTQ, QAT graph with and without ToMe), tiny sizes."""
 
 import json
+import math
+import os
+import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -15,11 +19,16 @@ from ov_sd_trainer.assets import builders
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.eval.bench import measure, report, run, variants
 
-REQUIRED = ("name", "unet_step_s", "unet_bytes", "speedup_vs_pytorch_fp32")
-# the variants, in registry order
-A, B, C, D, H, E, F, FH, G = (v.name for v in variants.VARIANTS)
-ALL = [A, B, C, D, H, E, F, FH, G]
+REQUIRED = ("name", "unet_step_s", "unet_bytes", "speedup_vs_pytorch_fp32", "text_encoder_s", "vae_decode_s")
+REQUIRED += ("image_s", "image_speedup_vs_pytorch_fp32")
+A, B, C, D = "pytorch-fp32", "pytorch-bf16", "openvino-fp32", "openvino-default"
+H, E, F, FH, G = "optimum-hybrid-ptq", "optimum-int8-ptq", "qat-int8", "qat-int8-hybrid", "qat-int8-tome"
+DC = variants.QAT_DEEPCACHE
+W = variants.W8TV  # the twin with int8 text encoder and VAE weights: H + W, ...
+ALL = [v.name for v in variants.VARIANTS]  # registry order
+IMAGE_STEPS = 10  # PNDM: 11 UNet calls (the default 50 steps make 51: test_image_composition)
 FAST = ["--threads", "1", "--repeats", "2", "--pipeline-repeats", "1", "--steps-pipeline", "2", "--warmup", "1"]
+FAST += ["--warmup-s", "0.1", "--image-steps", str(IMAGE_STEPS)]
 
 
 def _tiny_sd15(output_dir=None, seed=0):
@@ -32,14 +41,25 @@ def _rows(result):
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    """`ov-sd bench --model TINY --profile` with every variant: all but the QAT ones apply (they need --qat/--qat-tome)."""
+    """`ov-sd bench --model TINY --profile` with every variant but qat-int8-deepcache3+w8tv: all but the QAT ones
+    apply (they need --qat/--qat-tome/...), and the step-caching one, given a folder with step-caching IRs (FP32
+    ones, `ov-sd deepcache --fp32` on optimum's export, which the bench then reuses from its work folder: the
+    measuring path is the same as for int8 IRs)."""
+    from ov_sd_trainer.eval.bench.prepare import export_openvino_fp32
+    from ov_sd_trainer.export.deepcache import add_from_diffusers
+
     root = tmp_path_factory.mktemp("bench")
-    _tiny_sd15(root / "pipe", seed=1)
-    argv = ["bench", "--model", str(root / "pipe"), "--output", str(root / "out"), "--work-dir", str(root / "work")]
-    argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1", "--variants", ",".join(ALL)]
+    pipe, work, dc = root / "pipe", root / "work", root / "deepcache"
+    _tiny_sd15(pipe, seed=1)
+    export_openvino_fp32(str(pipe), work / "openvino-fp32")
+    shutil.copytree(work / "openvino-fp32", dc)
+    add_from_diffusers(pipe, dc)
+    argv = ["bench", "--model", str(pipe), "--output", str(root / "out"), "--work-dir", str(work)]
+    argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1", "--qat-deepcache", str(dc)]
+    argv += ["--variants", ",".join(n for n in ALL if n != DC + W)]
     assert cli.main(argv) == 0
     result = json.loads((root / "out" / "bench.json").read_text())
-    return {"root": root, "out": root / "out", "work": root / "work", "result": result}
+    return {"root": root, "out": root / "out", "work": work, "deepcache": dc, "result": result}
 
 
 def check_rows(result, ids):
@@ -49,33 +69,61 @@ def check_rows(result, ids):
         for key in REQUIRED:
             assert r[key] is not None, (r["name"], key)
         assert r["label"] == variants.BY_NAME[r["name"]].label
-        assert len(r["unet_step_times_s"]) == 2
-        assert r["unet_step_s"] == pytest.approx(statistics.median(r["unet_step_times_s"]), abs=1e-4)
-        assert all(t > 0 for t in r["unet_step_times_s"])
-        assert r["pipeline_s"] > 0 and r["pipeline_steps"] == 2
+        for key in ("unet_step", "text_encoder", "vae_decode"):
+            times = r[f"{key}_times_s"]
+            assert len(times) == 2 and all(t > 0 for t in times), (r["name"], key)
+            assert r[f"{key}_s"] == pytest.approx(statistics.median(times), abs=1e-4)
+        assert r["pipeline_s"] > 0 and r["pipeline_steps"] == 2 and r["unet_calls_pipeline"] == 3  # PNDM: K + 1
+        check_image(r, measured=result["settings"]["measure_image"])
         assert r["load_compile_s"] > 0
         assert r["peak_rss_bytes"] >= r["rss_start_bytes"] > 100 * 2**20
-        assert r["total_bytes"] > r["unet_bytes"] > 0
+        assert r["total_bytes"] > r["unet_bytes"] > 0 and r["total_bytes"] > r["text_vae_bytes"] > 0
     a, e, h = rows.get(A), rows.get(E), rows.get(H)
     for r in rows.values():
         if a:
             assert r["speedup_vs_pytorch_fp32"] == pytest.approx(a["unet_step_s"] / r["unet_step_s"])
             assert r["pipeline_speedup_vs_pytorch_fp32"] == pytest.approx(a["pipeline_s"] / r["pipeline_s"])
+            assert r["image_speedup_vs_pytorch_fp32"] == pytest.approx(a["image_s"] / r["image_s"])
         if e:
             assert r["speedup_vs_optimum_int8"] == pytest.approx(e["unet_step_s"] / r["unet_step_s"])
         if h:
             assert r["speedup_vs_optimum_hybrid"] == pytest.approx(h["unet_step_s"] / r["unet_step_s"])
+        for key, peer in (("image_speedup_vs_optimum_int8", E), ("image_speedup_vs_optimum_hybrid", H)):
+            forms = [rows[n]["image_s"] for n in (peer, peer + W) if n in rows]  # the peer's faster form
+            assert r[key] == (pytest.approx(min(forms) / r["image_s"]) if forms else None), (r["name"], key)
     return rows
+
+
+def check_image(r, steps=IMAGE_STEPS, measured=True):
+    """The image latency is the composition of the measured parts, and the direct measurements are there."""
+    interval = variants.BY_NAME[r["name"]].cache_interval
+    calls = steps + 1  # PNDM with skip_prk_steps (the tiny pipeline's scheduler, as SD 1.5's)
+    full = math.ceil(calls / interval)
+    assert (r["unet_calls_per_image"], r["unet_calls_full"], r["unet_calls_shallow"]) == (calls, full, calls - full)
+    assert r["cache_interval"] == interval and (r["shallow_step_s"] is not None) == (interval > 1)
+    shallow = r["shallow_step_s"] or 0.0
+    parts = r["text_encoder_s"] + r["vae_decode_s"]
+    assert r["image_s"] == pytest.approx(parts + full * r["unet_step_s"] + (calls - full) * shallow)
+    full_k = math.ceil(3 / interval)  # the K = 2-step pipeline: 3 UNet calls
+    composed_k = parts + full_k * r["unet_step_s"] + (3 - full_k) * shallow
+    assert r["pipeline_composed_s"] == pytest.approx(composed_k)
+    assert r["pipeline_composed_vs_measured"] == pytest.approx(composed_k / r["pipeline_s"])
+    if measured:
+        assert r["image_measured_s"] > 0 and r["image_steps"] == steps
+        assert r["image_composed_vs_measured"] == pytest.approx(r["image_s"] / r["image_measured_s"])
+        assert r["overhead_s_per_call"] == pytest.approx((r["image_measured_s"] - r["image_s"]) / calls)
+    else:
+        assert r["image_measured_s"] is None and r["image_measured_times_s"] == []
 
 
 def test_all_applicable_variants_run(local_run):
     result = local_run["result"]
-    rows = check_rows(result, [A, B, C, D, H, E])
+    rows = check_rows(result, [A, B, C, D, H, H + W, E, E + W, DC])
     assert rows[A]["speedup_vs_pytorch_fp32"] == 1.0 and rows[E]["speedup_vs_optimum_int8"] == 1.0
     assert rows[H]["speedup_vs_optimum_hybrid"] == 1.0
-    assert set(result["skipped"]) == {F, FH, G}
+    assert set(result["skipped"]) == {F, FH, G} | {n + W for n in (F, FH, G)}
     assert "--qat OV_DIR" in result["skipped"][F] and "--qat-tome OV_DIR" in result["skipped"][G]
-    assert "--qat-hybrid OV_DIR" in result["skipped"][FH]
+    assert "--qat-hybrid OV_DIR" in result["skipped"][FH] and "--qat OV_DIR" in result["skipped"][F + W]
     assert result["settings"]["height"] == result["settings"]["width"] == 64  # the model's own size
     assert rows[C]["ov_config"]["INFERENCE_PRECISION_HINT"] == "f32"
     assert rows[C]["unet_execution"]["INFERENCE_PRECISION_HINT"] == "f32"
@@ -112,8 +160,12 @@ def test_reports_written(local_run):
         assert im.format == "PNG" and im.size[0] > 600
     md = (out / "bench.md").read_text()
     for v in variants.VARIANTS:
-        assert f"{v.name}: {v.label}" in md
+        assert (f"{v.name}: {v.label}" in md) == (v.name != DC + W), v.name  # every one asked for has its row
     assert "omitted: pass --qat" in md and "Where the time goes" in md
+    assert f"## One {IMAGE_STEPS}-step image, composed from measured parts" in md
+    assert "**composed from parts measured on their own**" in md and "timed directly" in md
+    assert f"| {E}{W} | " in md and "## int8 text encoder and VAE weights" in md
+    assert "CPU instruction set: " in md and "VNNI: " in md  # every speed figure names the instruction set
     assert not list(out.parent.glob(".out.tmp-*"))  # atomic: no temporary folder left
 
 
@@ -135,6 +187,105 @@ def test_given_folders_are_measured(local_run, capsys):
     assert f"| {F}: QAT INT8 (this project) |" in capsys.readouterr().out
 
 
+def test_int8_text_vae_twins(local_run):
+    """A `+w8tv` twin: its base folder with the text encoder and VAE compressed to int8 weights (optimum-intel's
+    weight-only bits=8), everything else hard-linked; the report compares each twin with its base."""
+    import openvino as ov
+
+    from ov_sd_trainer.compress.convert import count_int8_constants
+
+    result, work = local_run["result"], local_run["work"]
+    rows = _rows(result)
+    for peer, mode in ((E, "full"), (H, "hybrid")):
+        base, twin = (Path(rows[n]["folder"]) for n in (peer, peer + W))
+        assert base.parent == twin.parent == work and twin.name == base.name + "-w8tv"
+        assert result["preparation"][variants.BY_NAME[peer + W].folder_key]["base"] == str(base)
+        for name in ("text_encoder", "vae_decoder", "vae_encoder"):
+            xml = "openvino_model.xml"
+            assert count_int8_constants(ov.Core().read_model(base / name / xml)) == 0, name
+            assert count_int8_constants(ov.Core().read_model(twin / name / xml)) > 0, name
+        for f in ("unet/openvino_model.bin", "unet/openvino_model.xml", "scheduler/scheduler_config.json"):
+            assert os.path.samefile(base / f, twin / f)  # the same UNet: a hard link
+        assert rows[peer + W]["unet_bytes"] == rows[peer]["unet_bytes"]
+        assert rows[peer + W]["text_vae_bytes"] < 0.5 * rows[peer]["text_vae_bytes"], mode
+    pairs = {p["twin"]: p for p in result["int8_text_vae"]}
+    assert set(pairs) == {E + W, H + W}
+    p, b, t = pairs[E + W], rows[E], rows[E + W]
+    saved = b["text_encoder_s"] + b["vae_decode_s"] - t["text_encoder_s"] - t["vae_decode_s"]
+    assert p["base"] == E and p["saved_s"] == pytest.approx(saved)
+    assert p["image_s"] == pytest.approx([b["image_s"], b["image_s"] - saved])
+    assert result["image_baselines"]["image_speedup_vs_optimum_int8"] in (E, E + W)
+
+
+def test_step_caching_variant(local_run, tmp_path, capsys):
+    """qat-int8-deepcache3 (from the given folder): the full IR is the step, the shallow IR is timed too, 11 UNet
+    calls split 4 full + 7 shallow; a `--qat` folder holding the IRs serves it too; a folder without them is
+    refused in one line; its `+w8tv` twin keeps the IRs (hard links)."""
+    from ov_sd_trainer.eval.bench import prepare, settings
+    from ov_sd_trainer.export.deepcache import FULL_XML, SHALLOW_XML
+
+    result, dc = local_run["result"], local_run["deepcache"]
+    row = _rows(result)[DC]
+    assert row["folder"] == str(dc) and result["preparation"]["qat-deepcache"] == {"given": str(dc)}
+    assert row["cache_interval"] == 3 and (row["unet_calls_full"], row["unet_calls_shallow"]) == (4, 7)  # 0,3,6,9
+    assert row["shallow_step_s"] > 0 and len(row["shallow_step_times_s"]) == 2
+    assert row["profile"]["total_ms"] > 0  # the full IR's counters
+    md = (local_run["out"] / "bench.md").read_text()
+    assert f"| {DC} | " in md and "| 4 + 7 |" in md and "UNet s/step is the full IR's call" in md
+
+    prep = prepare.prepare([DC], settings.BenchSettings(), local_run["work"], model=str(local_run["root"] / "pipe"),
+                           given={"qat": dc}, progress=False)  # fmt: skip
+    assert prep.folders["qat-deepcache"] == dc and prep.log["qat-deepcache"] == {"given": str(dc)}
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    info = prepare.int8_text_vae_folder(dc, twin)
+    assert info["text_encoder"]["bin_bytes"] < info["text_encoder"]["bin_bytes_before"]
+    for xml in (FULL_XML, SHALLOW_XML):
+        assert os.path.samefile(dc / xml, twin / xml) and os.path.samefile(
+            dc / xml.with_suffix(".bin"), twin / xml.with_suffix(".bin")
+        )
+    argv = ["bench", "--model", str(local_run["root"] / "pipe"), "--output", str(tmp_path / "o")]
+    assert cli.main(argv + ["--qat-deepcache", str(local_run["work"] / "openvino-fp32")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no step-caching IRs" in err and "ov-sd deepcache --run" in err and "\n" not in err
+
+
+def test_image_composition():
+    """The 50-step image of SD 1.5's scheduler (PNDM) is 51 UNet calls; step caching splits them; the ratios divide
+    by the peer's faster form; the per-image targets take the fastest QAT variant."""
+    from diffusers import PNDMScheduler
+
+    assert measure.unet_calls(PNDMScheduler(skip_prk_steps=True), 50) == 51
+    assert measure.split_calls(51, 1) == (51, 0) and measure.split_calls(51, 3) == (17, 34)
+    parts = {"text_encoder_s": 0.5, "unet_step_s": 3.0, "shallow_step_s": 1.5, "vae_decode_s": 4.0}
+    assert measure.compose(parts, 51, 3) == pytest.approx(0.5 + 17 * 3.0 + 34 * 1.5 + 4.0)
+    assert measure.compose({**parts, "shallow_step_s": None}, 51, 1) == pytest.approx(0.5 + 51 * 3.0 + 4.0)
+
+    def row(name, image_s):
+        return {"name": name, "image_s": image_s, "unet_step_s": 1.0, "pipeline_s": None, "unet_bytes": 1}
+
+    rows = [row(A, 400.0), row(H, 200.0), row(H + W, 190.0), row(E, 150.0), row(F, 120.0), row(DC, 90.0)]
+    rows.append(row(DC + W, 80.0))
+    report.add_ratios(rows)
+    by = _rows({"variants": rows})
+    assert by[DC + W]["image_speedup_vs_pytorch_fp32"] == pytest.approx(5.0)
+    assert by[DC + W]["image_speedup_vs_optimum_hybrid"] == pytest.approx(190 / 80)  # the faster hybrid form
+    assert by[DC + W]["image_speedup_vs_optimum_int8"] == pytest.approx(150 / 80)  # only one int8 form measured
+    targets = {t["target"]: t for t in report.check_targets(rows)}
+    image = targets["best_int8_image_vs_optimum_int8"]
+    assert image["variant"] == DC + W and image["measured"] == 1.875 and image["met"] and image["goal"] == 1.3
+    assert not targets["best_int8_image_vs_pytorch_fp32"]["met"]  # 5.0 < 6.0
+    avx2 = {"isa": ["avx2"], "openvino_cpu_capabilities": ["FP32", "INT8"]}
+    vnni = {"isa": ["avx2", "avx512f", "avx512_vnni"], "openvino_cpu_capabilities": ["FP32", "INT8"]}
+    assert report.isa_summary(avx2) == "AVX2 (VNNI: no, AMX: no, bf16: no)"
+    assert "AVX512-VNNI (VNNI: yes" in report.isa_summary(vnni)
+    settings = {"height": 512, "width": 512, "batch_size": 2}
+    result = {"arch": "sd15", "source": "--arch sd15", "settings": settings, "machine": vnni}
+    assert report.image_target_differences(result) == []
+    differences = report.image_target_differences({**result, "machine": avx2})
+    assert len(differences) == 1 and "no VNNI" in differences[0]
+
+
 @pytest.mark.slow
 def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
     """`--arch sd15` with `builders.build_sd15_pipeline` swapped for the tiny pipeline (the real one is 1.1 B
@@ -147,17 +298,26 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     rows = check_rows(result, ALL)
     assert result["skipped"] == {}
-    for name in (H, E, F, FH, G):
-        assert rows[name]["unet_bytes"] < 0.5 * rows[C]["unet_bytes"], name
-        assert rows[name]["profile"]["by_precision_ms"].get("i8", 0) > 0, name
+    for name in (H, E, F, FH, G, DC):
+        for n in (name, name + W):
+            assert rows[n]["unet_bytes"] < 0.5 * rows[C]["unet_bytes"], n
+            assert rows[n]["profile"]["by_precision_ms"].get("i8", 0) > 0, n
+        assert rows[name + W]["text_vae_bytes"] < 0.5 * rows[name]["text_vae_bytes"], name
+    assert result["settings"]["measure_image"] is False  # sd15: composed only, by default
+    assert rows[DC]["shallow_step_s"] > 0 and rows[DC]["unet_calls_full"] == 4
+    deepcache = result["preparation"]["qat-deepcache"]["deepcache"]
+    assert deepcache["full_vs_unet_relative_l2"] < 1e-3  # the full IR is the plain QAT UNet
+    assert deepcache["irs"]["shallow.xml"]["fake_quantize_ops"] > 0
     merge_types = set(measure.MERGE_OP_TYPES)
     f_types = {t["node_type"] for t in rows[F]["profile"]["by_type"]}
     g_types = {t["node_type"] for t in rows[G]["profile"]["by_type"]}
     assert not f_types & merge_types and g_types & merge_types  # only the ToMe graph merges tokens
-    assert result["preparation"]["qat-int8-tome"]["tome"]["ratio"] == 0.4
+    assert result["preparation"]["qat-tome"]["tome"]["ratio"] == 0.4
     targets = {t["target"]: t for t in result["targets"]}
-    assert set(targets) == {t[0] for t in report.TARGETS}
+    assert set(targets) == {t[0] for t in report.TARGETS + report.IMAGE_TARGETS}
     assert targets["qat_int8_vs_pytorch_fp32"]["met"] == (rows[F]["speedup_vs_pytorch_fp32"] >= 3.9)
+    best = min((r for r in rows.values() if r["name"].startswith("qat")), key=lambda r: r["image_s"])
+    assert targets["best_int8_image_vs_optimum_int8"]["variant"] == best["name"]
     assert "untrained random weights" in (tmp_path / "out" / "bench.md").read_text()
 
 
@@ -171,6 +331,8 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
         (["--arch", "sd15", "--batch-size", "3"], "must be even"),
         (["--arch", "sd15", "--repeats", "0"], "--repeats must be a positive integer"),
         (["--arch", "sd15", "--pipeline-repeats", "0"], "--pipeline-repeats must be a positive integer"),
+        (["--arch", "sd15", "--image-steps", "0"], "--image-steps must be a positive integer"),
+        (["--arch", "sd15", "--warmup-s", "-1"], "--warmup-s must be >= 0"),
         (["--arch", "sd15", "--height", "100"], "multiple of 8"),
         (["--arch", "sd15", "--ov-config", "NOVALUE"], "expected KEY=VALUE"),
     ],
@@ -192,7 +354,7 @@ def test_bad_folders_fail_before_any_work(tmp_path, capsys):
     _tiny_sd15(pipe)
     not_ov = tmp_path / "not_ov"
     not_ov.mkdir()
-    for flag in ("--qat", "--qat-hybrid", "--qat-tome", "--ptq", "--ptq-hybrid"):
+    for flag in ("--qat", "--qat-hybrid", "--qat-tome", "--qat-deepcache", "--ptq", "--ptq-hybrid"):
         argv = ["bench", "--model", str(pipe), "--output", str(tmp_path / "o"), flag, str(not_ov)]
         assert cli.main(argv) == 2
         assert "is not an OpenVINO pipeline folder" in capsys.readouterr().err
@@ -220,6 +382,8 @@ def test_bf16_is_skipped_by_default_only_without_bf16_instructions():
 def test_parse_variants():
     assert variants.parse_variants(None) == ALL
     assert variants.parse_variants(f"{G},{A}, optimum-int8-ptq,{A}") == [A, E, G]  # registry order, once each
+    assert variants.parse_variants(f"{DC}{W},{E}{W},{E}") == [E, E + W, DC + W]  # a twin right after its base
+    assert [n for n in ALL if n.endswith(W)] == [n + W for n in (H, E, F, FH, G, DC)]  # every int8 variant has one
     with pytest.raises(UserError, match="unknown variant"):
         variants.parse_variants("h")
     with pytest.raises(UserError, match="is empty"):

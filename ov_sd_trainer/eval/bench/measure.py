@@ -1,9 +1,13 @@
-"""Measuring one variant: UNet step latency on fixed inputs, full-pipeline latency, load time, and (`--profile`)
-OpenVINO's per-node counters summarised by op type and execution precision."""
+"""Measuring one variant: the parts of an image (UNet step on fixed inputs, the shallow step with step caching, text
+encoder, VAE decode), the image latency composed from them, full-pipeline latency (K steps, and the whole image
+where cheap, to check the composition), load time, and (`--profile`) OpenVINO's per-node counters summarised by op
+type and execution precision."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import statistics
 import time
 from pathlib import Path
@@ -30,28 +34,103 @@ def unet_inputs(settings: BenchSettings, geo: dict[str, int], height: int, width
     }
 
 
-def _time_calls(fn, warmup: int, repeats: int, desc: str, progress: bool) -> list[float]:
+def _time_calls(fn, warmup: int, repeats: int, desc: str, progress: bool, warmup_s: float = 0.0) -> list[float]:
+    """`repeats` timed calls of `fn` after untimed ones: at least `warmup` calls and `warmup_s` seconds (the first
+    calls after a compile run slow for a while: on a small model ~10 calls of twice the steady time)."""
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (warmup and time.perf_counter() - start < warmup_s):
+        fn()
+        done += 1
     times = []
-    for i in tqdm(range(warmup + repeats), desc=desc, leave=False, disable=not progress):
+    for _ in tqdm(range(repeats), desc=desc, leave=False, disable=not progress):
         t0 = time.perf_counter()
         fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return times
 
 
-def _pipeline_call(pipe, settings: BenchSettings, height: int, width: int, generator) -> None:
-    """One timed pipeline run: batch_size // 2 prompts (CFG doubles them in the UNet), K steps, VAE decode."""
+def unet_calls(scheduler, steps: int) -> int:
+    """UNet calls of a `steps`-step generation: the scheduler's timesteps (PNDM, SD 1.5's default: 51 for 50 steps)."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def split_calls(calls: int, cache_interval: int) -> tuple[int, int]:
+    """(full, shallow) UNet calls with step caching: call k is full when k % interval == 0 (interval 1: all full)."""
+    full = math.ceil(calls / cache_interval)
+    return full, calls - full
+
+
+def compose(parts: dict, calls: int, cache_interval: int) -> float:
+    """Latency of one pipeline call composed from its measured parts: text encoder + UNet calls + VAE decode."""
+    full, shallow = split_calls(calls, cache_interval)
+    unet = full * parts["unet_step_s"] + shallow * (parts["shallow_step_s"] or 0.0)
+    return parts["text_encoder_s"] + unet + parts["vae_decode_s"]
+
+
+def _pipeline_call(pipe, settings: BenchSettings, steps: int, height: int, width: int, generator, **extra) -> None:
+    """One timed pipeline run: batch_size // 2 prompts (CFG doubles them in the UNet), `steps` steps, VAE decode."""
     pipe(
         [settings.prompt] * (settings.batch_size // 2),
-        num_inference_steps=settings.steps_pipeline,
+        num_inference_steps=steps,
         guidance_scale=settings.guidance_scale,
         height=height,
         width=width,
         generator=generator,
+        **extra,
     )
+
+
+def _time_parts(pipe, step, shallow, settings: BenchSettings, inputs: dict, run, context, progress) -> dict:
+    """Time what one image costs, part by part, on a loaded pipeline (diffusers or optimum-intel, the same calls the
+    pipeline makes): the UNet step (`step`; `shallow` too with step caching), the text encoder (`encode_prompt` with
+    CFG: the prompts and the empty negative prompts), the VAE decode of the prompt batch's latents with the
+    postprocessing to PIL, the K-step pipeline and (`measure_image`) the whole `image_steps` pipeline
+    (`run(steps)`). `context()`: entered around every call (torch inference mode / autocast)."""
+    import torch
+
+    images = settings.batch_size // 2
+    prompts = [settings.prompt] * images
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    latents = torch.randn(images, *inputs["sample"].shape[1:], generator=gen)
+    scaling = pipe.vae.config.scaling_factor
+
+    def within(fn):
+        def call():
+            with context():
+                fn()
+
+        return call
+
+    def text():
+        pipe.encode_prompt(prompts, pipe._execution_device, 1, True)
+
+    def vae():
+        image = pipe.vae.decode(latents / scaling, return_dict=False)[0]
+        pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * images)
+
+    def timed(fn, desc):
+        return _time_calls(within(fn), settings.warmup, settings.repeats, desc, progress, settings.warmup_s)
+
+    out = {"unet_times": timed(step, "UNet steps")}
+    out["shallow_times"] = timed(shallow, "shallow UNet steps") if shallow else []
+    out["text_times"] = timed(text, "text encoder")
+    out["vae_times"] = timed(vae, "VAE decode")
+    out["pipeline_times"] = _time_calls(
+        within(lambda: run(settings.steps_pipeline)), 0, settings.pipeline_repeats, "pipeline runs", progress
+    )
+    out["image_times"] = []
+    if settings.measure_image:
+        out["image_times"] = _time_calls(
+            within(lambda: run(settings.image_steps)), 0, settings.pipeline_repeats, "image runs", progress
+        )
+    out["calls_pipeline"] = unet_calls(pipe.scheduler, settings.steps_pipeline)
+    out["calls_image"] = unet_calls(pipe.scheduler, settings.image_steps)
+    return out
 
 
 def measure_pytorch(folder, settings: BenchSettings, inputs: dict, height: int, width: int, bf16: bool, progress):
@@ -61,55 +140,86 @@ def measure_pytorch(folder, settings: BenchSettings, inputs: dict, height: int, 
     pipe = load_pipeline(str(folder))
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     unet = pipe.unet.eval()
 
+    @contextlib.contextmanager
+    def context():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            yield
+
     def step():
-        with torch.inference_mode(), autocast:
-            unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)
+        unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)
 
-    times = _time_calls(step, settings.warmup, settings.repeats, "UNet steps", progress)
+    def run(steps):
+        _pipeline_call(pipe, settings, steps, height, width, torch.Generator().manual_seed(settings.seed))
 
-    def run_pipeline():
-        with torch.inference_mode(), autocast:
-            _pipeline_call(pipe, settings, height, width, torch.Generator().manual_seed(settings.seed))
-
-    pipe_times = _time_calls(run_pipeline, 0, settings.pipeline_repeats, "pipeline runs", progress)
-    return {"load_compile_s": load_s, "unet_times": times, "pipeline_times": pipe_times, "ov_config": None}
+    raw = _time_parts(pipe, step, None, settings, inputs, run, context, progress)
+    return {**raw, "load_compile_s": load_s, "ov_config": None}
 
 
-def load_openvino(folder, settings: BenchSettings, ov_config: dict, height: int, width: int):
-    """from_pretrained (uncompiled) -> static reshape to (batch, height, width) -> compile, as the README does."""
+def load_openvino(folder, settings: BenchSettings, ov_config: dict, height: int, width: int, cache_interval: int = 1):
+    """from_pretrained (uncompiled) -> static reshape to (batch, height, width) -> compile, as the README does.
+    `cache_interval` > 1: `OVDeepCacheStableDiffusionPipeline`, its full / shallow IRs compiled and the plain UNet
+    not (it never runs then)."""
     from optimum.intel import OVStableDiffusionPipeline
 
-    pipe = OVStableDiffusionPipeline.from_pretrained(str(folder), compile=False, ov_config=ov_config)
+    cls = OVStableDiffusionPipeline
+    if cache_interval > 1:
+        from ..deepcache_pipeline import OVDeepCacheStableDiffusionPipeline as cls
+
+    pipe = cls.from_pretrained(str(folder), compile=False, ov_config=ov_config)
     if settings.static_shapes:
         images = settings.batch_size // 2
         pipe.reshape(batch_size=images, height=height, width=width, num_images_per_prompt=1)
         match_vae_decoder_batch(pipe, images, height, width)
-    pipe.compile()
+    if cache_interval > 1:
+        pipe.cache_interval = cache_interval
+        pipe.text_encoder.compile()
+        pipe.vae_decoder.compile()
+        for part in pipe._parts().values():
+            part.compile(pipe.unet._device, pipe.unet.ov_config)
+    else:
+        pipe.compile()
     return pipe
 
 
-def measure_openvino(folder, settings: BenchSettings, ov_config: dict, inputs: dict, height, width, progress):
+def measure_openvino(folder, settings: BenchSettings, ov_config: dict, inputs: dict, height, width, progress,
+                     cache_interval: int = 1):  # fmt: skip
     import numpy as np
 
     t0 = time.perf_counter()
-    pipe = load_openvino(folder, settings, ov_config, height, width)
+    pipe = load_openvino(folder, settings, ov_config, height, width, cache_interval)
     load_s = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     feed = {k: v.numpy() for k, v in inputs.items()}
-    times = _time_calls(lambda: pipe.unet(**feed), settings.warmup, settings.repeats, "UNet steps", progress)
+    shallow = None
+    if cache_interval > 1:  # the full IR is the step; the shallow one runs on the deep feature it returns
+        from ...compress.deepcache import DEEP_FEATURE_NAME
 
-    def run_pipeline():
-        _pipeline_call(pipe, settings, height, width, np.random.RandomState(settings.seed))
+        parts = pipe._parts()
+        compiled = parts["full"].request
+        feature = np.array(compiled(feed)[DEEP_FEATURE_NAME], copy=True)
+        shallow_feed = {**feed, DEEP_FEATURE_NAME: feature}
 
-    pipe_times = _time_calls(run_pipeline, 0, settings.pipeline_repeats, "pipeline runs", progress)
-    compiled = pipe.unet.request
+        def step():
+            compiled(feed)
+
+        def shallow():
+            parts["shallow"].request(shallow_feed)
+    else:
+        compiled = pipe.unet.request
+
+        def step():
+            pipe.unet(**feed)
+
+    def run(steps):
+        _pipeline_call(pipe, settings, steps, height, width, np.random.RandomState(settings.seed))
+
+    raw = _time_parts(pipe, step, shallow, settings, inputs, run, contextlib.nullcontext, progress)
     result = {
+        **raw,
         "load_compile_s": load_s,
-        "unet_times": times,
-        "pipeline_times": pipe_times,
         "ov_config": {k: str(v) for k, v in ov_config.items()},
         "unet_execution": {
             k: _prop_str(compiled.get_property(k))
@@ -185,26 +295,67 @@ def _ov_config_for(variant: Variant, settings: BenchSettings) -> dict[str, Any]:
     return config
 
 
+def _median(times: list[float]) -> float | None:
+    return statistics.median(times) if times else None
+
+
 def measure_variant(variant: Variant, folder: Path, settings: BenchSettings, inputs: dict, height, width, progress):
     with PhaseMonitor() as mon:
         if variant.is_pytorch:
             raw = measure_pytorch(folder, settings, inputs, height, width, bf16=variant.bf16, progress=progress)
         else:
             config = _ov_config_for(variant, settings)
-            raw = measure_openvino(folder, settings, config, inputs, height, width, progress)
+            raw = measure_openvino(folder, settings, config, inputs, height, width, progress, variant.cache_interval)
         free_memory()
+    parts = {
+        "text_encoder_s": _median(raw["text_times"]),
+        "unet_step_s": _median(raw["unet_times"]),
+        "shallow_step_s": _median(raw["shallow_times"]),
+        "vae_decode_s": _median(raw["vae_times"]),
+    }
+    interval = variant.cache_interval
+    full, shallow = split_calls(raw["calls_image"], interval)
+    pipeline_s, image_measured_s = _median(raw["pipeline_times"]), _median(raw["image_times"])
+    pipeline_composed_s = compose(parts, raw["calls_pipeline"], interval)
+    image_s = compose(parts, raw["calls_image"], interval)
     row = {
         "name": variant.name,
         "label": variant.label,
         "runtime": variant.runtime,
         "folder": str(folder),
-        "unet_step_s": statistics.median(raw["unet_times"]),
+        **parts,
         "unet_step_times_s": [round(t, 4) for t in raw["unet_times"]],
-        "pipeline_s": statistics.median(raw["pipeline_times"]) if raw["pipeline_times"] else None,
+        "shallow_step_times_s": [round(t, 4) for t in raw["shallow_times"]],
+        "text_encoder_times_s": [round(t, 4) for t in raw["text_times"]],
+        "vae_decode_times_s": [round(t, 4) for t in raw["vae_times"]],
+        "cache_interval": interval,
+        "int8_text_vae": variant.int8_text_vae,
+        "image_steps": settings.image_steps,
+        "unet_calls_per_image": raw["calls_image"],
+        "unet_calls_full": full,
+        "unet_calls_shallow": shallow,
+        "image_s": image_s,  # composed: text encoder + full x step + shallow x shallow step + VAE decode
+        "image_measured_s": image_measured_s,
+        "image_measured_times_s": [round(t, 3) for t in raw["image_times"]],
+        "image_composed_vs_measured": image_s / image_measured_s if image_measured_s else None,
+        "pipeline_s": pipeline_s,
         "pipeline_times_s": [round(t, 3) for t in raw["pipeline_times"]],
         "pipeline_steps": settings.steps_pipeline,
+        "unet_calls_pipeline": raw["calls_pipeline"],
+        "pipeline_composed_s": pipeline_composed_s,
+        "pipeline_composed_vs_measured": pipeline_composed_s / pipeline_s if pipeline_s else None,
+        # what the composition leaves out (scheduler, guidance arithmetic, tensor conversions), per UNet call: from
+        # the whole image where it was timed, else from the K-step pipeline
+        "overhead_s_per_call": (
+            (image_measured_s - image_s) / raw["calls_image"]
+            if image_measured_s
+            else (pipeline_s - pipeline_composed_s) / raw["calls_pipeline"]
+            if pipeline_s
+            else None
+        ),
         "load_compile_s": round(raw["load_compile_s"], 2),
         "unet_bytes": unet_bytes(folder),
+        "text_vae_bytes": text_vae_bytes(folder),
         "total_bytes": folder_bytes(folder),
         **mon.as_dict(),
         "ov_config": raw["ov_config"],
@@ -214,3 +365,14 @@ def measure_variant(variant: Variant, folder: Path, settings: BenchSettings, inp
     if "profile" in raw:
         row["profile"] = raw["profile"]
     return row
+
+
+def text_vae_bytes(folder: str | Path) -> int:
+    """Bytes on disk of the text encoder and VAE weights (OpenVINO IRs, or the diffusers weights)."""
+    folder = Path(folder)
+    total = 0
+    for name in ("text_encoder", "vae_decoder", "vae_encoder", "vae"):
+        sub = folder / name
+        if sub.is_dir():
+            total += sum(f.stat().st_size for f in sub.iterdir() if f.is_file() and f.suffix != ".json")
+    return total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -21,9 +22,19 @@ from ...pipeline_folder import (
 )
 from .monitor import PhaseMonitor, free_memory
 from .settings import BenchSettings
-from .variants import BY_NAME, VARIANTS
+from .variants import BY_NAME, VARIANTS, W8TV
 
 PTQ_MODES = {"ptq-full": "full", "ptq-hybrid": "hybrid"}  # source -> `ptq.quantize_pipeline_int8(mode=...)`
+QAT_SOURCES = ("qat", "qat-hybrid", "qat-tome", "qat-deepcache")  # built under --arch sd15 (the QAT graph)
+# the models of a pipeline folder that a `+w8tv` twin compresses: every one but the UNet, as optimum-intel does
+TEXT_VAE_MODELS = ("text_encoder", "vae_decoder", "vae_encoder")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _cached(path: Path, build, what: str, prep_log: dict) -> Path:
@@ -60,11 +71,13 @@ def build_qat_folder(
     tome: dict[str, Any] | None = None,
     calibration_samples: int = 2,
     scheme: str = "full",
+    deepcache: bool = False,
 ) -> dict[str, Any]:
     """The OpenVINO folder QAT exports, from random calibration (speed only): the FP32 UNet, ToMe applied first if
     `tome` (`tome.apply_tome` keyword arguments; as training applies it to the student before quantization),
     `quantize_unet` with the training defaults, `convert_unet_to_openvino`, saved over the UNet of optimum's FP32
-    export as `export/openvino.py` does (text encoder / VAE stay optimum's)."""
+    export as `export/openvino.py` does (text encoder / VAE stay optimum's). `deepcache`: also the step-caching IRs
+    (`unet_deepcache/`) from the same student, as `ov-sd deepcache --run` writes them."""
     import openvino as ov
     import torch
     from diffusers import UNet2DConditionModel
@@ -96,28 +109,85 @@ def build_qat_folder(
     free_memory()
     # traced at the benchmark's latent size: a merge whose token count were fixed at trace time would still be right
     ov_unet = convert_unet_to_openvino(student, example_inputs=calib[0])
-    del student, calib
+    del calib
     free_memory()
     shutil.copytree(ov_fp32_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("openvino_model.*"))
     for sub in Path(ov_fp32_dir).iterdir():  # the non-UNet IRs: hard links when possible (same bytes, no copy)
         if sub.is_dir() and sub.name != "unet":
             for f in sub.glob("openvino_model.*"):
-                try:
-                    os.link(f, out / sub.name / f.name)
-                except OSError:
-                    shutil.copy2(f, out / sub.name / f.name)
+                _link_or_copy(f, out / sub.name / f.name)
     ov.save_model(ov_unet, out / UNET_XML, compress_to_fp16=False)
     info["fake_quantize_ops"] = count_fake_quantize(ov_unet)
     del ov_unet
+    free_memory()
+    if deepcache:  # full / shallow IRs of the same student, checked against the plain UNet IR just saved
+        from ...export.deepcache import read_info, write_deepcache_irs
+
+        write_deepcache_irs(out, student, source={"kind": "qat graph (bench, random calibration)", "scheme": scheme})
+        info["deepcache"] = {k: read_info(out).get(k) for k in ("full_vs_unet_relative_l2", "irs")}
+    del student
     return info
+
+
+def int8_text_vae_folder(base: Path, out: Path) -> dict[str, Any]:
+    """`base` with its text encoder and VAE weights compressed to int8 (a `+w8tv` twin): the weight-only 8-bit
+    compression optimum-intel's pipeline quantization applies to every model but the UNet
+    (`OVWeightQuantizationConfig(bits=8)`, optimum's own `_weight_only_quantization`: NNCF `compress_weights`,
+    asymmetric int8, per channel). Every other file is a hard link to `base` (same bytes); a model that is
+    already compressed is kept as it is."""
+    import openvino as ov
+    from optimum.intel import OVWeightQuantizationConfig
+    from optimum.intel.openvino.quantization import _weight_only_quantization
+
+    replaced = {Path(m) / name for m in TEXT_VAE_MODELS for name in ("openvino_model.xml", "openvino_model.bin")}
+    for f in sorted(base.rglob("*")):
+        rel = f.relative_to(base)
+        if f.is_dir():
+            (out / rel).mkdir(parents=True, exist_ok=True)
+        elif rel not in replaced:
+            _link_or_copy(f, out / rel)
+    info: dict[str, Any] = {"base": str(base), "method": "optimum-intel _weight_only_quantization, "
+                            "OVWeightQuantizationConfig(bits=8)"}  # fmt: skip
+    core = ov.Core()
+    for name in TEXT_VAE_MODELS:
+        xml = base / name / "openvino_model.xml"
+        if not xml.is_file():
+            continue
+        before = xml.with_suffix(".bin").stat().st_size
+        model = core.read_model(xml)
+        if "nncf" in model.get_rt_info():  # compressed or quantized already: as it is
+            for f in (xml, xml.with_suffix(".bin")):
+                _link_or_copy(f, out / name / f.name)
+            info[name] = {"kept": "already compressed", "bin_bytes": before}
+            continue
+        model = _weight_only_quantization(model, OVWeightQuantizationConfig(bits=8))
+        ov.save_model(model, out / name / "openvino_model.xml", compress_to_fp16=False)
+        info[name] = {"bin_bytes_before": before, "bin_bytes": (out / name / "openvino_model.bin").stat().st_size}
+        del model
+    return info
+
+
+def _twin_path(work_dir: Path, source: str, base: Path) -> Path:
+    """Where the `+w8tv` twin of `base` is built: beside a folder built here, else named after the given folder
+    (its path and the sizes and times of the files it compresses, so a changed folder is not reused)."""
+    base = base.resolve()
+    if base.parent == work_dir.resolve():
+        return work_dir / (base.name + "-w8tv")
+    stamp = [str(base)]
+    for name in TEXT_VAE_MODELS:
+        for f in sorted((base / name).glob("openvino_model.*")):
+            st = f.stat()
+            stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:10]
+    return work_dir / f"given-{source}-w8tv-{digest}"
 
 
 @dataclass
 class Prepared:
     diffusers_dir: Path | None = None
     ov_fp32_dir: Path | None = None
-    folders: dict[str, Path] = field(default_factory=dict)  # source -> folder (see variants.Variant.source)
-    notes: dict[str, str] = field(default_factory=dict)  # source -> why its variants cannot run
+    folders: dict[str, Path] = field(default_factory=dict)  # folder key -> folder (variants.Variant.folder_key)
+    notes: dict[str, str] = field(default_factory=dict)  # folder key -> why its variants cannot run
     log: dict[str, Any] = field(default_factory=dict)  # what was built / reused, with times
 
 
@@ -137,7 +207,8 @@ def prepare(
 ) -> Prepared:
     """Build or locate the folder of every source the named variants need; a source that cannot be had gets a note.
 
-    `given`: source -> an existing folder passed on the command line (`--qat`, `--ptq`, ...)."""
+    `given`: source -> an existing folder passed on the command line (`--qat`, `--ptq`, ...). A `+w8tv` twin's
+    folder is derived from its base's (`int8_text_vae_folder`)."""
     from tqdm.auto import tqdm
 
     from ...assets.builders import build_sd15_pipeline
@@ -147,9 +218,10 @@ def prepare(
     given = given or {}
     prep = Prepared()
     sources = {BY_NAME[v].source for v in variants}
+    twins = [BY_NAME[v].source for v in variants if BY_NAME[v].int8_text_vae]
     need_ov = any(s != "diffusers" for s in sources)
-    built = [s for s in ("ptq-hybrid", "ptq-full", "qat", "qat-hybrid", "qat-tome") if s in sources]
-    bar = tqdm(total=1 + need_ov + len(built), desc="bench: preparing", disable=not progress)
+    built = [s for s in (*PTQ_MODES, *QAT_SOURCES) if s in sources]
+    bar = tqdm(total=1 + need_ov + len(built) + len(twins), desc="bench: preparing", disable=not progress)
 
     # the source pipeline
     if arch == "sd15":
@@ -194,6 +266,11 @@ def prepare(
     height = settings.height or geo["size"]
     width = settings.width or geo["size"]
 
+    if "qat-deepcache" in sources and "qat-deepcache" not in given and "qat" in given:
+        from ...export.deepcache import has_deepcache
+
+        if has_deepcache(given["qat"]):  # the QAT export given by --qat holds step-caching IRs: measure those
+            given = {**given, "qat-deepcache": given["qat"]}
     for source in built:
         if source in given:
             prep.folders[source] = given[source]
@@ -223,13 +300,14 @@ def prepare(
         elif arch == "sd15":
             tome = settings.tome_kwargs() if source == "qat-tome" else None
             scheme = "hybrid" if source == "qat-hybrid" else "full"
+            deepcache = source == "qat-deepcache"
             bar.set_description(f"bench: QAT graph ({source})")
             lh, lw = height // geo["vae_factor"], width // geo["vae_factor"]
             tag = "-".join(f"{k}{v}" for k, v in tome.items()) if tome else ""
             name = "-".join(filter(None, (source, tag, f"{height}x{width}-b{settings.batch_size}")))
             info: dict[str, Any] = {}
 
-            def build(d, tome=tome, scheme=scheme, info=info, lh=lh, lw=lw):
+            def build(d, tome=tome, scheme=scheme, deepcache=deepcache, info=info, lh=lh, lw=lw):
                 info.update(
                     build_qat_folder(
                         prep.diffusers_dir,
@@ -239,14 +317,34 @@ def prepare(
                         batch=settings.batch_size,
                         tome=tome,
                         scheme=scheme,
+                        deepcache=deepcache,
                     )  # fmt: skip
                 )
 
             prep.folders[source] = _cached(work_dir / name, build, source, prep.log)
             prep.log[source].update(info)
         else:
-            flag = next(v.flag for v in VARIANTS if v.source == source)
-            prep.notes[source] = f"omitted: pass {flag} OV_DIR (an exported QAT folder, a run's output_dir/openvino)"
+            flag = next(v.flag for v in VARIANTS if v.source == source and v.flag)
+            what = "an exported QAT folder, a run's output_dir/openvino"
+            if source == "qat-deepcache":
+                what += ", with step-caching IRs from `ov-sd deepcache --run RUN_DIR`"
+            prep.notes[source] = f"omitted: pass {flag} OV_DIR ({what})"
+        bar.update()
+
+    for source in twins:
+        key = source + W8TV
+        if source in prep.notes:
+            prep.notes[key] = prep.notes[source]
+        else:
+            base = prep.folders[source]
+            bar.set_description(f"bench: int8 text encoder + VAE ({source})")
+            info = {}
+
+            def build_twin(d, base=base, info=info):
+                info.update(int8_text_vae_folder(base, d))
+
+            prep.folders[key] = _cached(_twin_path(work_dir, source, base), build_twin, key, prep.log)
+            prep.log[key].update(info)
         bar.update()
     bar.close()
     return prep

@@ -1,14 +1,21 @@
 """`ov-sd bench`: inference speed, size and memory of a Stable Diffusion pipeline in several forms, side by side.
 
 One process measures every variant (`variants.VARIANTS`: PyTorch FP32 and bf16, OpenVINO FP32 and default
-precision, optimum-intel's hybrid and full-int8 PTQ, this project's QAT int8 with and without token merging) on the
-same inputs, one at a time (each is loaded, measured and freed before the next).
+precision, optimum-intel's hybrid and full-int8 PTQ, this project's QAT int8 with and without token merging or step
+caching, each int8 one also with int8 text encoder and VAE weights) on the same inputs, one at a time (each is
+loaded, measured and freed before the next).
 
 For each: UNet step latency (warm-up, then the median of N calls with fixed inputs), full pipeline latency for K
 steps (text encoder + K CFG UNet steps + VAE decode), UNet and folder size on disk, load+compile time, peak RSS, and
-speed-ups vs PyTorch FP32 and vs each optimum-intel PTQ peer. OpenVINO pipelines are reshaped to static shapes
-(batch, height, width) as the README's usage does, unless `--dynamic-shapes`. Every report names the CPU's
-instruction set (AVX2, AVX512-VNNI, AMX, BF16): int8 and bf16 speed depend on it completely.
+speed-ups vs PyTorch FP32 and vs each optimum-intel PTQ peer. Per image: the text encoder call, the UNet call (and,
+with step caching, the shallow call) and the VAE decode are timed on their own, and the latency of one
+`--image-steps`-step image (default 50) is composed from them: text encoder + the scheduler's UNet calls + VAE decode
+(`measure.compose`); the K-step pipeline composed the same way, and the whole image pipeline where cheap
+(`--measure-image`, default except under --arch sd15), are timed directly to check the composition. The per-image
+ratios divide by PyTorch FP32 and by the faster form of each optimum peer (`report.IMAGE_BASELINES`). OpenVINO
+pipelines are reshaped to static shapes (batch, height, width) as the README's usage does, unless `--dynamic-shapes`.
+Every report names the CPU's instruction set (AVX2, AVX512-VNNI, AMX, BF16): int8 and bf16 speed depend on it
+completely.
 
 Peak RSS: a thread samples the process RSS (psutil) every 20 ms while a variant is loaded and measured; `peak_rss`
 is the maximum, `rss_start` the RSS when the variant's phase began (after the previous variant was freed and
@@ -17,12 +24,14 @@ thread's CPU accounting gives `other_load_cores`: the CPU time other processes u
 
 `--arch sd15` builds the SD 1.5 architecture with random weights (`assets.builders.build_sd15_pipeline`) once into the
 work folder: latency does not depend on weight values, quality does, so the QAT variants there are the QAT graph
-with untrained weights (NNCF quantizers calibrated on two random inputs, exactly the graph QAT exports), speed only.
+with untrained weights (NNCF quantizers calibrated on two random inputs, exactly the graph QAT exports; the
+step-caching variant adds the full / shallow IRs of the same student, as `ov-sd deepcache --run` does), speed only.
 `--profile` compiles the OpenVINO variants with PERF_COUNT and writes time per op type and per execution precision.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -39,7 +48,17 @@ from ...pipeline_folder import check_openvino_folder, geometry, looks_local
 from .measure import measure_variant, unet_inputs
 from .monitor import free_memory
 from .prepare import prepare
-from .report import add_ratios, check_targets, machine_info, markdown_report, native_bf16, plot, versions
+from .report import (
+    add_ratios,
+    check_targets,
+    image_baselines,
+    machine_info,
+    markdown_report,
+    native_bf16,
+    plot,
+    text_vae_pairs,
+    versions,
+)
 from .settings import ARCHS, SD15_DEFAULTS, BenchSettings, parse_ov_config
 from .variants import BY_NAME, VARIANTS, parse_variants
 
@@ -89,6 +108,14 @@ def run_bench(
         raise UserError(f"model path {model!r} does not exist; pass a pipeline folder or a Hub id")
     by_flag = {v.flag: v.source for v in VARIANTS if v.flag}
     folders = {by_flag[flag]: check_openvino_folder(path, flag) for flag, path in (given or {}).items() if path}
+    if "qat-deepcache" in folders:
+        from ...export.deepcache import has_deepcache
+
+        if not has_deepcache(folders["qat-deepcache"]):
+            raise UserError(
+                f"--qat-deepcache {str(folders['qat-deepcache'])!r} has no step-caching IRs (unet_deepcache/); "
+                "add them with `ov-sd deepcache --run RUN_DIR`"
+            )
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
@@ -101,7 +128,7 @@ def run_bench(
         wanted = [n for n in names if n not in skipped]
         prep = prepare(wanted, settings, work, model=model, arch=arch, given=folders, progress=progress)
         for name in wanted:
-            note = prep.notes.get(BY_NAME[name].source)
+            note = prep.notes.get(BY_NAME[name].folder_key)
             if note:
                 skipped[name] = note
         geo = geometry(prep.ov_fp32_dir or Path(prep.diffusers_dir))
@@ -115,7 +142,7 @@ def run_bench(
         bar = tqdm(todo, desc="bench", disable=not progress)
         for variant in bar:
             bar.set_description(f"bench: {variant.name}")
-            folder = prep.folders[variant.source]
+            folder = prep.folders[variant.folder_key]
             rows.append(measure_variant(variant, folder, settings, inputs, height, width, progress))
             free_memory()
         bar.close()
@@ -133,10 +160,18 @@ def run_bench(
         )
     if settings.profile:
         notes.append("timed with PERF_COUNT on (OpenVINO variants): per-node counters add a little overhead.")
+    if any(r["cache_interval"] > 1 for r in rows):
+        notes.append(
+            "step caching (qat-int8-deepcache*): UNet s/step is the full IR's call; the shallow call and the image "
+            "latency are in the per-image table; the K-step pipeline runs with the cache."
+        )
     result = {
         "source": f"--arch {arch}" if arch else str(model),
+        "arch": arch,
         "settings": resolved,
         "variants": rows,
+        "image_baselines": image_baselines(rows),
+        "int8_text_vae": text_vae_pairs(rows),
         "skipped": {n: skipped[n] for n in names if n in skipped},
         "targets": check_targets(rows),
         "notes": notes,
@@ -183,7 +218,14 @@ def add_arguments(p) -> None:
                        ("pipeline_repeats", "timed pipeline runs")):  # fmt: skip
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"{what} (default {_D[name]}; sd15: {SD15_DEFAULTS[name]})")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=_D["warmup"])
+    p.add_argument("--warmup", type=int, default=_D["warmup"], help="untimed calls before each timed part")
+    p.add_argument("--warmup-s", type=float, default=_D["warmup_s"],
+                   help="and untimed calls until this many seconds have passed")  # fmt: skip
+    p.add_argument("--image-steps", type=int, default=_D["image_steps"],
+                   help="steps of the image whose latency is composed from the measured parts")  # fmt: skip
+    p.add_argument("--measure-image", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the whole --image-steps pipeline directly (default: yes; sd15: no, minutes per "
+                   "variant)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads and OpenVINO INFERENCE_NUM_THREADS")
     p.add_argument("--dynamic-shapes", action="store_true", help="do not reshape OpenVINO pipelines to static")
     p.add_argument("--ov-config", action="append", default=None, metavar="KEY=VALUE", help="OpenVINO property")
@@ -213,6 +255,9 @@ def settings_from_args(args) -> BenchSettings:
         repeats=pick("repeats"),
         pipeline_repeats=pick("pipeline_repeats"),
         warmup=args.warmup,
+        warmup_s=args.warmup_s,
+        image_steps=args.image_steps,
+        measure_image=pick("measure_image"),
         threads=args.threads,
         static_shapes=not args.dynamic_shapes,
         ov_config=parse_ov_config(args.ov_config),

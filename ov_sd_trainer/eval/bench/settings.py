@@ -12,8 +12,9 @@ from ...compress.tome_config import validate as validate_tome
 from ...errors import UserError
 
 ARCHS = ("sd15",)
-# --arch sd15 is slow on 2 cores (~3-13 s per UNet step): fewer repeats than for a small model.
-SD15_DEFAULTS = {"steps_pipeline": 2, "repeats": 3, "pipeline_repeats": 1}
+# --arch sd15 is slow on 2 cores (~3-13 s per UNet step): fewer repeats than for a small model, and the 50-step
+# image is composed from its measured parts only (a direct 50-step call per variant would take minutes each).
+SD15_DEFAULTS = {"steps_pipeline": 2, "repeats": 3, "pipeline_repeats": 1, "measure_image": False}
 
 
 @dataclass
@@ -22,9 +23,12 @@ class BenchSettings:
     width: int | None = None
     batch_size: int = 2  # UNet batch: with classifier-free guidance, batch_size // 2 images per pipeline call
     steps_pipeline: int = 3  # K: denoising steps of each full-pipeline run
-    repeats: int = 5  # N: timed UNet calls (median reported)
+    repeats: int = 5  # N: timed calls of each part (UNet step, text encoder, VAE decode; medians reported)
     pipeline_repeats: int = 2  # timed full-pipeline runs (median reported)
-    warmup: int = 1  # untimed UNet calls first (first inference allocates and tunes)
+    warmup: int = 1  # untimed calls first, for each timed part (first inference allocates and tunes)
+    warmup_s: float = 0.5  # ... and untimed calls until this many seconds have passed (small models: ~10 slow calls)
+    image_steps: int = 50  # the image whose latency is composed: text encoder + its UNet calls + VAE decode
+    measure_image: bool = True  # also time one image_steps pipeline call directly (checks the composition)
     threads: int | None = None  # torch threads and OpenVINO INFERENCE_NUM_THREADS; None: the libraries' choice
     static_shapes: bool = True
     ov_config: dict[str, str] = field(default_factory=dict)  # extra OpenVINO properties for every OV variant
@@ -49,12 +53,14 @@ class BenchSettings:
 
     def check(self) -> None:
         """One-line errors naming the flag, before any slow work."""
-        for name in ("batch_size", "steps_pipeline", "repeats", "pipeline_repeats"):
+        for name in ("batch_size", "steps_pipeline", "repeats", "pipeline_repeats", "image_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.warmup_s < 0:
+            raise UserError(f"--warmup-s must be >= 0, got {self.warmup_s}")
         if self.batch_size % 2:
             raise UserError(f"--batch-size {self.batch_size}: must be even (the UNet batch with CFG is 2 x images)")
         if self.threads is not None and self.threads < 1:
