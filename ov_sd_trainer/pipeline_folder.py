@@ -6,6 +6,11 @@ Two kinds exist:
   `diffusion_pytorch_model.*`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; PyTorch runs it;
 - an **OpenVINO folder** as optimum-intel writes it: `model_index.json`, `unet/openvino_model.xml|.bin`,
   `text_encoder/`, `vae_decoder/`, `vae_encoder/`, `tokenizer/`, `scheduler/`; `OVStableDiffusionPipeline` runs it.
+
+Both kinds name their pipeline class in model_index.json (`_class_name`, the diffusers name in either kind); loading
+dispatches on it (`families.PIPELINE_CLASSES`: `StableDiffusionPipeline` for SD 1.x/2.x,
+`LatentConsistencyModelPipeline` for LCM, and optimum-intel's `OV...` class of each), and an unsupported class is a
+one-line error.
   Every OpenVINO folder this project writes is also ready for OpenVINO GenAI's `Text2ImagePipeline`
   (`write_genai_files`): it holds the tokenizer as OpenVINO IRs (`tokenizer/openvino_tokenizer.xml|.bin`,
   `tokenizer/openvino_detokenizer.xml|.bin`), which GenAI needs to run at all, and its scheduler config lists the
@@ -26,6 +31,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import families
 from .errors import UserError
 
 UNET_XML = Path("unet") / "openvino_model.xml"
@@ -33,6 +39,7 @@ UNET_XML = Path("unet") / "openvino_model.xml"
 OV_TOKENIZER_XML = Path("tokenizer") / "openvino_tokenizer.xml"
 OV_DETOKENIZER_XML = Path("tokenizer") / "openvino_detokenizer.xml"
 GENAI_TOKENIZER_FILES = (OV_TOKENIZER_XML, OV_DETOKENIZER_XML)  # each with its .bin
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")  # SDXL has a second tokenizer: GenAI needs its IRs too
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 PREPARE_GENAI_COMMAND = "ov-sd prepare-genai --model"  # the fix for a folder written before (or by optimum-intel)
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -51,9 +58,15 @@ def is_openvino_folder(path: str | Path) -> bool:
     return (Path(path) / UNET_XML).is_file()
 
 
+def _tokenizer_dirs(path: str | Path) -> list[str]:
+    """`tokenizer`, and SDXL's `tokenizer_2` where the folder has one."""
+    return [d for d in TOKENIZER_DIRS if d == "tokenizer" or (Path(path) / d).is_dir()]
+
+
 def has_openvino_tokenizer(path: str | Path) -> bool:
-    """Whether the folder holds the tokenizer and detokenizer IRs (.xml and .bin) that OpenVINO GenAI loads."""
-    files = [Path(path) / f for f in GENAI_TOKENIZER_FILES]
+    """Whether the folder holds the tokenizer and detokenizer IRs (.xml and .bin) that OpenVINO GenAI loads, for each
+    of its tokenizers (SDXL: `tokenizer/` and `tokenizer_2/`)."""
+    files = [Path(path) / d / f.name for d in _tokenizer_dirs(path) for f in GENAI_TOKENIZER_FILES]
     return all(f.is_file() and f.with_suffix(".bin").is_file() for f in files)
 
 
@@ -151,6 +164,16 @@ def check_pipeline_source(name_or_path: str) -> None:
     missing = [c for c in SD_COMPONENTS if c not in components]
     if missing:
         raise UserError(f"{name_or_path!r} is not a Stable Diffusion pipeline: model_index.json lacks {missing}")
+    families.pipeline_class_name(components)  # a supported family
+
+
+def pipeline_class_name(folder: str | Path) -> str:
+    """The (supported) diffusers pipeline class a local folder's model_index.json names."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{str(folder)!r} lacks a readable model_index.json ({e}); is it a pipeline folder?") from e
+    return families.pipeline_class_name(index)
 
 
 def check_openvino_folder(path: str, flag: str) -> Path:
@@ -181,9 +204,16 @@ def check_genai_folder(path: str, flag: str = "--model") -> Path:
 
 
 def write_genai_files(folder: str | Path) -> None:
-    """Make an OpenVINO pipeline folder ready for OpenVINO GenAI: the tokenizer IRs and the pinned beta schedule."""
-    write_openvino_tokenizer(folder)
+    """Make an OpenVINO pipeline folder ready for OpenVINO GenAI: the tokenizer IRs (each tokenizer's) and the pinned
+    beta schedule."""
+    write_openvino_tokenizers(folder)
     pin_scheduler_betas(folder)
+
+
+def write_openvino_tokenizers(folder: str | Path) -> list[Path]:
+    """`write_openvino_tokenizer` for each tokenizer of the folder (SDXL: `tokenizer/` and `tokenizer_2/`). Returns
+    the tokenizer .xml paths."""
+    return [write_openvino_tokenizer(folder, d)[0] for d in _tokenizer_dirs(folder)]
 
 
 def pin_scheduler_betas(folder: str | Path) -> bool:
@@ -220,8 +250,8 @@ def pin_scheduler_betas(folder: str | Path) -> bool:
 _PROBE_PROMPTS = ("a photo of an astronaut riding a horse on mars", "")
 
 
-def write_openvino_tokenizer(folder: str | Path) -> tuple[Path, Path]:
-    """Convert `folder/tokenizer` (a Hugging Face tokenizer) to OpenVINO tokenizer and detokenizer IRs with
+def write_openvino_tokenizer(folder: str | Path, subfolder: str = "tokenizer") -> tuple[Path, Path]:
+    """Convert `folder/subfolder` (a Hugging Face tokenizer) to OpenVINO tokenizer and detokenizer IRs with
     `openvino_tokenizers.convert_tokenizer` and save them next to it. Returns the two .xml paths.
 
     The conversion is checked (`_check_tokenizer_ir`): the IR must give the Hugging Face tokenizer's ids for probe
@@ -230,9 +260,9 @@ def write_openvino_tokenizer(folder: str | Path) -> tuple[Path, Path]:
     import openvino as ov
 
     folder = Path(folder)
-    tok_dir = folder / "tokenizer"
+    tok_dir = folder / subfolder
     if not tok_dir.is_dir():
-        raise UserError(f"{str(folder)!r} has no tokenizer/ folder; pass a Stable Diffusion pipeline folder")
+        raise UserError(f"{str(folder)!r} has no {subfolder}/ folder; pass a Stable Diffusion pipeline folder")
     try:
         from openvino_tokenizers import convert_tokenizer
     except ImportError as e:
@@ -252,7 +282,7 @@ def write_openvino_tokenizer(folder: str | Path) -> tuple[Path, Path]:
             f"openvino_tokenizers cannot convert the {type(hf).__name__} in {str(tok_dir)!r}: {str(e).splitlines()[0]}"
         ) from e
     _check_tokenizer_ir(tokenizer, hf, tok_dir)
-    targets = [folder / f for f in GENAI_TOKENIZER_FILES]
+    targets = [tok_dir / f.name for f in GENAI_TOKENIZER_FILES]
     with tempfile.TemporaryDirectory(prefix=".ov-tokenizer-", dir=tok_dir) as tmp:
         for model, target in zip((tokenizer, detokenizer), targets):
             ov.save_model(model, Path(tmp) / target.name)
@@ -299,36 +329,62 @@ def _check_tokenizer_ir(tokenizer, hf, tok_dir: Path) -> None:
 
 
 def load_pipeline(name_or_path: str, revision: str | None = None, dtype=None):
-    """A diffusers `StableDiffusionPipeline` from a local folder or a Hub id (FP32 unless `dtype`)."""
+    """A diffusers pipeline of a supported family (`StableDiffusionPipeline`, `LatentConsistencyModelPipeline`,
+    `StableDiffusionXLPipeline`) from
+    a local folder or a Hub id, by the class its model_index.json names (FP32 unless `dtype`)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     check_pipeline_source(name_or_path)
-    return StableDiffusionPipeline.from_pretrained(
-        name_or_path,
-        revision=revision,
-        torch_dtype=dtype or torch.float32,
-        safety_checker=None,
-        requires_safety_checker=False,
+    no_checker = dict(safety_checker=None, requires_safety_checker=False)
+    if Path(name_or_path).expanduser().is_dir() and pipeline_class_name(name_or_path) == "StableDiffusionXLPipeline":
+        no_checker = {}  # SDXL has no safety checker (diffusers warns about the keywords)
+    pipe = DiffusionPipeline.from_pretrained(
+        name_or_path, revision=revision, torch_dtype=dtype or torch.float32, **no_checker
     )
+    families.pipeline_class_name({"_class_name": type(pipe).__name__})  # a Hub model's class, checked once known
+    families.check_unet_config(pipe.unet.config)
+    return pipe
 
 
 def load_ov_pipeline(model: str | Path, height: int, width: int, batch_size: int = 1, export: bool | None = None,
-                     ov_config: dict | None = None):  # fmt: skip
-    """Load, reshape to static shapes (prompt batch, height, width) and compile an `OVStableDiffusionPipeline`.
+                     ov_config: dict | None = None, guidance_scale: float | None = None):  # fmt: skip
+    """Load, reshape to static shapes (prompt batch, height, width) and compile an optimum-intel pipeline of the
+    folder's class (`OVStableDiffusionPipeline`, `OVLatentConsistencyModelPipeline`: `families.PIPELINE_CLASSES`).
 
-    A diffusers folder or Hub id is exported to OpenVINO on the fly (`export=True`)."""
-    from optimum.intel import OVStableDiffusionPipeline
+    A diffusers folder or Hub id is exported to OpenVINO on the fly (`export=True`). The UNet's static batch is
+    twice the prompt batch (classifier-free guidance) unless `guidance_scale` <= 1 (no CFG: SD-Turbo at guidance 0)
+    or the UNet is an LCM's (its guidance is an input, `timestep_cond`)."""
+    from optimum.intel import OVDiffusionPipeline
 
     model = str(Path(model).resolve()) if Path(model).expanduser().exists() else str(model)  # not read as a Hub id
     if export is None:
         export = not is_openvino_folder(model)
+    if Path(model).is_dir():
+        pipeline_class_name(model)  # a supported family, before the slow load
     kwargs = {"ov_config": ov_config} if ov_config else {}
-    pipe = OVStableDiffusionPipeline.from_pretrained(model, export=export, compile=False, **kwargs)
+    pipe = OVDiffusionPipeline.from_pretrained(model, export=export, compile=False, **kwargs)
+    families.pipeline_class_name({"_class_name": type(pipe).auto_model_class.__name__})
     pipe.reshape(batch_size=batch_size, height=height, width=width, num_images_per_prompt=1)
+    if guidance_scale is not None and guidance_scale <= 1:
+        _unet_batch_without_cfg(pipe, batch_size)
     match_vae_decoder_batch(pipe, batch_size, height, width)
     pipe.compile()
     return pipe
+
+
+def _unet_batch_without_cfg(pipe, batch_size: int) -> None:
+    """Give the reshaped UNet the prompt batch itself (optimum-intel's `reshape` doubles it for CFG, which diffusers
+    leaves out at guidance <= 1); `timestep` keeps its shape."""
+    model = pipe.unet.model
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        if port.get_any_name() != "timestep" and shape.rank.is_static and shape.rank.get_length() > 0:
+            shape[0] = batch_size
+        shapes[port] = shape
+    model.reshape(shapes)
+    pipe.unet.clear_requests()
 
 
 def static_batch(part) -> int | None:

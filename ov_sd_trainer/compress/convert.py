@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
 from ..errors import UserError
 from .quantize import UNET_INPUT_NAMES, unwrap_model
 
 UNET_OUTPUT_NAME = "out_sample"  # optimum-intel's name for the UNet IR's output
 
 
+def unet_input_names(config) -> tuple[str, ...]:
+    """The UNet IR's inputs in optimum-intel's order: (sample, timestep, encoder_hidden_states) and the family's
+    extra ones (`families.extra_input_names`: LCM's `timestep_cond`)."""
+    return UNET_INPUT_NAMES + families.extra_input_names(config)
+
+
 class _UNetForExport(torch.nn.Module):
-    """Positional (sample, timestep, encoder_hidden_states) -> noise prediction tensor."""
+    """Positional (sample, timestep, encoder_hidden_states, *extra inputs) -> noise prediction tensor."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
+        self.extra_names = families.extra_input_names(unet.config)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        kwargs = families.unet_kwargs(dict(zip(self.extra_names, extra, strict=True)))
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
 
 def unet_example_inputs(
@@ -31,11 +40,14 @@ def unet_example_inputs(
     """Random UNet inputs of the right shapes and dtypes (for tracing and parity checks)."""
     config = unwrap_model(unet).config
     generator = torch.Generator().manual_seed(0)
-    return {
+    inputs = {
         "sample": torch.randn(batch, config.in_channels, height, width, generator=generator),
         "timestep": torch.randint(0, 1000, (batch,), generator=generator, dtype=torch.long),
         "encoder_hidden_states": torch.randn(batch, text_len, config.cross_attention_dim, generator=generator),
     }
+    for name, dim in families.extra_input_dims(config).items():
+        inputs[name] = torch.randn(batch, dim, generator=generator)
+    return inputs
 
 
 def convert_unet_to_openvino(
@@ -47,16 +59,18 @@ def convert_unet_to_openvino(
     text_len: int = 77,
 ):
     """Convert an FP32 or NNCF-quantized UNet to an `openvino.Model` with optimum-intel's SD UNet interface:
-    inputs `sample` (f32 [-1,C,-1,-1]), `timestep` (i64 [-1]), `encoder_hidden_states` (f32 [-1,-1,D]); output
-    `out_sample`. A quantized UNet keeps its FakeQuantize ops (`openvino.save_model` stores their weights as int8)."""
+    inputs `sample` (f32 [-1,C,-1,-1]), `timestep` (i64 [-1]), `encoder_hidden_states` (f32 [-1,-1,D]), and for an
+    LCM UNet `timestep_cond` (f32 [-1,time_cond_proj_dim]); output `out_sample`. A quantized UNet keeps its
+    FakeQuantize ops (`openvino.save_model` stores their weights as int8)."""
     import openvino as ov
 
     model = unwrap_model(unet)
     if example_inputs is None:
         example_inputs = unet_example_inputs(model, batch, height, width, text_len)
-    missing = [k for k in UNET_INPUT_NAMES if k not in example_inputs]
+    names = unet_input_names(model.config)
+    missing = [k for k in names if k not in example_inputs]
     if missing:
-        raise UserError(f"example_inputs lacks {missing}; it needs {list(UNET_INPUT_NAMES)}")
+        raise UserError(f"example_inputs lacks {missing}; it needs {list(names)}")
     example, inputs = unet_trace_inputs(model, example_inputs)
     was_training = model.training
     model.eval()
@@ -70,7 +84,7 @@ def convert_unet_to_openvino(
                 ov_model = ov.convert_model(decoder, input=inputs)
     finally:
         model.train(was_training)
-    for port, name in zip(ov_model.inputs, UNET_INPUT_NAMES, strict=True):
+    for port, name in zip(ov_model.inputs, names, strict=True):
         port.get_tensor().set_names({name})
     ov_model.outputs[0].get_tensor().set_names({UNET_OUTPUT_NAME})
     return ov_model
@@ -128,4 +142,7 @@ def unet_trace_inputs(model, example_inputs: dict) -> tuple[tuple, list]:
         (ov.PartialShape([-1]), ov.Type.i64),
         (ov.PartialShape([-1, -1, config.cross_attention_dim]), ov.Type.f32),
     ]
+    for name, dim in families.extra_input_dims(config).items():
+        example += (example_inputs[name].to(param.device, torch.float32),)
+        inputs.append((ov.PartialShape([-1, dim]), ov.Type.f32))
     return example, inputs

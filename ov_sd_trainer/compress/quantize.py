@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import families
 from ..errors import UserError
 
 PRESETS = ("mixed", "performance")
@@ -91,15 +92,18 @@ def _check_calibration_inputs(calibration_inputs: Any) -> list[dict[str, torch.T
     return items
 
 
-def _calibration_transform(item: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
+def _calibration_transform(item: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                           extra_names: tuple[str, ...] = ()) -> dict:  # fmt: skip
     sample = item["sample"].to(device=device, dtype=dtype)
     timestep = item["timestep"].to(device=device)
     if timestep.dim() == 0:
         timestep = timestep.expand(sample.shape[0])
+    extra = {k: item[k].to(device=device, dtype=dtype) for k in extra_names}
     return {
         "sample": sample,
         "timestep": timestep,
         "encoder_hidden_states": item["encoder_hidden_states"].to(device=device, dtype=dtype),
+        **families.unet_kwargs(extra),  # a family's extra inputs (LCM: timestep_cond)
         # a plain tuple output traces more simply than diffusers' UNet2DConditionOutput
         "return_dict": False,
     }
@@ -181,6 +185,10 @@ def quantize_unet(
     if is_quantized(unet):
         raise UserError("the UNet is already quantized; pass the FP32 UNet to quantize_unet")
     items = _check_calibration_inputs(calibration_inputs)
+    extra_names = families.extra_input_names(getattr(unet, "config", None))
+    lacking = [k for k in extra_names if k not in items[0]]
+    if lacking:
+        raise UserError(f"calibration_inputs[0] lacks {lacking}, which this UNet takes; collect them with the inputs")
     if subset_size is None:
         subset_size = len(items)
     if not isinstance(subset_size, int) or subset_size < 1:
@@ -199,7 +207,7 @@ def quantize_unet(
     ignored = _ignored_scope(ignored_scope)
     if scheme == "hybrid":
         ignored = _merge_scopes(ignored, nncf.IgnoredScope(types=list(LINEAR_TYPES), validate=False))
-    dataset = nncf.Dataset(items, lambda item: _calibration_transform(item, device, dtype))
+    dataset = nncf.Dataset(items, lambda item: _calibration_transform(item, device, dtype, extra_names))
     was_training = unet.training
     unet.eval()
     try:

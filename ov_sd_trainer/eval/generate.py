@@ -1,8 +1,8 @@
 """Text-to-image generation: `ov-sd generate` (one image, OpenVINO or PyTorch) and `generate_set`, the one loop that
 generates a prompt set from fixed initial latents for every evaluation (prompt accuracy, fidelity).
 
-An OpenVINO folder runs in one of two runtimes (`--runtime`): `optimum` (optimum-intel's `OVStableDiffusionPipeline`,
-diffusers' loop in Python) or `genai` (OpenVINO GenAI's `Text2ImagePipeline`, the C++ loop, no torch needed by the
+An OpenVINO folder runs in one of two runtimes (`--runtime`): `optimum` (optimum-intel's `OVStableDiffusionPipeline`, or
+its class of the folder's family, `families.PIPELINE_CLASSES`; diffusers' loop in Python) or `genai` (OpenVINO GenAI's `Text2ImagePipeline`, the C++ loop, no torch needed by the
 pipeline itself). `--seed` draws the initial noise the same way everywhere, `torch.Generator().manual_seed(seed)`
 (GenAI: `TorchGenerator(seed)`, which follows torch's seeding), so one seed gives the same image in both runtimes
 and in the PyTorch backend (up to the models' numerics).
@@ -27,6 +27,7 @@ from ..pipeline_folder import (
     looks_local,
     native_size,
     openvino_addon_pip_hint,
+    pipeline_class_name,
     static_batch,
 )
 
@@ -85,6 +86,12 @@ def generate(
         raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
     if runtime not in RUNTIMES:
         raise UserError(f"runtime {runtime!r} is unknown; use {' or '.join(RUNTIMES)}")
+    if negative_prompt is not None and Path(model).expanduser().is_dir():
+        if pipeline_class_name(Path(model).expanduser()) == "LatentConsistencyModelPipeline":
+            raise UserError(
+                f"--model {model!r} is a latent consistency model, which takes no negative prompt (it was distilled "
+                "with the empty one); drop --negative-prompt"
+            )
     if runtime == "genai":
         if backend != "openvino":
             raise UserError("--runtime genai runs OpenVINO folders; drop --backend pytorch")
@@ -93,7 +100,7 @@ def generate(
     if backend == "openvino":
         if height is None or width is None:
             height, width = native_size(model)
-        pipe = load_ov_pipeline(model, height, width)
+        pipe = load_ov_pipeline(model, height, width, guidance_scale=guidance_scale)
     else:
         pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=False)
@@ -105,9 +112,10 @@ def generate(
     load_s = time.perf_counter() - t0
     timer = StepTimer()
     t1 = time.perf_counter()
+    kwargs = {"negative_prompt": negative_prompt} if negative_prompt is not None else {}  # LCM pipelines take none
     image = pipe(
         prompt,
-        negative_prompt=negative_prompt,
+        **kwargs,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         height=height,
@@ -228,7 +236,9 @@ class _FinalLatents:
 
 def generate_set(pipe, jobs: list[dict], latents: torch.Tensor, *, steps: int, guidance_scale: float,
                  batch_size: int, height: int, width: int, desc: str = "generate", progress: bool = True):  # fmt: skip
-    """Images (PIL) and final latents (N, C, h, w) of `jobs`; a static OpenVINO batch is padded and cut."""
+    """Images (PIL) and final latents (N, C, h, w) of `jobs`; a static OpenVINO batch is padded and cut. A
+    stochastic scheduler's sampling noise comes from a generator seeded by each chunk's first job (so, unlike the
+    initial latents, it depends on the batch size)."""
     from tqdm.auto import tqdm
 
     static = static_batch(pipe.text_encoder) if is_openvino_pipeline(pipe) else None
@@ -250,6 +260,9 @@ def generate_set(pipe, jobs: list[dict], latents: torch.Tensor, *, steps: int, g
             height=height,
             width=width,
             latents=lat.clone(),
+            # the noise a stochastic scheduler adds during sampling (LCM, Euler ancestral), the same for every
+            # pipeline of a comparison; deterministic ones (PNDM, DDIM) draw none
+            generator=torch.Generator().manual_seed(1000 * chunk[0]["seed"] + chunk[0]["index"]),
             callback_on_step_end=grab,
         )
         n = len(chunk) - pad

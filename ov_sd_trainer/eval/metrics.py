@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import families
 from ..compress.quantize import UNET_INPUT_NAMES
 from ..errors import UserError
 from ..pipeline_folder import UNET_XML
@@ -65,12 +66,22 @@ def unet_inputs(teacher, jobs: list[dict], final_latents: torch.Tensor, num: int
     timesteps = torch.tensor([int((i + 0.5) * n_train / num) for i in range(num)], dtype=torch.long)
     noise = torch.randn(num, *final_latents.shape[1:], generator=torch.Generator().manual_seed(2024))
     sample = ddpm.add_noise(final_latents[pick], noise, timesteps)
-    with torch.no_grad():
-        embeds, _ = teacher.encode_prompt([jobs[i]["prompt"] for i in pick], "cpu", 1, False)
+    prompts = [jobs[i]["prompt"] for i in pick]
+    if families.is_sdxl(teacher.unet.config):  # SDXL: pooled text embeddings and the uncropped native-size time ids
+        with torch.no_grad():
+            embeds, _, pooled, _ = teacher.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=False)  # fmt: skip
+        size = tuple(int(d) * int(teacher.vae_scale_factor) for d in final_latents.shape[-2:])
+        extra = {families.TEXT_EMBEDS: pooled, families.TIME_IDS: families.sdxl_time_ids(size, (0, 0), size, num)}
+    else:
+        with torch.no_grad():
+            embeds, _ = teacher.encode_prompt(prompts, "cpu", 1, False)
+        extra = families.heldout_extra(teacher.unet.config, num, "cpu")  # LCM: a fixed guidance embedding
     return dict(
         sample=sample.float().numpy(),
         timestep=timesteps.numpy().astype(np.int64),
         encoder_hidden_states=embeds.float().numpy(),
+        **{k: v.float().numpy() for k, v in extra.items()},
         jobs=pick,
     )
 
@@ -78,13 +89,16 @@ def unet_inputs(teacher, jobs: list[dict], final_latents: torch.Tensor, num: int
 @torch.no_grad()
 def teacher_noise(teacher, inputs: dict, batch_size: int = 16) -> np.ndarray:
     out = []
+    extra_names = families.extra_input_names(teacher.unet.config)
     for s in range(0, len(inputs["sample"]), batch_size):
         sl = slice(s, s + batch_size)
+        extra = families.unet_kwargs({k: torch.from_numpy(inputs[k][sl]) for k in extra_names})
         out.append(
             teacher.unet(
                 torch.from_numpy(inputs["sample"][sl]),
                 torch.from_numpy(inputs["timestep"][sl]),
                 encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"][sl]),
+                **extra,
             ).sample.numpy()
         )
     return np.concatenate(out)
@@ -98,7 +112,8 @@ def ov_unet_noise(folder: Path, inputs: dict, ov_config: dict) -> np.ndarray:
 
     core = ov.Core()
     model = core.read_model(folder / UNET_XML)
-    names = UNET_INPUT_NAMES
+    # a family's extra inputs (LCM: timestep_cond; SDXL: text_embeds, time_ids)
+    names = UNET_INPUT_NAMES + tuple(n for n in families.SDXL_EXTRA + (families.TIMESTEP_COND,) if n in inputs)
     order, shapes = [], {}
     for port in model.inputs:
         name = next((n for n in names if n in port.get_names()), None)  # a port can carry several names

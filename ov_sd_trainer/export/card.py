@@ -7,11 +7,20 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..families import DEFAULT_PIPELINE_CLASS, PIPELINE_CLASSES, SAMPLING_STEPS
+from ..pipeline_folder import pipeline_class_name
 
 CARD_FILE = "README.md"
 FIDELITY_HEADING = "## Fidelity to the FP32 model"
 EVAL_TASK = ("text-to-image", "Text-to-Image")
 EVAL_DATASET_TYPE = "ov-sd-trainer/prompt-set"  # the fixed prompt set of `ov-sd eval`, not a Hub dataset
+
+
+GAP_COLUMNS = (
+    ("teacher_mse", "student vs teacher MSE"),
+    ("rollout_mse", "rollout final-latent MSE"),
+    ("task_loss", "task loss"),
+)
 
 
 def _md_table(rows: list[dict]) -> str:
@@ -92,16 +101,20 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         best = training.get("best_checkpoint")
         parts += [
             "## Teacher gap during training",
-            "Noise-prediction MSE of the student (its EMA when training kept one) against the FP32 teacher on "
-            f"{training.get('teacher_gap_samples', 'the')} fixed held-out UNet inputs (held-out images noised at "
-            "timesteps spread over the schedule), measured by the training loop; step 0 is the calibrated student "
-            "before training." + (f" The exported model is the best evaluation, `{Path(best).name}`." if best else ""),
+            "The student (its EMA when training kept one) against the FP32 teacher on "
+            f"{training.get('teacher_gap_samples', 'the')} fixed held-out items, measured by the training loop: "
+            "noise-prediction MSE on held-out UNet inputs, or the final-latent MSE of whole held-out sampling "
+            "trajectories (rollouts); step 0 is the calibrated student before training."
+            + (f" The exported model is the best evaluation, `{Path(best).name}`." if best else ""),
             _md_table(
                 [
                     {
                         "step": g["step"],
-                        "student vs teacher MSE": f"{g['teacher_mse']:.6f}",
-                        "task loss": f"{g['task_loss']:.6f}" if g.get("task_loss") is not None else "",
+                        **{
+                            label: f"{g[key]:.6f}" if g.get(key) is not None else ""
+                            for key, label in GAP_COLUMNS
+                            if any(h.get(key) is not None for h in gap)
+                        },
                     }
                     for g in gap
                 ]
@@ -116,18 +129,20 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         parts += [
             f"![{s['prompt']}]({s['file']})  \n`{s['prompt']}` (seed {s['seed']}, {s['steps']} steps)" for s in samples
         ]
+    class_name = pipeline_class_name(folder) if (folder / "model_index.json").is_file() else DEFAULT_PIPELINE_CLASS
+    ov_class, steps = PIPELINE_CLASSES[class_name], SAMPLING_STEPS[class_name]
     parts += [
         "## Usage",
-        "```python\nfrom optimum.intel import OVStableDiffusionPipeline\n\n"
-        f'pipe = OVStableDiffusionPipeline.from_pretrained("<this folder or repo id>", compile=False)\n'
+        f"```python\nfrom optimum.intel import {ov_class}\n\n"
+        f'pipe = {ov_class}.from_pretrained("<this folder or repo id>", compile=False)\n'
         f"pipe.reshape(batch_size=1, height={res}, width={res}, num_images_per_prompt=1)\n"
         "pipe.compile()\n"
-        f'image = pipe("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps=50).images[0]\n```',
+        f'image = pipe("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps={steps}).images[0]\n```',
         "Or with OpenVINO GenAI (no torch; also from C++), which the folder's tokenizer IRs "
         "(`tokenizer/openvino_tokenizer.xml`) are for:",
         "```python\nimport openvino_genai\n\n"
         'pipe = openvino_genai.Text2ImagePipeline("<this folder>", "CPU")\n'
-        f'image = pipe.generate("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps=50, '
+        f'image = pipe.generate("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps={steps}, '
         f"height={res}, width={res}, generator=openvino_genai.TorchGenerator(0))  # image.data[0]: HxWx3 uint8\n```",
     ]
     (folder / CARD_FILE).write_text("\n\n".join(p for p in parts if p is not None) + "\n")

@@ -1,7 +1,8 @@
 """Export a trained student to an OpenVINO pipeline folder that optimum-intel loads unchanged.
 
 Text encoder, VAE, tokenizer and scheduler go through optimum-intel's own exporter (so the
-folder is exactly what `OVStableDiffusionPipeline.from_pretrained` expects); the UNet is the
+folder is exactly what `OVStableDiffusionPipeline.from_pretrained` expects, or the optimum-intel class of the base
+model's family: `OVLatentConsistencyModelPipeline` for an LCM, `families.PIPELINE_CLASSES`); the UNet is the
 trained NNCF student converted with `openvino.convert_model`, keeping its FakeQuantize ops, so
 `openvino.save_model` stores its weights as int8. The folder is made ready for OpenVINO GenAI's
 `Text2ImagePipeline` too (`pipeline_folder.write_genai_files`: the tokenizer as OpenVINO IRs, the scheduler's betas
@@ -33,6 +34,7 @@ from ..pipeline_folder import (
     load_ov_pipeline,
     native_size,
     pin_scheduler_betas,
+    pipeline_class_name,
     write_genai_files,
     write_openvino_tokenizer,
 )
@@ -61,16 +63,19 @@ def export_openvino_pipeline(
 
     Returns the folder. Results (sizes, FakeQuantize count, timings) go to results.json."""
     import openvino as ov
-    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel import OVDiffusionPipeline
 
     from .card import write_model_card
 
     if not quantize.is_quantized(student):
         raise UserError("the student UNet is not quantized; export needs a checkpoint written by QAT training")
+    if Path(base_model).is_dir():
+        pipeline_class_name(base_model)  # a supported family, before the slow export
     t0 = time.perf_counter()
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         logger.info("exporting text encoder, VAE, tokenizer and scheduler with optimum-intel")
-        pipe = OVStableDiffusionPipeline.from_pretrained(base_model, export=True, compile=False)
+        # optimum-intel's pipeline class of the base model's family (model_index.json `_class_name`)
+        pipe = OVDiffusionPipeline.from_pretrained(base_model, export=True, compile=False)
         pipe.save_pretrained(tmp)
         del pipe
         write_genai_files(tmp)  # OpenVINO GenAI: the tokenizer as IRs, diffusers' betas in the scheduler config
@@ -196,6 +201,8 @@ def prepare_genai_main(args) -> int:
     folder = check_openvino_folder(args.model, "--model")
     had = has_openvino_tokenizer(folder)
     tokenizer_xml, detokenizer_xml = write_openvino_tokenizer(folder)
+    if (folder / "tokenizer_2").is_dir():  # SDXL's second tokenizer
+        write_openvino_tokenizer(folder, "tokenizer_2")
     pinned = pin_scheduler_betas(folder)
     done = [f"{'replaced' if had else 'added'} {tokenizer_xml.relative_to(folder)} and {detokenizer_xml.name}"]
     if pinned:

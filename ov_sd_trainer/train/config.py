@@ -21,9 +21,15 @@ from ..compress.kernels import MODES as KERNEL_MODES
 from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
 from ..compress.tome_config import MAX_RATIO, TomeConfig
 from ..errors import UserError
-from .teacher_gap import SOURCES as TEACHER_GAP_SOURCES
+from .teacher_gap import SOURCES as UNET_GAP_SOURCES
 from .unet_inputs import DEFAULT_STEPS as CALIBRATION_STEPS
+from .unet_inputs import GUIDANCE as CALIBRATION_GUIDANCE
 from .unet_inputs import SOURCES as CALIBRATION_SOURCES
+
+DISTILLATION_SOURCES = (*CALIBRATION_SOURCES, "rollouts")  # rollouts: train.rollouts
+TEACHER_GAP_SOURCES = (*UNET_GAP_SOURCES, "rollouts")
+DEFAULT_ROLLOUT_WINDOW = 4
+ROLLOUT_STARTS = ("student", "teacher")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 QUANTIZE_KERNELS = KERNEL_MODES  # auto | extension | reference (compress.kernels)
@@ -75,6 +81,10 @@ class QATConfig(TrainingArguments):
         default=CALIBRATION_STEPS,
         metadata={"help": "denoising steps of each teacher trajectory (calibration and distillation inputs)"},
     )
+    calibration_guidance_scale: float = field(
+        default=CALIBRATION_GUIDANCE,
+        metadata={"help": "guidance scale of the teacher trajectories (<= 1: no CFG batch, as SD-Turbo samples)"},
+    )
     overflow_fix: str = field(
         default=DEFAULT_OVERFLOW_FIX,  # why: see compress.quantize.DEFAULT_OVERFLOW_FIX
         metadata={"help": f"NNCF overflow fix: {' | '.join(OVERFLOW_FIX)} (enable: 7-bit weights, exact on any CPU)"},
@@ -102,9 +112,22 @@ class QATConfig(TrainingArguments):
     distillation_source: str = field(
         default="training",
         metadata={
-            "help": "training | trajectories: the UNet inputs training runs on. training = noisy training images at "
+            "help": "training | trajectories | rollouts: what training runs on. training = noisy training images at "
             "random timesteps (needed for task_weight > 0); trajectories = the FP32 teacher's own sampling states "
-            "on the training captions (CFG pairs split), what the exported UNet meets at inference"
+            "on the training captions (CFG pairs split), what the exported UNet meets at inference; rollouts = the "
+            "student samples the captions itself (pipeline scheduler, CFG, calibration_steps steps) and is graded "
+            "on its latent against the teacher's after rollout_window steps with gradient (train.rollouts)"
+        },
+    )
+    rollout_window: int = field(
+        default=DEFAULT_ROLLOUT_WINDOW,
+        metadata={"help": "distillation_source rollouts: sampling steps run with gradient at the end of each rollout"},
+    )
+    rollout_start: str = field(
+        default="student",
+        metadata={
+            "help": "student | teacher: distillation_source rollouts starts the graded window from the student's own "
+            "state (its drift included) or from the teacher's state at the same step"
         },
     )
     trajectory_inputs: int = field(
@@ -114,8 +137,9 @@ class QATConfig(TrainingArguments):
     teacher_gap_source: str = field(
         default="images",
         metadata={
-            "help": "images | trajectories: the held-out teacher-gap set: noisy held-out images at evenly spread "
-            "timesteps, or states of teacher trajectories sampled from held-out seeds"
+            "help": "images | trajectories | rollouts: the held-out teacher-gap set: noisy held-out images at evenly "
+            "spread timesteps, or states of teacher trajectories sampled from held-out seeds (both: eval_teacher_mse), "
+            "or whole trajectories of held-out captions and seeds (eval_rollout_mse: final-latent MSE)"
         },
     )
     teacher_gap_samples: int = field(
@@ -193,15 +217,21 @@ class QATConfig(TrainingArguments):
             )
         if self.distillation_weight == 0 and self.task_weight == 0:
             raise UserError("distillation_weight and task_weight are both 0: nothing to train on; set one > 0")
-        if self.distillation_source not in CALIBRATION_SOURCES:
-            raise UserError(f"distillation_source={self.distillation_source!r}: use one of {CALIBRATION_SOURCES}")
-        if self.distillation_source == "trajectories" and self.task_weight:
+        if self.distillation_source not in DISTILLATION_SOURCES:
+            raise UserError(f"distillation_source={self.distillation_source!r}: use one of {DISTILLATION_SOURCES}")
+        if self.distillation_source != "training" and self.task_weight:
             raise UserError(
-                f"distillation_source=trajectories has no true target for task_weight={self.task_weight}; "
+                f"distillation_source={self.distillation_source} has no true target for task_weight={self.task_weight}; "
                 "set task_weight 0 (pure distillation) or distillation_source training"
             )
-        if self.distillation_source == "trajectories" and not self.distillation_weight:
-            raise UserError("distillation_source=trajectories trains only on distillation; set distillation_weight > 0")
+        if self.distillation_source != "training" and not self.distillation_weight:
+            raise UserError(
+                f"distillation_source={self.distillation_source} trains only on distillation; set distillation_weight > 0"
+            )
+        if self.rollout_window < 1:
+            raise UserError(f"rollout_window={self.rollout_window}: must be >= 1")
+        if self.rollout_start not in ROLLOUT_STARTS:
+            raise UserError(f"rollout_start={self.rollout_start!r}: use one of {ROLLOUT_STARTS}")
         if self.trajectory_inputs < 1:
             raise UserError(f"trajectory_inputs={self.trajectory_inputs}: must be >= 1")
         if self.teacher_gap_source not in TEACHER_GAP_SOURCES:

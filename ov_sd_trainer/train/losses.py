@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import families
 from ..compress.checkpointing import enable_gradient_checkpointing
 
 
@@ -34,6 +35,16 @@ class QATModel(nn.Module):
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
         self.generator: torch.Generator | None = None
+        self.unet_extra = None  # (batch_size, device) -> extra UNet inputs of a training batch (`families`)
+        self.rollout = None  # a `rollouts.Rollout` for distillation_source / teacher_gap_source "rollouts"
+        self.rollout_window = 1
+        self.rollout_start = "student"
+
+    @staticmethod
+    def unet(net, sample, timestep, encoder_hidden_states, extra: dict | None = None):
+        """`net`'s prediction (student or teacher), with a family's extra inputs (`families.unet_kwargs`)."""
+        kwargs = families.unet_kwargs(extra or {})
+        return net(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
     def set_noise_seed(self, seed: int, stream: int, index: int):
         """Seed the noise, timesteps and latent sampling of the next forward.
@@ -83,35 +94,42 @@ class QATModel(nn.Module):
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     @torch.no_grad()
-    def teacher_gap(self, sample, timestep, encoder_hidden_states, target=None, teacher_pred=None):
+    def teacher_gap(self, sample, timestep, encoder_hidden_states, target=None, teacher_pred=None, **extra):
         """On fixed UNet inputs (`teacher_gap`): the student's noise-prediction MSE against the teacher's
         (`teacher_mse`) and, where the true target is known, against it (`task_loss`), averaged over the batch."""
-        pred = self.student(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
+        pred = self.unet(self.student, sample, timestep, encoder_hidden_states, extra).float()
         if teacher_pred is None:
-            teacher_pred = self.teacher(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            teacher_pred = self.unet(self.teacher, sample, timestep, encoder_hidden_states, extra)
         gap = F.mse_loss(pred, teacher_pred.float())
         out = {"loss": gap, "teacher_mse": gap}
         if target is not None:
             out["task_loss"] = F.mse_loss(pred, target.float())
         return out
 
-    def distill(self, sample, timestep, encoder_hidden_states, teacher_pred):
+    def distill(self, sample, timestep, encoder_hidden_states, teacher_pred, **extra):
         """Pure distillation on precomputed UNet inputs and the teacher's outputs for them (`unet_inputs.UNetInputs`
         of teacher trajectories): no task loss exists there."""
-        pred = self.student(sample, timestep, encoder_hidden_states, return_dict=False)[0].float()
+        pred = self.unet(self.student, sample, timestep, encoder_hidden_states, extra).float()
         distill = F.mse_loss(pred, teacher_pred.float())
         return {"loss": self.distillation_weight * distill, "distillation_loss": distill.detach()}
 
-    def forward(self, pixel_values=None, input_ids=None, evaluate: bool = False, **unet_inputs):
-        """Training on images (`pixel_values`, `input_ids`) or on precomputed UNet inputs (`sample`, `timestep`,
-        `encoder_hidden_states`, `teacher_pred`); `evaluate=True`: a teacher-gap batch."""
+    def forward(self, pixel_values=None, input_ids=None, evaluate: bool = False, prompt_ids=None, noise_seed=None,
+                **unet_inputs):  # fmt: skip
+        """Training on images (`pixel_values`, `input_ids`), on precomputed UNet inputs (`sample`, `timestep`,
+        `encoder_hidden_states`, `teacher_pred`) or on rollouts of captions (`prompt_ids`, `rollouts.Rollout`);
+        `evaluate=True`: a teacher-gap batch (UNet inputs) or a held-out rollout batch (`prompt_ids`, `noise_seed`)."""
+        if prompt_ids is not None:
+            if evaluate:
+                return self.rollout.gap(self, prompt_ids, noise_seed)
+            return self.rollout.loss(self, prompt_ids, self.rollout_window, self.rollout_start)
         if evaluate:
             return self.teacher_gap(**unet_inputs)
         if pixel_values is None:
             return self.distill(**unet_inputs)
         latents, states = self.encode(pixel_values, input_ids)
         noisy, noise, t = self.noisy_inputs(latents)
-        pred = self.student(noisy, t, states, return_dict=False)[0].float()
+        extra = self.unet_extra(latents.shape[0], latents.device) if self.unet_extra else {}
+        pred = self.unet(self.student, noisy, t, states, extra).float()
         target = self.target(latents, noise, t).float()
         if self.snr_gamma is None:
             task = F.mse_loss(pred, target)
@@ -126,7 +144,7 @@ class QATModel(nn.Module):
             task = task.detach()  # logged, not trained on (pure distillation)
         if self.distillation_weight:
             with torch.no_grad():
-                teacher_pred = self.teacher(noisy, t, states, return_dict=False)[0].float()
+                teacher_pred = self.unet(self.teacher, noisy, t, states, extra).float()
             distill = F.mse_loss(pred, teacher_pred)
         else:
             distill = torch.zeros((), device=pred.device)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..assets import resolve_model_path
 from ..compress import quantize
 from ..compress.kernels import select_quantize_kernels
@@ -49,6 +50,7 @@ from .data import (
 )
 from .ema import EMACallback
 from .losses import QATModel
+from .rollouts import RolloutPrompts, make_rollout, rollout_gap_set, tokenize
 from .teacher_gap import build_teacher_gap_set, build_trajectory_gap_set
 from .trainer import QATTrainer
 from .unet_inputs import UNetInputs, collect_calibration_inputs, collect_trajectory_inputs
@@ -113,6 +115,7 @@ def build_model(cfg: QATConfig):
     )
     model.tokenizer = pipe.tokenizer  # for the teacher-gap set's captions (not a module: the Trainer ignores it)
     model.pipeline = pipe  # for trajectory inputs (idem)
+    families.configure_model(model, pipe)
     return model, pipe
 
 
@@ -120,6 +123,14 @@ def build(cfg: QATConfig):
     """Load everything and quantize the student. Returns (model, train_dataset, augmentation): the dataset is the
     training images, or with `distillation_source: trajectories` the teacher's sampling states (augmentation None)."""
     model, pipe = build_model(cfg)
+    if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source) and families.extra_input_names(
+        model.teacher.config
+    ):
+        raise UserError(
+            f"rollouts sample with classifier-free guidance and no extra UNet inputs; {type(pipe).__name__} needs "
+            f"{', '.join(families.extra_input_names(model.teacher.config))}: use distillation_source training or "
+            "trajectories and teacher_gap_source images or trajectories"
+        )
     tome = TomeConfig.from_training_config(cfg)
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
     device = cfg.device
@@ -139,8 +150,14 @@ def build(cfg: QATConfig):
             p.requires_grad_(False)
     model.student = student
     model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]  # the export's sample image (idem)
+    if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source):
+        model.rollout = make_rollout(pipe, cfg.resolution, cfg.calibration_steps)
+        model.rollout_window, model.rollout_start = cfg.rollout_window, cfg.rollout_start
     if cfg.distillation_source == "trajectories":
         return model, UNetInputs.from_calls(calls[: cfg.trajectory_inputs]), None
+    if cfg.distillation_source == "rollouts":
+        captions = list(train_ds.with_format(None)[cfg.caption_column])
+        return model, RolloutPrompts(tokenize(pipe.tokenizer, captions)), None
     return model, train_ds, augmentation
 
 
@@ -155,7 +172,8 @@ def trajectory_calls(cfg: QATConfig, pipe, train_ds) -> list[dict] | None:
     if not n:
         return None
     captions = list(train_ds.with_format(None)[cfg.caption_column])
-    return collect_trajectory_inputs(pipe, captions, n, cfg.resolution, cfg.seed, steps=cfg.calibration_steps)
+    return collect_trajectory_inputs(pipe, captions, n, cfg.resolution, cfg.seed, steps=cfg.calibration_steps,
+                                     guidance_scale=cfg.calibration_guidance_scale)  # fmt: skip
 
 
 def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls=None):
@@ -246,7 +264,12 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     t0 = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
-    if (cfg.eval_strategy != "no" or cfg.eval_on_start) and cfg.teacher_gap_source == "trajectories":
+    if (cfg.eval_strategy != "no" or cfg.eval_on_start) and cfg.teacher_gap_source == "rollouts":
+        eval_ds = rollout_gap_set(
+            model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
+            cfg.image_column,
+        )  # fmt: skip
+    elif (cfg.eval_strategy != "no" or cfg.eval_on_start) and cfg.teacher_gap_source == "trajectories":
         eval_ds = build_trajectory_gap_set(
             model.pipeline, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
             cfg.image_column,
@@ -315,10 +338,11 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
 
 def teacher_gap_history(log_history: list[dict]) -> list[dict]:
     """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
+    keys = ("teacher_mse", "task_loss", "rollout_mse")
     return [
-        {"step": h["step"], "teacher_mse": h["eval_teacher_mse"], "task_loss": h.get("eval_task_loss")}
+        {"step": h["step"], **{k: h.get(f"eval_{k}") for k in keys}}
         for h in log_history
-        if "eval_teacher_mse" in h
+        if any(f"eval_{k}" in h for k in keys)
     ]
 
 
@@ -338,8 +362,10 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
         if all(key in h for h in rows):
             ax.plot(steps, [h[key] for h in rows], label=label)
     gap = teacher_gap_history(log_history)
-    if gap:
-        ax.plot([g["step"] for g in gap], [g["teacher_mse"] for g in gap], "o-", label="held-out student vs teacher")
+    for key, label in (("teacher_mse", "held-out student vs teacher"), ("rollout_mse", "held-out rollout latents")):
+        points = [(g["step"], g[key]) for g in gap if g.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MSE")
     ax.set_yscale("log")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
 from .unet_inputs import UNetInputs, collect_spread_trajectory_inputs
 
 HELDOUT_SEED_OFFSET = 7_777_777  # held-out images come from seed + this offset; training data uses `seed` itself
@@ -46,14 +47,29 @@ def build_teacher_gap_set(model, tokenizer, num: int, seed: int, resolution: int
     device = next(model.student.parameters()).device
     vae = model.vae
     latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
-    states = model.text_encoder(ids.to(device), return_dict=False)[0].float()
     n = len(latents)
+    extra = {}
+    if families.is_sdxl(model.teacher.config):  # both encoders' states, the pooled projection, uncropped time ids
+        pipe = model.pipeline
+        ids_2 = pipe.tokenizer_2(list(ds[caption_column]), padding="max_length", truncation=True, return_tensors="pt",
+                                 max_length=pipe.tokenizer_2.model_max_length).input_ids  # fmt: skip
+        states, pooled = families.sdxl_encode_prompts(model.text_encoder, pipe.text_encoder_2, ids, ids_2)
+        size = (resolution, resolution)
+        extra = {families.TEXT_EMBEDS: pooled.float().to(device),
+                 families.TIME_IDS: families.sdxl_time_ids(size, (0, 0), size, n).to(device)}  # fmt: skip
+        states = states.float().to(device)
+    else:
+        states = model.text_encoder(ids.to(device), return_dict=False)[0].float()
+        extra = families.heldout_extra(model.teacher.config, n, device)  # LCM: a fixed guidance embedding
     n_train = model.noise_scheduler.config.num_train_timesteps
     timesteps = torch.tensor([int((i + 0.5) * n_train / n) for i in range(n)], dtype=torch.long, device=device)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(NOISE_SEED)).to(device)
     sample = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    target = model.target(latents, noise, timesteps).float()
-    return UNetInputs({"sample": sample, "timestep": timesteps, "encoder_hidden_states": states, "target": target})
+    items = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": states}
+    items.update(extra)
+    if families.TIMESTEP_COND not in extra:  # an LCM has no noise-prediction target (`families`)
+        items["target"] = model.target(latents, noise, timesteps).float()
+    return UNetInputs(items)
 
 
 @torch.no_grad()

@@ -66,17 +66,19 @@ class QATTrainer(Trainer):
         super().log(logs, start_time)
 
     # --- teacher-gap evaluation (Trainer's own loop: eval_strategy / eval_steps) --------------------------------
+    EVAL_METRICS = ("teacher_mse", "task_loss", "rollout_mse")  # what a held-out batch may report
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """One teacher-gap batch: the loss is the student-teacher MSE; the task loss is kept for the log."""
+        """One held-out batch: a teacher-gap batch (`teacher_mse`, and `task_loss` where the true target is known)
+        or a rollout batch (`rollout_mse`); each metric is summed over items for `evaluation_loop`."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             out = model(**inputs, evaluate=True)
-        n = len(inputs["sample"])
-        self._eval_sums["teacher_mse"] += out["teacher_mse"].item() * n
-        self._eval_sums["n"] += n
-        if "task_loss" in out:  # known only on noisy images, not on trajectory states
-            self._eval_sums["task_loss"] += out["task_loss"].item() * n
-            self._eval_sums["n_task"] += n
+        n = len(next(iter(inputs.values())))
+        for key in self.EVAL_METRICS:
+            if key in out:
+                self._eval_sums[key] += out[key].item() * n
+                self._eval_sums[f"n_{key}"] += n
         return out["loss"].detach(), None, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -89,13 +91,12 @@ class QATTrainer(Trainer):
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
-        keys = ("teacher_mse", "n", "task_loss", "n_task")
+        keys = [k for m in self.EVAL_METRICS for k in (m, f"n_{m}")]
         sums = torch.tensor([self._eval_sums[k] for k in keys], dtype=torch.float64)
         sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
-        if sums[1] > 0:
-            output.metrics[f"{metric_key_prefix}_teacher_mse"] = float(sums[0] / sums[1])
-        if sums[3] > 0:
-            output.metrics[f"{metric_key_prefix}_task_loss"] = float(sums[2] / sums[3])
+        for i, metric in enumerate(self.EVAL_METRICS):
+            if sums[2 * i + 1] > 0:
+                output.metrics[f"{metric_key_prefix}_{metric}"] = float(sums[2 * i] / sums[2 * i + 1])
         return output
 
     def _load_best_model(self):

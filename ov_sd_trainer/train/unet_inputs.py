@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
+from ..errors import UserError
 from .data import collate
 
 SOURCES = ("training", "trajectories")
@@ -28,6 +30,11 @@ def collect_calibration_inputs(model, dataset, num_samples: int, seed: int, devi
     timesteps with their caption embeddings, one sample per item (as training sees them)."""
     from tqdm.auto import tqdm
 
+    if families.is_sdxl(model.teacher.config):
+        raise UserError(
+            "SDXL calibration on training images needs both text encoders and the pooled embeddings (not wired in "
+            "QATModel yet): use calibration_source trajectories"
+        )
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)[:num_samples].tolist()
     items = []
@@ -47,9 +54,10 @@ def _trajectories(pipe, prompts: list[str], seed: int, resolution: int, steps: i
                   max_calls: int | None = None) -> list[list[dict]]:  # fmt: skip
     """Sample `prompts` together (one pipeline call, latents from `torch.Generator().manual_seed(seed)`) and return,
     per prompt, its trajectory: the first `max_calls` (default all) UNet calls, each as one item holding that prompt's
-    CFG pair of inputs (sample [2,C,h,w], timestep [2], encoder_hidden_states [2,77,D]) and the UNet's output for it
-    (`teacher_pred` [2,C,h,w]: the FP32 teacher's noise prediction, before guidance). Without CFG (guidance <= 1) an
-    item holds one input."""
+    CFG pair of inputs (sample [2,C,h,w], timestep [2], encoder_hidden_states [2,77,D], and a family's extra inputs,
+    e.g. LCM's timestep_cond [2,E], SDXL's text_embeds [2,P] and time_ids [2,6]) and the UNet's output for it (`teacher_pred` [2,C,h,w]: the FP32 teacher's noise
+    prediction, before guidance). Without CFG (guidance <= 1, or an LCM, whose guidance is an input) an item holds one
+    input. (diffusers' LCM pipeline has no interrupt: it runs all `steps`, the calls past `max_calls` unrecorded.)"""
     n = len(prompts)
     per_prompt: list[list[dict]] = [[] for _ in range(n)]
     max_calls = steps if max_calls is None else max_calls
@@ -61,6 +69,8 @@ def _trajectories(pipe, prompts: list[str], seed: int, resolution: int, steps: i
         t = torch.as_tensor(t, device=sample.device).reshape(-1).expand(sample.shape[0]).long()
         pred = output[0] if isinstance(output, tuple) else output.sample
         call = {"sample": sample, "timestep": t, "encoder_hidden_states": states, "teacher_pred": pred}
+        # a family's extra inputs (LCM: timestep_cond; SDXL: text_embeds, time_ids from added_cond_kwargs)
+        call.update(families.extra_from_unet_kwargs(module.config, kwargs))
         # diffusers' CFG batch is [unconditional x n, conditional x n]: prompt i's pair is rows i and n + i
         rows = [[i, n + i] for i in range(n)] if sample.shape[0] == 2 * n else [[i] for i in range(n)]
         for i, r in enumerate(rows):
@@ -148,7 +158,8 @@ def collect_spread_trajectory_inputs(pipe, prompts: list[str], num_calls: int, r
 
 class UNetInputs(torch.utils.data.Dataset):
     """Precomputed single UNet inputs, dict of stacked tensors: sample [N,C,h,w], timestep [N] (long),
-    encoder_hidden_states [N,77,D], and optionally target [N,C,h,w] (true target) / teacher_pred [N,C,h,w]."""
+    encoder_hidden_states [N,77,D], a family's extra inputs (LCM: timestep_cond [N,E]), and optionally target
+    [N,C,h,w] (true target) / teacher_pred [N,C,h,w]."""
 
     def __init__(self, items: dict[str, torch.Tensor]):
         self.items = items
@@ -160,6 +171,8 @@ class UNetInputs(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.items.items()}
 
     @classmethod
-    def from_calls(cls, calls: list[dict], keys=("sample", "timestep", "encoder_hidden_states", "teacher_pred")):
-        """Split the CFG batches of `calls` into single inputs (on the CPU)."""
+    def from_calls(cls, calls: list[dict], keys=None):
+        """Split the CFG batches of `calls` into single inputs (on the CPU); `keys` default: every key of the calls
+        (the UNet inputs, a family's extra ones included, and `teacher_pred`)."""
+        keys = list(calls[0]) if keys is None else keys
         return cls({k: torch.cat([c[k].detach().cpu() for c in calls]) for k in keys})

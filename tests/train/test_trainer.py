@@ -259,6 +259,8 @@ def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model)
     model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, task_weight=0)
     batch = collate([ds[i] for i in (0, 5, 9)])
     assert model(**batch)["loss"].item() < 1e-10  # each split input is paired with the teacher's own output for it
+    single = collect_trajectory_inputs(pipe, ["a cross"], 2, 64, seed=0, steps=2, guidance_scale=0.0)  # SD-Turbo
+    assert [i["sample"].shape[0] for i in single] == [1, 1]  # no CFG batch: one input per call
     spread = collect_spread_trajectory_inputs(pipe, ["a cross", "a square"], 4, 64, seed=5, steps=8)
     ts = [int(i["timestep"][0]) for i in spread]
     assert len(spread) == 4 and ts == sorted(ts, reverse=True) and len(set(ts)) == 4, ts  # early to late states
@@ -291,8 +293,79 @@ def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_ou
         (["--distillation_source", "frames", "--task_weight", "0"], "distillation_source='frames'"),
         (["--teacher_gap_source", "video"], "teacher_gap_source='video'"),
         (["--trajectory_inputs", "0"], "trajectory_inputs=0"),
+        (["--distillation_source", "rollouts"], "distillation_source=rollouts has no true target"),
+        (["--rollout_window", "0"], "rollout_window=0"),
+        (["--rollout_start", "noise"], "rollout_start='noise'"),
     ],
 )
 def test_trajectory_option_errors(tiny_model, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         make_cfg(tiny_model, tmp_path / "x", *extra)
+
+
+def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(tiny_model):
+    """rollouts.Rollout: the teacher's latent after the whole schedule is the pipeline's own (same scheduler, CFG,
+    noise); a student equal to the teacher has zero loss and gap, a perturbed one has both > 0 and gets gradients."""
+    from ov_sd_trainer.pipeline_folder import load_pipeline
+    from ov_sd_trainer.train.rollouts import make_rollout, tokenize
+
+    pipe = load_pipeline(tiny_model)
+    rollout = make_rollout(pipe, 64, steps=5)
+    prompts = ["a red circle on a blue background", "a green cross"]
+    ids = tokenize(pipe.tokenizer, prompts)
+    noise = rollout.noise(2, "cpu", seeds=[3, 4])
+    model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, task_weight=0)
+    model.rollout, model.rollout_window = rollout, 2
+    with torch.no_grad():
+        states = pipe.text_encoder(ids, return_dict=False)[0]
+        ours, _ = rollout.sample(model, model.teacher, states, noise)
+        theirs = pipe(prompts, num_inference_steps=5, guidance_scale=7.5, latents=noise.clone(), output_type="latent",
+                      height=64, width=64).images  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    model.set_noise_seed(0, 0, 0)
+    assert model(prompt_ids=ids)["loss"].item() == 0.0
+    assert model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)["rollout_mse"].item() == 0.0
+    import copy
+
+    student = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        student.conv_out.bias.add_(0.05)  # a small bias, the same at every step: it compounds
+    model.student = student.requires_grad_(True)
+    model.set_noise_seed(0, 0, 1)
+    out = model(prompt_ids=ids)
+    out["loss"].backward()
+    assert out["loss"].item() > 0 and student.conv_out.bias.grad.abs().sum() > 0
+    gap = model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)["rollout_mse"].item()
+    one_step = rollout.sample(model, student, states, noise, stop=1)[0] - rollout.sample(model, model.teacher, states,
+                                                                                          noise, stop=1)[0]  # fmt: skip
+    assert gap > one_step.pow(2).mean().item() > 0  # the drift of 5 steps exceeds that of one
+    # started from the teacher's state (and scheduler history), the window sees only its own error: less than the
+    # student's accumulated drift at the same point (same seed, so the same k and noise)
+    pairs = []
+    for index in range(2, 6):  # different window starts k (k = 0 makes both the same)
+        losses = []
+        for start in ("student", "teacher"):
+            model.rollout_start = start
+            model.set_noise_seed(0, 0, index)
+            losses.append(model(prompt_ids=ids)["distillation_loss"].item())
+        pairs.append(losses)
+    assert all(0 < forced <= own * (1 + 1e-6) for own, forced in pairs) and any(f < o for o, f in pairs), pairs
+
+
+def test_rollout_distillation_trains_and_selects_on_held_out_rollouts(tiny_model, tmp_path):
+    """distillation_source=rollouts trains on captions (pure distillation against the teacher's latents);
+    teacher_gap_source=rollouts logs eval_rollout_mse on held-out captions and seeds and keeps the best checkpoint."""
+    out = tmp_path / "run"
+    flags = ["--distillation_source", "rollouts", "--rollout_window", "2", "--calibration_steps", "3",
+             "--calibration_source", "trajectories", "--task_weight", "0", "--teacher_gap_source", "rollouts",
+             "--teacher_gap_samples", "3", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy",
+             "steps", "--save_steps", "1", "--load_best_model_at_end", "true", "--metric_for_best_model",
+             "rollout_mse", "--greater_is_better", "false", "--max_steps", "3", "--export", "true"]  # fmt: skip
+    run(make_cfg(tiny_model, out, *flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
+    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
+    assert [g["step"] for g in info["teacher_gap"]] == [1, 2, 3]
+    assert all(g["rollout_mse"] > 0 and g["teacher_mse"] is None for g in info["teacher_gap"])
+    logs = [h for h in info["log_history"] if "loss" in h]
+    assert logs and all(h["distillation_loss"] > 0 and "task_loss" not in h for h in logs)
+    assert info["best_metric"] == pytest.approx(min(g["rollout_mse"] for g in info["teacher_gap"]))
+    assert "rollout final-latent MSE" in (out / "openvino" / "README.md").read_text()  # the model card shows it

@@ -1,0 +1,280 @@
+"""SDXL (docs/families.md): a tiny offline SDXL-architecture pipeline (random weights); its UNet's added conditioning
+(`text_embeds`, `time_ids`) is wired as optimum-intel's SDXL UNet IR has it, recorded along teacher trajectories,
+calibrated on, exported, and the export loads and generates in `OVStableDiffusionXLPipeline` and in OpenVINO GenAI."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import openvino_genai
+import pytest
+import torch
+from PIL import Image
+
+from ov_sd_trainer import families
+from ov_sd_trainer.assets.builders import (
+    SDXL_UNET_CONFIG,
+    TinySDConfig,
+    assemble_sdxl_pipeline,
+    build_sdxl_components,
+    build_tiny_pipeline,
+)
+from ov_sd_trainer.compress.convert import convert_unet_to_openvino, unet_example_inputs, unet_input_names
+from ov_sd_trainer.errors import UserError
+
+SIZE = 64
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # both runtimes in f32: this CPU's default may be bf16
+PROMPTS = ["a red circle on a blue background", "a green triangle on a white background"]
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / max(mse, 1e-12)))
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return build_sdxl_components(TinySDConfig(family="sdxl"))
+
+
+def test_tiny_sdxl_has_sdxls_traits(parts):
+    unet = parts["unet"]
+    assert unet.config.addition_embed_type == "text_time" and unet.config.use_linear_projection
+    assert unet.config.down_block_types[0] == "DownBlock2D"  # no attention at the highest resolution
+    assert type(parts["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
+    assert unet.config.cross_attention_dim == parts["text_encoder"].config.hidden_size + (
+        parts["text_encoder_2"].config.hidden_size
+    )
+    assert type(parts["scheduler"]).__name__ == "EulerDiscreteScheduler"
+    assert families.extra_input_dims(unet.config) == {"text_embeds": 32, "time_ids": 6}
+    assert families.extra_input_dims(SDXL_UNET_CONFIG) == {"text_embeds": 1280, "time_ids": 6}  # SDXL base's
+    families.check_unet_config(unet.config)  # supported
+    assert families.pipeline_class_name({"_class_name": "StableDiffusionXLPipeline"}) == "StableDiffusionXLPipeline"
+
+
+def test_sdxl_architecture_for_the_bench_is_sdxl_bases():
+    """`SDXL_UNET_CONFIG` (`build_sdxl_unet`, the bench's random-weight SDXL) is SDXL base's UNet: 2,567,463,684
+    parameters, built on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert unet.config.cross_attention_dim == 2048 and unet.config.projection_class_embeddings_input_dim == 2816
+
+
+def test_sdxl_unet_ir_inputs_are_optimums(parts):
+    from optimum.exporters.openvino.model_configs import UNetOpenVINOConfig
+
+    config = parts["unet"].config
+    want = list(UNetOpenVINOConfig(config, task="semantic-segmentation").inputs)
+    assert list(unet_input_names(config)) == want == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]  # fmt: skip
+
+
+def test_sdxl_unet_kwargs_and_time_ids():
+    extra = {"text_embeds": torch.zeros(2, 4), "time_ids": torch.ones(2, 6)}
+    kwargs = families.unet_kwargs(extra)
+    assert list(kwargs) == ["added_cond_kwargs"] and kwargs["added_cond_kwargs"] is not extra
+    assert families.unet_kwargs({}) == {}
+    ids = families.sdxl_time_ids((1024, 768), torch.tensor([[0, 0], [16, 8]]), (1024, 1024))
+    assert ids.tolist() == [[1024, 768, 0, 0, 1024, 1024], [1024, 768, 16, 8, 1024, 1024]]
+    assert families.sdxl_time_ids((64, 64), (0, 0), (64, 64), batch=3).shape == (3, 6)
+
+
+def test_sdxl_unet_converts_and_matches_torch(parts):
+    import openvino as ov
+
+    unet = parts["unet"].eval()
+    inputs = unet_example_inputs(unet, batch=2)
+    ov_model = convert_unet_to_openvino(unet)
+    shapes = {p.get_any_name(): str(p.get_partial_shape()) for p in ov_model.inputs}
+    assert shapes["text_embeds"] == "[?,32]" and shapes["time_ids"] == "[?,6]"
+    compiled = ov.Core().compile_model(ov_model, "CPU", F32)
+    base = {k: inputs[k] for k in ("sample", "timestep", "encoder_hidden_states")}
+    extra = {k: inputs[k] for k in ("text_embeds", "time_ids")}
+    other = dict(extra, time_ids=families.sdxl_time_ids((64, 64), (0, 0), (64, 64), batch=2))
+    with torch.no_grad():
+        want = unet(**base, **families.unet_kwargs(extra), return_dict=False)[0].numpy()
+    got = compiled({k: v.numpy() for k, v in inputs.items()})[0]
+    got_other = compiled({k: v.numpy() for k, v in (base | other).items()})[0]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 1e-4
+    assert np.linalg.norm(got_other - got) / np.linalg.norm(got) > 100 * rel  # time_ids is wired
+
+
+def test_trajectories_record_the_sdxl_pipelines_added_conditioning(parts):
+    from ov_sd_trainer.train.unet_inputs import UNetInputs, collect_trajectory_inputs
+
+    pipe = assemble_sdxl_pipeline(**parts)
+    calls = collect_trajectory_inputs(pipe, PROMPTS, num_samples=3, resolution=SIZE, seed=0, steps=2)
+    for call in calls:
+        assert call["sample"].shape[0] == 2 and call["text_embeds"].shape == (2, 32)  # the CFG pair
+        assert call["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2
+        assert call["encoder_hidden_states"].shape[-1] == 64
+    assert not calls[0]["text_embeds"][0].any()  # force_zeros_for_empty_prompt: the unconditional half is zeros
+    with torch.no_grad():  # each recorded teacher output is the UNet's on the recorded inputs
+        c = calls[1]
+        extra = families.unet_kwargs({k: c[k] for k in ("text_embeds", "time_ids")})
+        pred = pipe.unet(c["sample"], c["timestep"], c["encoder_hidden_states"], **extra)
+    torch.testing.assert_close(pred.sample, c["teacher_pred"])
+    assert set(UNetInputs.from_calls(calls).items) == {"sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                       "time_ids", "teacher_pred"}  # fmt: skip
+
+
+def test_sdxl_encode_prompts_is_the_pipelines(parts):
+    pipe = assemble_sdxl_pipeline(**parts)
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids_2 = pipe.tokenizer_2(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states, pooled = families.sdxl_encode_prompts(pipe.text_encoder, pipe.text_encoder_2, ids.input_ids,
+                                                      ids_2.input_ids)  # fmt: skip
+        want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(states, want)
+    torch.testing.assert_close(pooled, want_pooled)
+
+
+def test_sdxl_image_training_is_a_one_line_error(parts):
+    model = SimpleNamespace(task_weight=1.0, generator=None, unet_extra="unset")
+    families.configure_model(model, SimpleNamespace(unet=parts["unet"]))
+    with pytest.raises(UserError, match="use distillation_source trajectories") as e:
+        model.unet_extra(2, torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    config = dict(parts["unet"].config) | {"addition_embed_type": "text_image"}
+    with pytest.raises(UserError, match="addition_embed_type='text_image'"):
+        families.check_unet_config(config)
+
+
+def test_token_merging_on_sdxls_blocks():
+    """SDXL has no attention at the highest resolution: ToMe's default level (max_downsample 1) is a one-line error;
+    at max_downsample 2 (SDXL's first attention level) the patched UNet converts and matches PyTorch."""
+    import openvino as ov
+
+    from ov_sd_trainer.compress.tome import apply_tome, is_patched
+
+    unet = build_sdxl_components(TinySDConfig(family="sdxl"))["unet"].eval()
+    with pytest.raises(UserError, match=r"no transformer blocks at that resolution .*attention levels: \[2, 4\]"):
+        apply_tome(unet, ratio=0.5, max_downsample=1)
+    apply_tome(unet, ratio=0.5, max_downsample=2)
+    assert is_patched(unet)
+    inputs = unet_example_inputs(unet, batch=2)
+    compiled = ov.Core().compile_model(convert_unet_to_openvino(unet), "CPU", F32)
+    base = {k: inputs[k] for k in ("sample", "timestep", "encoder_hidden_states")}
+    with torch.no_grad():
+        want = unet(**base, **families.unet_kwargs({k: inputs[k] for k in ("text_embeds", "time_ids")})).sample
+    got = compiled({k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.linalg.norm(got - want.numpy()) / np.linalg.norm(want.numpy()) < 1e-4
+
+
+def test_make_tiny_sdxl(tmp_path):
+    from ov_sd_trainer import cli
+    from ov_sd_trainer.pipeline_folder import check_pipeline_source, load_pipeline
+
+    assert cli.main(["make-tiny", "--family", "sdxl", "--output", str(tmp_path / "sdxl")]) == 0
+    check_pipeline_source(str(tmp_path / "sdxl"))
+    pipe = load_pipeline(str(tmp_path / "sdxl"))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and pipe.text_encoder_2 is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# calibrate -> export -> load -> generate
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, parts):
+    """A tiny SDXL folder, its UNet quantized (NNCF, calibrated on 4 calls of the teacher's own trajectories) and
+    exported with `export_openvino_pipeline`."""
+    from ov_sd_trainer.compress.quantize import quantize_unet
+    from ov_sd_trainer.export.openvino import export_openvino_pipeline
+    from ov_sd_trainer.train.unet_inputs import collect_trajectory_inputs
+
+    root = tmp_path_factory.mktemp("sdxl")
+    pipe = build_tiny_pipeline(root / "base", TinySDConfig(family="sdxl"))
+    calls = collect_trajectory_inputs(pipe, PROMPTS, num_samples=4, resolution=SIZE, seed=0, steps=4)
+    student = quantize_unet(pipe.unet, [{k: v for k, v in c.items() if k != "teacher_pred"} for c in calls])
+    out = export_openvino_pipeline(str(root / "base"), student, root / "openvino", recipe={"family": "sdxl"})
+    return {"base": root / "base", "ov": out}
+
+
+@pytest.mark.slow  # the export fixture: ~80 s on 2 cores (NNCF + optimum-intel's export)
+def test_sdxl_export_loads_in_optimum_and_generates(export):
+    import openvino as ov
+
+    from ov_sd_trainer.pipeline_folder import UNET_XML, has_openvino_tokenizer, load_ov_pipeline
+
+    index = json.loads((export["ov"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    ir = ov.Core().read_model(export["ov"] / UNET_XML)
+    assert [p.get_any_name() for p in ir.inputs] == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]  # fmt: skip
+    results = json.loads((export["ov"] / "results.json").read_text())
+    assert results["fake_quantize_ops"] > 50 and results["unet_size_ratio"] < 0.5
+    assert has_openvino_tokenizer(export["ov"]) and (export["ov"] / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
+    assert "from optimum.intel import OVStableDiffusionXLPipeline" in (export["ov"] / "README.md").read_text()
+    pipe = load_ov_pipeline(export["ov"], SIZE, SIZE)
+    assert type(pipe).__name__ == "OVStableDiffusionXLPipeline"
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    image = pipe(PROMPTS[0], num_inference_steps=3, height=SIZE, width=SIZE).images[0]
+    assert np.asarray(image).std() > 1  # an image, not a blank
+
+
+@pytest.mark.slow
+def test_sdxl_export_runs_in_genai_as_in_optimum(export, tmp_path):
+    from ov_sd_trainer.eval.generate import generate, load_genai_pipeline
+    from ov_sd_trainer.pipeline_folder import load_ov_pipeline
+
+    out = tmp_path / "genai.png"  # `ov-sd generate --runtime genai`
+    info = generate(str(export["ov"]), PROMPTS[0], str(out), steps=3, guidance_scale=5.0, runtime="genai")
+    assert info["steps"] == 3 and np.asarray(Image.open(out)).std() > 1
+    optimum = load_ov_pipeline(export["ov"], SIZE, SIZE, ov_config=F32)
+    genai = load_genai_pipeline(export["ov"], SIZE, SIZE, 5.0, **F32)
+    scores = []
+    for seed in (3, 4):
+        want = optimum(PROMPTS[1], num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
+                       generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
+        got = genai.generate(PROMPTS[1], num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
+                             generator=openvino_genai.TorchGenerator(seed)).data[0].copy()  # fmt: skip
+        scores.append(psnr(np.array(want), got))
+    # as tests/test_families.py: GenAI's 8-bit truncation alone (measured 51.1-51.3 dB on SDXL); other noise ~12 dB
+    assert np.median(scores) >= 48.0 and min(scores) >= 35.0, scores
+    other = genai.generate(PROMPTS[1], num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
+                           generator=openvino_genai.TorchGenerator(103)).data[0].copy()  # fmt: skip
+    assert psnr(np.array(want), other) < 43.0
+
+
+@pytest.mark.slow  # ~90 s train + export, ~20 s eval on 2 cores
+def test_sdxl_trains_on_trajectories_exports_and_evaluates(tmp_path):
+    """`ov-sd train` on SDXL through the paths that carry its added conditioning: trajectory calibration and
+    distillation, the held-out teacher gap on images (both encoders, pooled embeddings, time ids); then `ov-sd eval`
+    against the FP32 teacher (its UNet noise MSE feeds text_embeds and time_ids to the IR)."""
+    from ov_sd_trainer import cli
+    from ov_sd_trainer.run_folder import OPENVINO_DIR
+    from ov_sd_trainer.train.config import parse_config
+    from ov_sd_trainer.train.run import run
+
+    build_tiny_pipeline(tmp_path / "base", TinySDConfig(family="sdxl"))
+    argv = [
+        "--pretrained_model_name_or_path", str(tmp_path / "base"), "--dataset_name", "synthetic:12",
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--learning_rate", "1e-4", "--task_weight", "0",
+        "--calibration_source", "trajectories", "--calibration_steps", "4", "--distillation_source", "trajectories",
+        "--trajectory_inputs", "8", "--eval_strategy", "steps", "--eval_steps", "3", "--teacher_gap_samples", "4",
+    ]  # fmt: skip
+    cfg, _ = parse_config(argv)
+    out = run(cfg, {"family": "sdxl"})
+    info = json.loads((out / "final" / "training_info.json").read_text())
+    assert info["global_step"] == 3 and np.isfinite(info["log_history"][-1]["train_loss"])
+    (gap,) = info["teacher_gap"]
+    assert np.isfinite(gap["teacher_mse"]) and gap["teacher_mse"] > 0 and np.isfinite(gap["task_loss"])
+    ov_dir = out / OPENVINO_DIR
+    assert json.loads((ov_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    argv = ["eval", "--reference", str(tmp_path / "base"), "--model", f"qat={ov_dir}", "--output",
+            str(tmp_path / "eval"), "--steps", "4", "--guidance-scale", "5", "--seeds", "1", "--subset", "4",
+            "--unet-samples", "4", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["settings"]["scheduler"] == "EulerDiscreteScheduler"
+    qat = next(v for v in result["variants"] if v["name"] == "qat")
+    assert qat["psnr"] >= 25.0 and 0 < qat["noise_pred_mse"] < 1, qat  # measured 35.4 dB (a 3-step tiny run)
