@@ -57,6 +57,7 @@ def launch(recipe, out, *extra):
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # ~60 s; exact resume stays in the default run (test_trainer.py: resume after 2 of 4 steps)
 def test_sigkill_then_resume_equals_uninterrupted(recipe, tmp_path):
     # the uninterrupted reference, in-process
     cfg, raw = parse_config(["--recipe", str(recipe), "--output_dir", str(tmp_path / "full")])

@@ -266,6 +266,7 @@ def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model)
     assert len(spread) == 4 and ts == sorted(ts, reverse=True) and len(set(ts)) == 4, ts  # early to late states
 
 
+@pytest.mark.slow  # ~55 s; an option the recipes do not use (docs/fidelity.md); its collector is tested above
 def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_out_ones(tiny_model, tmp_path):
     """distillation_source=trajectories: the training set is the teacher's own sampling states (CFG pairs split)
     with its outputs, the loss pure distillation against them; teacher_gap_source=trajectories evaluates on held-out
