@@ -189,15 +189,7 @@ def configure_model(model, pipe) -> None:
     model.unet_extra = None
     if not extra_input_names(config):
         return
-    if is_sdxl(config):
-
-        def sdxl_extra(batch_size: int, device) -> dict:
-            raise UserError(
-                "SDXL training on images needs both text encoders' states and pooled embeddings (not wired in "
-                "QATModel yet): use distillation_source trajectories with calibration_source trajectories"
-            )
-
-        model.unet_extra = sdxl_extra
+    if is_sdxl(config):  # its extra inputs come with each image batch (`QATModel.image_extra`)
         return
     if model.task_weight:
         raise UserError(

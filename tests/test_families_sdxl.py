@@ -3,7 +3,6 @@
 calibrated on, exported, and the export loads and generates in `OVStableDiffusionXLPipeline` and in OpenVINO GenAI."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import openvino_genai
@@ -134,15 +133,45 @@ def test_sdxl_encode_prompts_is_the_pipelines(parts):
     torch.testing.assert_close(pooled, want_pooled)
 
 
-def test_sdxl_image_training_is_a_one_line_error(parts):
-    model = SimpleNamespace(task_weight=1.0, generator=None, unet_extra="unset")
-    families.configure_model(model, SimpleNamespace(unet=parts["unet"]))
-    with pytest.raises(UserError, match="use distillation_source trajectories") as e:
-        model.unet_extra(2, torch.device("cpu"))
-    assert "\n" not in str(e.value)
+def test_sdxl_other_added_conditioning_is_refused(parts):
     config = dict(parts["unet"].config) | {"addition_embed_type": "text_image"}
-    with pytest.raises(UserError, match="addition_embed_type='text_image'"):
+    with pytest.raises(UserError, match="addition_embed_type='text_image'") as e:
         families.check_unet_config(config)
+    assert "\n" not in str(e.value)
+
+
+def test_sdxl_trains_on_images_with_both_encoders_and_time_ids(tmp_path):
+    """Training on noisy images: rows carry the second tokenizer's ids, the original size and the crop offsets;
+    the batch's UNet inputs are both encoders' states, text_encoder_2's pooled embeddings and SDXL's time ids (as
+    train_text_to_image_sdxl.py builds them); calibration on training images carries them too; the loss trains."""
+    from ov_sd_trainer.train.config import parse_config
+    from ov_sd_trainer.train.data import collate
+    from ov_sd_trainer.train.run import build
+
+    build_tiny_pipeline(tmp_path / "base", TinySDConfig(family="sdxl"))
+    argv = [
+        "--pretrained_model_name_or_path", str(tmp_path / "base"), "--dataset_name", "synthetic:6",
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--num_calibration_samples", "2", "--calibration_source", "training", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--export", "false", "--random_flip", "false",
+    ]  # fmt: skip
+    cfg, _ = parse_config(argv)
+    model, ds, _ = build(cfg)
+    batch = collate([ds[0], ds[1]])
+    assert batch["input_ids_2"].shape == (2, 77)
+    assert batch["original_size"].tolist() == [[64, 64]] * 2 and batch["crop_top_left"].tolist() == [[0, 0]] * 2
+    latents, states, pooled = model.encode(batch["pixel_values"], batch["input_ids"], batch["input_ids_2"])
+    want_states, want_pooled = families.sdxl_encode_prompts(
+        model.text_encoder, model.text_encoder_2, batch["input_ids"], batch["input_ids_2"]
+    )
+    assert torch.equal(states, want_states) and torch.equal(pooled, want_pooled)
+    extra = model.image_extra(latents, pooled, batch["original_size"], batch["crop_top_left"], (64, 64))
+    assert extra["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2
+    model.set_noise_seed(0, 0, 0)
+    out = model(**batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["task_loss"] > 0 and out["distillation_loss"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
 
 
 def test_token_merging_on_sdxls_blocks():

@@ -141,13 +141,17 @@ class Augmentation:
 
 
 def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_flip: bool, image_column: str,
-                         caption_column: str, augmentation: Augmentation | None = None):  # fmt: skip
-    """A `Dataset.with_transform` function: rows -> pixel_values [B,3,H,W] in [-1,1], input_ids [B,77]."""
+                         caption_column: str, augmentation: Augmentation | None = None, tokenizer_2=None):  # fmt: skip
+    """A `Dataset.with_transform` function: rows -> pixel_values [B,3,H,W] in [-1,1], input_ids [B,77]; with SDXL's
+    second tokenizer also input_ids_2 [B,77], original_size [B,2] (height, width before resizing) and crop_top_left
+    [B,2] (the crop's offsets in the resized image, counted as if flipped first), as train_text_to_image_sdxl.py
+    gives its UNet's time ids."""
     from torchvision.transforms import functional as TF
 
     augmentation = augmentation or Augmentation(0)
 
     def image_tf(img, row: int):
+        original = (img.height, img.width)
         x = TF.to_tensor(TF.resize(img.convert("RGB"), resolution, interpolation=TF.InterpolationMode.BILINEAR))
         g = augmentation.generator(row)
         h, w = x.shape[-2:]
@@ -159,19 +163,26 @@ def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_f
         x = x[:, top : top + resolution, left : left + resolution]
         if random_flip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
-        return x * 2 - 1
+            left = w - resolution - left
+        return x * 2 - 1, torch.tensor(original), torch.tensor((top, left))
 
-    def transform(batch):
-        rows = batch.get(INDEX_COLUMN) or list(range(len(batch[image_column])))
-        images = [image_tf(img, r) for img, r in zip(batch[image_column], rows)]
-        ids = tokenizer(
-            batch[caption_column],
+    def ids(tok, captions):
+        return tok(
+            captions,
             padding="max_length",  # as at inference: SD's text encoder always sees 77 tokens
-            max_length=tokenizer.model_max_length,
+            max_length=tok.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return {"pixel_values": images, "input_ids": list(ids)}
+
+    def transform(batch):
+        rows = batch.get(INDEX_COLUMN) or list(range(len(batch[image_column])))
+        images, original, crop = zip(*[image_tf(img, r) for img, r in zip(batch[image_column], rows)], strict=True)
+        out = {"pixel_values": list(images), "input_ids": list(ids(tokenizer, batch[caption_column]))}
+        if tokenizer_2 is not None:
+            out.update(input_ids_2=list(ids(tokenizer_2, batch[caption_column])), original_size=list(original),
+                       crop_top_left=list(crop))  # fmt: skip
+        return out
 
     return transform
 

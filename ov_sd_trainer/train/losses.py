@@ -22,10 +22,11 @@ class QATModel(nn.Module):
 
     def __init__(self, student, teacher, vae, text_encoder, noise_scheduler, distillation_weight: float = 1.0,
                  prediction_type: str | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 task_weight: float = 1.0):  # fmt: skip
+                 task_weight: float = 1.0, text_encoder_2=None):  # fmt: skip
         super().__init__()
         self.student, self.teacher, self.vae, self.text_encoder = student, teacher, vae, text_encoder
-        for frozen in (teacher, vae, text_encoder):
+        self.text_encoder_2 = text_encoder_2  # SDXL's second encoder (pooled text embeddings), else None
+        for frozen in self._frozen():
             frozen.requires_grad_(False)
             frozen.eval()
         self.noise_scheduler = noise_scheduler
@@ -54,10 +55,13 @@ class QATModel(nn.Module):
         device = next(self.student.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + stream) * 1_000_033) + index)
 
+    def _frozen(self):
+        return [m for m in (self.teacher, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
     def train(self, mode: bool = True):
         # Only the student ever trains; the frozen parts stay in eval (no dropout, fixed norms).
         super().train(mode)
-        for frozen in (self.teacher, self.vae, self.text_encoder):
+        for frozen in self._frozen():
             frozen.eval()
         return self
 
@@ -66,12 +70,23 @@ class QATModel(nn.Module):
         enable_gradient_checkpointing(self.student)
 
     @torch.no_grad()
-    def encode(self, pixel_values, input_ids):
-        """pixel_values [B,3,H,W] in [-1,1], input_ids [B,77] -> latents [B,4,h,w], text states [B,77,D]."""
+    def encode(self, pixel_values, input_ids, input_ids_2=None):
+        """pixel_values [B,3,H,W] in [-1,1], input_ids [B,77] -> latents [B,4,h,w], text states [B,77,D], and for
+        SDXL (`input_ids_2` of its second tokenizer) the pooled text embeddings [B,P] (else None)."""
         latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample(generator=self.generator)
         latents = latents * self.vae.config.scaling_factor
-        states = self.text_encoder(input_ids, return_dict=False)[0]
-        return latents.float(), states
+        if self.text_encoder_2 is None:
+            return latents.float(), self.text_encoder(input_ids, return_dict=False)[0], None
+        states, pooled = families.sdxl_encode_prompts(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
+        return latents.float(), states, pooled
+
+    def image_extra(self, latents, pooled=None, original_size=None, crop_top_left=None, size=None) -> dict:
+        """The family's extra UNet inputs of a batch of training images: SDXL's pooled embeddings and time ids
+        (original size and crop of each image, target `size`), else `unet_extra`'s (LCM's guidance embedding)."""
+        if pooled is not None:
+            time_ids = families.sdxl_time_ids(original_size, crop_top_left, size, batch=len(latents))
+            return {families.TEXT_EMBEDS: pooled.float(), families.TIME_IDS: time_ids.to(latents.device)}
+        return self.unet_extra(latents.shape[0], latents.device) if self.unet_extra else {}
 
     def noisy_inputs(self, latents):
         """Sample noise and timesteps as diffusers' train_text_to_image.py does."""
@@ -114,7 +129,7 @@ class QATModel(nn.Module):
         return {"loss": self.distillation_weight * distill, "distillation_loss": distill.detach()}
 
     def forward(self, pixel_values=None, input_ids=None, evaluate: bool = False, prompt_ids=None, noise_seed=None,
-                **unet_inputs):  # fmt: skip
+                input_ids_2=None, original_size=None, crop_top_left=None, **unet_inputs):  # fmt: skip
         """Training on images (`pixel_values`, `input_ids`), on precomputed UNet inputs (`sample`, `timestep`,
         `encoder_hidden_states`, `teacher_pred`) or on rollouts of captions (`prompt_ids`, `rollouts.Rollout`);
         `evaluate=True`: a teacher-gap batch (UNet inputs) or a held-out rollout batch (`prompt_ids`, `noise_seed`)."""
@@ -126,9 +141,9 @@ class QATModel(nn.Module):
             return self.teacher_gap(**unet_inputs)
         if pixel_values is None:
             return self.distill(**unet_inputs)
-        latents, states = self.encode(pixel_values, input_ids)
+        latents, states, pooled = self.encode(pixel_values, input_ids, input_ids_2)
         noisy, noise, t = self.noisy_inputs(latents)
-        extra = self.unet_extra(latents.shape[0], latents.device) if self.unet_extra else {}
+        extra = self.image_extra(latents, pooled, original_size, crop_top_left, pixel_values.shape[-2:])
         pred = self.unet(self.student, noisy, t, states, extra).float()
         target = self.target(latents, noise, t).float()
         if self.snr_gamma is None:

@@ -58,7 +58,7 @@ from .unet_inputs import UNetInputs, collect_calibration_inputs, collect_traject
 logger = logging.getLogger(__name__)
 
 
-def prepare_dataset(cfg: QATConfig, tokenizer):
+def prepare_dataset(cfg: QATConfig, tokenizer, tokenizer_2=None):
     ds = load_captioned_dataset(
         cfg.dataset_name,
         image_column=cfg.image_column,
@@ -87,6 +87,7 @@ def prepare_dataset(cfg: QATConfig, tokenizer):
         cfg.image_column,
         cfg.caption_column,
         augmentation,
+        tokenizer_2,
     )
     ds = ds.add_column(INDEX_COLUMN, list(range(len(ds))))
     return ds.with_transform(transform), augmentation
@@ -112,6 +113,7 @@ def build_model(cfg: QATConfig):
         prediction_type=cfg.prediction_type,
         snr_gamma=cfg.snr_gamma,
         noise_offset=cfg.noise_offset,
+        text_encoder_2=pipe.text_encoder_2.to(device) if getattr(pipe, "text_encoder_2", None) else None,
     )
     model.tokenizer = pipe.tokenizer  # for the teacher-gap set's captions (not a module: the Trainer ignores it)
     model.pipeline = pipe  # for trajectory inputs (idem)
@@ -132,7 +134,7 @@ def build(cfg: QATConfig):
             "trajectories and teacher_gap_source images or trajectories"
         )
     tome = TomeConfig.from_training_config(cfg)
-    train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer)
+    train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
     device = cfg.device
     calls = trajectory_calls(cfg, pipe, train_ds)
     teacher = model.teacher

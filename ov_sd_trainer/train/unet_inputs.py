@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .. import families
-from ..errors import UserError
 from .data import collate
 
 SOURCES = ("training", "trajectories")
@@ -30,20 +29,18 @@ def collect_calibration_inputs(model, dataset, num_samples: int, seed: int, devi
     timesteps with their caption embeddings, one sample per item (as training sees them)."""
     from tqdm.auto import tqdm
 
-    if families.is_sdxl(model.teacher.config):
-        raise UserError(
-            "SDXL calibration on training images needs both text encoders and the pooled embeddings (not wired in "
-            "QATModel yet): use calibration_source trajectories"
-        )
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g)[:num_samples].tolist()
     items = []
     for n, i in enumerate(tqdm(order, desc="calibration inputs", leave=False)):
         row = collate([dataset[i]])
         model.set_noise_seed(seed, stream=1, index=n)  # a stream of its own, apart from training's
-        latents, states = model.encode(row["pixel_values"].to(device), row["input_ids"].to(device))
+        ids_2 = row["input_ids_2"].to(device) if "input_ids_2" in row else None
+        latents, states, pooled = model.encode(row["pixel_values"].to(device), row["input_ids"].to(device), ids_2)
         noisy, _, t = model.noisy_inputs(latents)
-        items.append({"sample": noisy, "timestep": t, "encoder_hidden_states": states})
+        extra = model.image_extra(latents, pooled, row.get("original_size"), row.get("crop_top_left"),
+                                  row["pixel_values"].shape[-2:])  # fmt: skip
+        items.append({"sample": noisy, "timestep": t, "encoder_hidden_states": states, **extra})
     return items
 
 
