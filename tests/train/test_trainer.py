@@ -370,3 +370,15 @@ def test_rollout_distillation_trains_and_selects_on_held_out_rollouts(tiny_model
     assert logs and all(h["distillation_loss"] > 0 and "task_loss" not in h for h in logs)
     assert info["best_metric"] == pytest.approx(min(g["rollout_mse"] for g in info["teacher_gap"]))
     assert "rollout final-latent MSE" in (out / "openvino" / "README.md").read_text()  # the model card shows it
+
+
+def test_rollouts_are_refused_for_unets_with_extra_inputs(tmp_path):
+    """Rollouts sample with CFG and no extra UNet inputs: an LCM (timestep_cond) gets a one-line error, before any
+    calibration work."""
+    from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+
+    build_tiny_pipeline(tmp_path / "lcm", TinySDConfig(family="lcm"))
+    cfg = make_cfg(str(tmp_path / "lcm"), tmp_path / "run", "--distillation_source", "rollouts", "--task_weight", "0")
+    with pytest.raises(UserError, match="rollouts sample with classifier-free guidance.*timestep_cond") as e:
+        build(cfg)
+    assert "\n" not in str(e.value)
