@@ -81,11 +81,30 @@ def _scheduler(family: str):
     return PNDMScheduler(**SD_SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
 
 
+def _tiny_vae(cfg, **kwargs):
+    """The tiny pipelines' VAE (one block per level of `cfg.vae_channels`)."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=cfg.resolution,
+        **kwargs,
+    )
+
+
 def build_components(cfg: TinySDConfig | None = None, tokenizer_dir: str | Path | None = None):
     """Return (tokenizer, text_encoder, vae, unet, scheduler), randomly initialised from cfg.seed."""
     import tempfile
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = cfg or TinySDConfig()
@@ -118,18 +137,7 @@ def build_components(cfg: TinySDConfig | None = None, tokenizer_dir: str | Path 
         hidden_act="gelu" if cfg.family == "sd2" else "quick_gelu",  # OpenCLIP ViT-H (SD 2) vs CLIP ViT-L (SD 1)
     )
     text_encoder = CLIPTextModel(text_config)
-    n = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=cfg.norm_groups,
-        sample_size=cfg.resolution,
-    )
+    vae = _tiny_vae(cfg)
     m = len(cfg.unet_channels)
     # diffusers' SD configs use attention_head_dim as the head count
     family_kwargs: dict = dict(attention_head_dim=cfg.attention_heads)
@@ -193,7 +201,7 @@ def build_sdxl_components(cfg: TinySDConfig | None = None) -> dict:
     and `text_time` conditioning, and SDXL base's `EulerDiscreteScheduler`."""
     import tempfile
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = cfg or TinySDConfig(family="sdxl")
@@ -209,19 +217,7 @@ def build_sdxl_components(cfg: TinySDConfig | None = None) -> dict:
     text_encoder_2 = CLIPTextModelWithProjection(
         _clip_text_config(tokenizer_2, hidden, cfg.text_layers, cfg.text_heads, "gelu", hidden)
     )
-    n = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=cfg.norm_groups,
-        sample_size=cfg.resolution,
-        scaling_factor=0.13025,  # SDXL's VAE
-    )
+    vae = _tiny_vae(cfg, scaling_factor=0.13025)  # SDXL's VAE
     m = len(cfg.unet_channels)
     unet = UNet2DConditionModel(
         sample_size=cfg.resolution // cfg.vae_factor,
