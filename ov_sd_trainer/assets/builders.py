@@ -81,6 +81,23 @@ def _scheduler(family: str):
     return PNDMScheduler(**SD_SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
 
 
+def _sd_vae(**kwargs):
+    """The full-size SD autoencoder architecture (factor 8, 4 latent channels), random weights; `kwargs` set the
+    family's sample size and scaling factor."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        **kwargs,
+    )
+
+
 def _tiny_vae(cfg, **kwargs):
     """The tiny pipelines' VAE (one block per level of `cfg.vae_channels`)."""
     from diffusers import AutoencoderKL
@@ -291,7 +308,7 @@ def build_sd15_pipeline(output_dir: str | Path | None = None, seed: int = 0):
     for speed and footprint benchmarks at 512 px only. The tokenizer is the project's offline one."""
     import tempfile
 
-    from diffusers import AutoencoderKL, PNDMScheduler
+    from diffusers import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -312,17 +329,7 @@ def build_sd15_pipeline(output_dir: str | Path | None = None, seed: int = 0):
             projection_dim=768,
         )
     )
-    vae = AutoencoderKL(  # SD's autoencoder: factor 8, 4 latent channels
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = _sd_vae(sample_size=512, scaling_factor=0.18215)  # SD 1.5's
     unet = build_sd15_unet(seed)
     scheduler = PNDMScheduler(**SD_SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
     pipe = assemble_pipeline(tokenizer, text_encoder, vae, unet, scheduler)
@@ -359,7 +366,7 @@ def build_sdxl_pipeline(output_dir: str | Path | None = None, seed: int = 0):
     project's offline one."""
     import tempfile
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -370,18 +377,7 @@ def build_sdxl_pipeline(output_dir: str | Path | None = None, seed: int = 0):
     bigg = _clip_text_config(tokenizer_2, 1280, 32, 20, "gelu", 1280)  # OpenCLIP ViT-bigG/14
     bigg.intermediate_size = 5120
     text_encoder_2 = CLIPTextModelWithProjection(bigg)
-    vae = AutoencoderKL(  # SDXL's autoencoder: factor 8, 4 latent channels
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SDXL's
     pipe = assemble_sdxl_pipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                   tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=build_sdxl_unet(seed),
                                   scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG))  # fmt: skip
