@@ -140,6 +140,15 @@ class Augmentation:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + row)
 
 
+def tokenize(tokenizer, captions) -> torch.Tensor:
+    """Caption ids [N,77], padded to the tokenizer's max length as at inference (SD's text encoder always sees 77
+    tokens)."""
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+
+
 def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_flip: bool, image_column: str,
                          caption_column: str, augmentation: Augmentation | None = None, tokenizer_2=None):  # fmt: skip
     """A `Dataset.with_transform` function: rows -> pixel_values [B,3,H,W] in [-1,1], input_ids [B,77]; with SDXL's
@@ -166,21 +175,12 @@ def make_train_transform(tokenizer, resolution: int, center_crop: bool, random_f
             left = w - resolution - left
         return x * 2 - 1, torch.tensor(original), torch.tensor((top, left))
 
-    def ids(tok, captions):
-        return tok(
-            captions,
-            padding="max_length",  # as at inference: SD's text encoder always sees 77 tokens
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
     def transform(batch):
         rows = batch.get(INDEX_COLUMN) or list(range(len(batch[image_column])))
         images, original, crop = zip(*[image_tf(img, r) for img, r in zip(batch[image_column], rows)], strict=True)
-        out = {"pixel_values": list(images), "input_ids": list(ids(tokenizer, batch[caption_column]))}
+        out = {"pixel_values": list(images), "input_ids": list(tokenize(tokenizer, batch[caption_column]))}
         if tokenizer_2 is not None:
-            out.update(input_ids_2=list(ids(tokenizer_2, batch[caption_column])), original_size=list(original),
+            out.update(input_ids_2=list(tokenize(tokenizer_2, batch[caption_column])), original_size=list(original),
                        crop_top_left=list(crop))  # fmt: skip
         return out
 

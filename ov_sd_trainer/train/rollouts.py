@@ -23,6 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from .data import tokenize
 from .unet_inputs import GUIDANCE
 
 
@@ -42,14 +43,6 @@ class RolloutPrompts(torch.utils.data.Dataset):
         return item
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Caption ids padded to the tokenizer's max length, as the pipeline encodes prompts."""
-    return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-
-
 def rollout_gap_set(tokenizer, num: int, seed: int, resolution: int, dataset_name: str = "synthetic",
                     caption_column: str = "text", image_column: str = "image") -> RolloutPrompts:  # fmt: skip
     """`num` held-out captions (as the teacher-gap set draws them) with a held-out noise seed each."""
@@ -57,7 +50,7 @@ def rollout_gap_set(tokenizer, num: int, seed: int, resolution: int, dataset_nam
 
     ds = _heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column)
     seeds = torch.arange(num, dtype=torch.long) + seed + HELDOUT_SEED_OFFSET
-    return RolloutPrompts(tokenize(tokenizer, list(ds[caption_column])), seeds)
+    return RolloutPrompts(tokenize(tokenizer, ds[caption_column]), seeds)
 
 
 class Rollout:
@@ -69,6 +62,7 @@ class Rollout:
         self.scheduler_cls = type(scheduler)
         self.latent_shape, self.steps, self.guidance_scale = latent_shape, steps, guidance_scale
         self.calls = len(self.scheduler().timesteps)  # UNet calls of one trajectory (PNDM: steps + 1)
+        self._teacher_final: dict[tuple, torch.Tensor] = {}  # (seeds, caption ids) -> the teacher's final latents
         device = next(text_encoder.parameters()).device
         with torch.no_grad():
             self.uncond = text_encoder(tokenize(tokenizer, [""]).to(device), return_dict=False)[0].float()
@@ -122,9 +116,9 @@ class Rollout:
         noise = self.noise(len(prompt_ids), device, generator=g)
         with torch.no_grad():
             at_k, scheduler = self.sample(model, model.teacher, states, noise, stop=k)
-            resume = copy.deepcopy(scheduler)
+            resume = copy.deepcopy(scheduler) if start_from == "teacher" else None
             target, _ = self.sample(model, model.teacher, states, at_k, start=k, stop=k + window, scheduler=scheduler)
-        if start_from == "teacher":
+        if resume is not None:
             latents, _ = self.sample(model, model.student, states, at_k, start=k, stop=k + window, grad_from=k,
                                      scheduler=resume)  # fmt: skip
         else:
@@ -134,11 +128,16 @@ class Rollout:
 
     @torch.no_grad()
     def gap(self, model, prompt_ids, noise_seed) -> dict:
-        """Held-out: MSE between the student's and the teacher's final latents (whole trajectories)."""
+        """Held-out: MSE between the student's and the teacher's final latents (whole trajectories). The frozen
+        teacher's are sampled once per held-out batch and kept."""
         states = model.text_encoder(prompt_ids, return_dict=False)[0].float()
-        noise = self.noise(len(prompt_ids), prompt_ids.device, seeds=noise_seed.tolist())
+        seeds = tuple(noise_seed.tolist())
+        noise = self.noise(len(prompt_ids), prompt_ids.device, seeds=seeds)
         student, _ = self.sample(model, model.student, states, noise)
-        teacher, _ = self.sample(model, model.teacher, states, noise)
+        key = (seeds, tuple(prompt_ids.flatten().tolist()))
+        if key not in self._teacher_final:
+            self._teacher_final[key] = self.sample(model, model.teacher, states, noise)[0]
+        teacher = self._teacher_final[key]
         mse = F.mse_loss(student, teacher)
         return {"loss": mse, "rollout_mse": mse}
 
@@ -147,4 +146,4 @@ def make_rollout(pipe, resolution: int, steps: int) -> Rollout:
     """A `Rollout` on `pipe`'s scheduler, tokenizer and text encoder at `resolution` px."""
     factor = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
-    return Rollout(copy.deepcopy(pipe.scheduler), pipe.tokenizer, pipe.text_encoder, shape, steps)
+    return Rollout(pipe.scheduler, pipe.tokenizer, pipe.text_encoder, shape, steps)

@@ -47,10 +47,11 @@ from .data import (
     drop_unreadable_images,
     load_captioned_dataset,
     make_train_transform,
+    tokenize,
 )
 from .ema import EMACallback
 from .losses import QATModel
-from .rollouts import RolloutPrompts, make_rollout, rollout_gap_set, tokenize
+from .rollouts import RolloutPrompts, make_rollout, rollout_gap_set
 from .teacher_gap import build_teacher_gap_set, build_trajectory_gap_set
 from .trainer import QATTrainer
 from .unet_inputs import UNetInputs, collect_calibration_inputs, collect_trajectory_inputs
@@ -125,12 +126,11 @@ def build(cfg: QATConfig):
     """Load everything and quantize the student. Returns (model, train_dataset, augmentation): the dataset is the
     training images, or with `distillation_source: trajectories` the teacher's sampling states (augmentation None)."""
     model, pipe = build_model(cfg)
-    if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source) and families.extra_input_names(
-        model.teacher.config
-    ):
+    extra_inputs = families.extra_input_names(model.teacher.config)
+    if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source) and extra_inputs:
         raise UserError(
             f"rollouts sample with classifier-free guidance and no extra UNet inputs; {type(pipe).__name__} needs "
-            f"{', '.join(families.extra_input_names(model.teacher.config))}: use distillation_source training or "
+            f"{', '.join(extra_inputs)}: use distillation_source training or "
             "trajectories and teacher_gap_source images or trajectories"
         )
     tome = TomeConfig.from_training_config(cfg)
@@ -266,17 +266,18 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     t0 = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
-    if (cfg.eval_strategy != "no" or cfg.eval_on_start) and cfg.teacher_gap_source == "rollouts":
+    evaluates = cfg.eval_strategy != "no" or cfg.eval_on_start  # eval_on_start alone: the calibrated student's gap
+    if evaluates and cfg.teacher_gap_source == "rollouts":
         eval_ds = rollout_gap_set(
             model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
             cfg.image_column,
         )  # fmt: skip
-    elif (cfg.eval_strategy != "no" or cfg.eval_on_start) and cfg.teacher_gap_source == "trajectories":
+    elif evaluates and cfg.teacher_gap_source == "trajectories":
         eval_ds = build_trajectory_gap_set(
             model.pipeline, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
             cfg.image_column,
         )  # fmt: skip
-    elif cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap only
+    elif evaluates:
         eval_ds = build_teacher_gap_set(
             model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
@@ -340,7 +341,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
 
 def teacher_gap_history(log_history: list[dict]) -> list[dict]:
     """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
-    keys = ("teacher_mse", "task_loss", "rollout_mse")
+    keys = QATTrainer.EVAL_METRICS
     return [
         {"step": h["step"], **{k: h.get(f"eval_{k}") for k in keys}}
         for h in log_history

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import families
+from .data import tokenize
 from .unet_inputs import UNetInputs, collect_spread_trajectory_inputs
 
 HELDOUT_SEED_OFFSET = 7_777_777  # held-out images come from seed + this offset; training data uses `seed` itself
@@ -40,20 +41,15 @@ def build_teacher_gap_set(model, tokenizer, num: int, seed: int, resolution: int
             for im in list(ds[image_column])
         ]
     )
-    ids = tokenizer(
-        list(ds[caption_column]), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
+    ids = tokenize(tokenizer, ds[caption_column])
     device = next(model.student.parameters()).device
     vae = model.vae
     latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
     n = len(latents)
     extra = {}
     if families.is_sdxl(model.teacher.config):  # both encoders' states, the pooled projection, uncropped time ids
-        pipe = model.pipeline
-        ids_2 = pipe.tokenizer_2(list(ds[caption_column]), padding="max_length", truncation=True, return_tensors="pt",
-                                 max_length=pipe.tokenizer_2.model_max_length).input_ids  # fmt: skip
-        states, pooled = families.sdxl_encode_prompts(model.text_encoder, pipe.text_encoder_2, ids, ids_2)
+        ids_2 = tokenize(model.pipeline.tokenizer_2, ds[caption_column])
+        states, pooled = families.sdxl_encode_prompts(model.text_encoder, model.text_encoder_2, ids, ids_2)
         size = (resolution, resolution)
         extra = {families.TEXT_EMBEDS: pooled.float().to(device),
                  families.TIME_IDS: families.sdxl_time_ids(size, (0, 0), size, n).to(device)}  # fmt: skip
