@@ -30,6 +30,7 @@ DISTILLATION_SOURCES = (*CALIBRATION_SOURCES, "rollouts")  # rollouts: train.rol
 TEACHER_GAP_SOURCES = (*UNET_GAP_SOURCES, "rollouts")
 DEFAULT_ROLLOUT_WINDOW = 4
 ROLLOUT_STARTS = ("student", "teacher")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")  # auto: the pipeline's dtype
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 QUANTIZE_KERNELS = KERNEL_MODES  # auto | extension | reference (compress.kernels)
@@ -101,6 +102,13 @@ class QATConfig(TrainingArguments):
     )
     tune_quantizers_only: bool = field(
         default=False, metadata={"help": "train only the quantizer parameters (scales), keep weights frozen"}
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | float32 | bfloat16: dtype of the frozen FP32 teacher UNet (bfloat16 halves its memory, "
+            "e.g. for SDXL on a 24 GB GPU; its outputs are cast back to float32). auto = the pipeline's dtype"
+        },
     )
     # --- losses ------------------------------------------------------------------------------
     distillation_weight: float = field(
@@ -236,6 +244,8 @@ class QATConfig(TrainingArguments):
             raise UserError(f"trajectory_inputs={self.trajectory_inputs}: must be >= 1")
         if self.teacher_gap_source not in TEACHER_GAP_SOURCES:
             raise UserError(f"teacher_gap_source={self.teacher_gap_source!r}: use one of {TEACHER_GAP_SOURCES}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise UserError(f"teacher_dtype={self.teacher_dtype!r}: use one of {TEACHER_DTYPES}")
         if self.quantize_kernels not in QUANTIZE_KERNELS:
             raise UserError(f"quantize_kernels={self.quantize_kernels!r}: use one of {QUANTIZE_KERNELS}")
         if self.teacher_gap_samples < 1:
