@@ -441,6 +441,9 @@ def load_quantized(fp32_unet: torch.nn.Module, directory: str | Path, inplace: b
         state[alias] = state[name]
 
     model = fp32_unet if inplace else copy.deepcopy(fp32_unet)
+    saved = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if saved is not None and next(model.parameters()).dtype != saved:
+        model.to(saved)  # e.g. rebuilt on a bfloat16 teacher (teacher_dtype): the saved float32 state, not rounded
     model = nncf.torch.load_from_config(model, config)
     try:
         model.load_state_dict(state, strict=True)

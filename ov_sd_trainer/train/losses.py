@@ -43,9 +43,18 @@ class QATModel(nn.Module):
 
     @staticmethod
     def unet(net, sample, timestep, encoder_hidden_states, extra: dict | None = None):
-        """`net`'s prediction (student or teacher), with a family's extra inputs (`families.unet_kwargs`)."""
-        kwargs = families.unet_kwargs(extra or {})
+        """`net`'s prediction (student or teacher), with a family's extra inputs (`families.unet_kwargs`). Float
+        inputs are cast to `net`'s dtype (a bfloat16 teacher, `cast_teacher`); callers take the output as float."""
+        dtype = net.dtype
+        sample, encoder_hidden_states = sample.to(dtype), encoder_hidden_states.to(dtype)
+        extra = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (extra or {}).items()}
+        kwargs = families.unet_kwargs(extra)
         return net(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
+    def cast_teacher(self, dtype: torch.dtype):
+        """Hold the frozen teacher in `dtype` (bfloat16: half its memory, e.g. SDXL on a 24 GB GPU). Done after
+        calibration and the held-out sets are built, which run the teacher inside the diffusers pipeline."""
+        self.teacher.to(dtype)
 
     def set_noise_seed(self, seed: int, stream: int, index: int):
         """Seed the noise, timesteps and latent sampling of the next forward.

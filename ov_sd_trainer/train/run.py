@@ -282,6 +282,8 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
         )  # fmt: skip
+    if cfg.teacher_dtype != "auto":
+        model.cast_teacher(getattr(torch, cfg.teacher_dtype))
     from accelerate.utils import gather_object
 
     start_digests = gather_object([quantizer_digest(model.student)])

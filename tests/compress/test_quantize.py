@@ -189,6 +189,10 @@ def test_save_load_quantized_is_exact(models, x, tmp_path):
         assert torch.equal(s1[k], s2[k]), k
     with torch.no_grad():
         assert torch.equal(student(**x).sample, restored(**x).sample)
+    # rebuilt on a bfloat16 copy (a run's teacher under teacher_dtype bfloat16): the saved float32 state, exactly
+    on_bf16 = quantize.load_quantized(copy.deepcopy(unet).to(torch.bfloat16), tmp_path / "q").state_dict()
+    for k in s1:
+        assert s1[k].dtype == on_bf16[k].dtype and torch.equal(s1[k], on_bf16[k]), k
     # still trainable: gradients reach the restored quantizers
     _, grads, _ = _train_step(restored, x)
     assert {n for n, _ in quantize.quantizer_parameters(restored)} & grads.keys()

@@ -99,6 +99,7 @@ def test_missing_recipe_file():
         (["--tome_ratio", "0.9"], "tome_ratio=0.9: must be between 0 and 0.75"),
         (["--resolution", "100"], "multiple of 8"),
         (["--quantization_preset", "fast"], "quantization_preset='fast'"),
+        (["--teacher_dtype", "fp16"], r"teacher_dtype='fp16': use one of \('auto', 'float32', 'bfloat16'\)"),
         (["--fp16", "true", "--use_cpu", "true"], "fp16=true needs a GPU"),
         (["--max_steps", "x"], "invalid int value"),
         (["--no_such_flag", "1"], "unrecognized arguments"),

@@ -138,6 +138,27 @@ def test_8bit_adam_and_bf16_train(tiny_model, tmp_path, extra):
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
+def test_bfloat16_teacher_distils_close_to_the_float32_one(tiny_model, tmp_path):
+    """teacher_dtype bfloat16: the frozen teacher is held in bf16 after calibration; the first step's distillation
+    loss (the student still equals the calibrated start) is close to the float32 teacher's but not equal to it."""
+    first = {}
+    for dtype in ("auto", "bfloat16"):
+        out = run(make_cfg(tiny_model, tmp_path / dtype, "--max_steps", "1", "--teacher_dtype", dtype))
+        info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
+        first[dtype] = next(h for h in info["log_history"] if "loss" in h)["distillation_loss"]
+    assert math.isfinite(first["bfloat16"]) and first["bfloat16"] != first["auto"]
+    assert first["bfloat16"] == pytest.approx(first["auto"], rel=0.1)
+    # the teacher under the option, and the model's UNet call casting float32 inputs to it
+    cfg = make_cfg(tiny_model, tmp_path / "direct", "--teacher_dtype", "bfloat16")
+    model, _, _ = build(cfg)
+    model.cast_teacher(torch.bfloat16)
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.student.parameters() if p.is_floating_point()} == {torch.float32}
+    x = torch.randn(2, 4, 8, 8)
+    states = torch.randn(2, 77, model.teacher.config.cross_attention_dim)
+    assert QATModel.unet(model.teacher, x, torch.tensor([10, 10]), states).dtype == torch.bfloat16
+
+
 def test_gradient_checkpointing_through_trainer(tiny_model, tmp_path):
     a, _, _, _ = train_direct(make_cfg(tiny_model, tmp_path / "a", "--max_steps", "2"))
     b, _, _, _ = train_direct(
