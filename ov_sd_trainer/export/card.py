@@ -19,6 +19,7 @@ EVAL_DATASET_TYPE = "ov-sd-trainer/prompt-set"  # the fixed prompt set of `ov-sd
 GAP_COLUMNS = (
     ("teacher_mse", "student vs teacher MSE"),
     ("rollout_mse", "rollout final-latent MSE"),
+    ("rollout_psnr", "rollout image PSNR (dB)"),
     ("task_loss", "task loss"),
 )
 

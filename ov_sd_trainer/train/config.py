@@ -138,6 +138,13 @@ class QATConfig(TrainingArguments):
             "state (its drift included) or from the teacher's state at the same step"
         },
     )
+    rollout_pixel_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "distillation_source rollouts: weight of a pixel-space term, the MSE between the clean images "
+            "student and teacher predict at the window's last call, decoded by the frozen VAE (0 = latents only)"
+        },
+    )
     trajectory_inputs: int = field(
         default=2000,
         metadata={"help": "UNet calls (CFG pairs) collected along teacher trajectories for distillation_source"},
@@ -147,7 +154,8 @@ class QATConfig(TrainingArguments):
         metadata={
             "help": "images | trajectories | rollouts: the held-out teacher-gap set: noisy held-out images at evenly "
             "spread timesteps, or states of teacher trajectories sampled from held-out seeds (both: eval_teacher_mse), "
-            "or whole trajectories of held-out captions and seeds (eval_rollout_mse: final-latent MSE)"
+            "or whole trajectories of held-out captions and seeds (eval_rollout_mse: final-latent MSE; eval_rollout_psnr: "
+            "PSNR of the decoded final images)"
         },
     )
     teacher_gap_samples: int = field(
@@ -240,6 +248,13 @@ class QATConfig(TrainingArguments):
             raise UserError(f"rollout_window={self.rollout_window}: must be >= 1")
         if self.rollout_start not in ROLLOUT_STARTS:
             raise UserError(f"rollout_start={self.rollout_start!r}: use one of {ROLLOUT_STARTS}")
+        if self.rollout_pixel_weight < 0:
+            raise UserError(f"rollout_pixel_weight={self.rollout_pixel_weight}: must be >= 0")
+        if self.rollout_pixel_weight and self.distillation_source != "rollouts":
+            raise UserError(
+                f"rollout_pixel_weight={self.rollout_pixel_weight} applies to distillation_source rollouts only; "
+                "set distillation_source rollouts or rollout_pixel_weight 0"
+            )
         if self.trajectory_inputs < 1:
             raise UserError(f"trajectory_inputs={self.trajectory_inputs}: must be >= 1")
         if self.teacher_gap_source not in TEACHER_GAP_SOURCES:

@@ -40,6 +40,7 @@ class QATModel(nn.Module):
         self.rollout = None  # a `rollouts.Rollout` for distillation_source / teacher_gap_source "rollouts"
         self.rollout_window = 1
         self.rollout_start = "student"
+        self.rollout_pixel_weight = 0.0
 
     @staticmethod
     def unet(net, sample, timestep, encoder_hidden_states, extra: dict | None = None):
@@ -145,7 +146,8 @@ class QATModel(nn.Module):
         if prompt_ids is not None:
             if evaluate:
                 return self.rollout.gap(self, prompt_ids, noise_seed)
-            return self.rollout.loss(self, prompt_ids, self.rollout_window, self.rollout_start)
+            return self.rollout.loss(self, prompt_ids, self.rollout_window, self.rollout_start,
+                                     self.rollout_pixel_weight)  # fmt: skip
         if evaluate:
             return self.teacher_gap(**unet_inputs)
         if pixel_values is None:

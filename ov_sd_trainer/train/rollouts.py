@@ -11,9 +11,17 @@ distillation brought the UNet noise MSE to PTQ's level while the images fell ~2 
   `window` calls with gradient; the loss is the MSE between its latent after call k + window and the teacher's
   latent at the same point. So training sees, and learns to correct, the drift the student itself accumulates.
 
+Latent error is not what the images are measured on: the VAE decoder weighs it unevenly (on the reference model,
+rollouts cut the final-latent error by a quarter to a third while image PSNR did not move). Two pixel-space parts
+therefore: `rollout_pixel_weight` > 0 adds, at the window's last UNet call, the MSE between the decoded clean images
+the student and the teacher predict there (frozen VAE decoder, pixels in [-1, 1], weighted by the schedule's
+alpha_bar at that timestep so that high-noise steps are not amplified), and the held-out evaluation decodes the final
+latents too (`rollout_image_mse`, pixels in [0, 1], and `rollout_psnr` = -10 log10 of it: what `ov-sd eval`'s PSNR
+measures).
+
 `RolloutPrompts` is the training dataset (caption token ids), `rollout_gap_set` the held-out evaluation (full
-trajectories from held-out seeds; `eval_rollout_mse` = final-latent MSE, the selection metric for
-`metric_for_best_model: rollout_mse`).
+trajectories from held-out seeds; `eval_rollout_mse` = final-latent MSE, `eval_rollout_psnr` the decoded images':
+the selection metrics for `metric_for_best_model: rollout_mse` or `rollout_psnr`).
 """
 
 from __future__ import annotations
@@ -80,33 +88,38 @@ class Rollout:
             ).to(device)
         return torch.randn((n, *self.latent_shape), generator=generator, device=device)
 
-    def step(self, model, net, scheduler, latents, t, states, extra=None):
-        """One guided denoising step of `net` (the CFG batch as diffusers builds it: [uncond, cond])."""
+    def step(self, model, net, scheduler, latents, t, states, extra=None, with_x0: bool = False):
+        """One guided denoising step of `net` (the CFG batch as diffusers builds it: [uncond, cond]). `with_x0`:
+        also the clean latent the guided prediction implies at `t` (`predicted_x0`)."""
         n = len(latents)
         x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         cond = torch.cat([self.uncond.expand(n, -1, -1), states])
         eps = model.unet(net, x, t.reshape(1).expand(2 * n), cond, extra).float()
         uncond_eps, cond_eps = eps.chunk(2)
         guided = uncond_eps + self.guidance_scale * (cond_eps - uncond_eps)
-        return scheduler.step(guided, t, latents, return_dict=False)[0]
+        out = scheduler.step(guided, t, latents, return_dict=False)[0]
+        return (out, predicted_x0(scheduler, latents, guided, t)) if with_x0 else out
 
     def sample(self, model, net, states, noise, stop: int | None = None, grad_from: int | None = None,
-               start: int = 0, scheduler=None):  # fmt: skip
+               start: int = 0, scheduler=None, with_x0: bool = False):  # fmt: skip
         """`net`'s latent after UNet calls `start` to `stop` (default: all, from `noise`); gradient flows only from
-        call `grad_from`. Returns (latents, scheduler): continuing from a state needs the scheduler's history too."""
+        call `grad_from`. Returns (latents, scheduler): continuing from a state needs the scheduler's history too;
+        `with_x0`: (latents, scheduler, (clean latent predicted at the last call, its timestep))."""
         if scheduler is None:
             scheduler = self.scheduler()
             noise = noise * scheduler.init_noise_sigma
-        latents = noise
+        latents, last = noise, None
         for i, t in enumerate(scheduler.timesteps[start:stop], start=start):
             with torch.set_grad_enabled(grad_from is not None and i >= grad_from):
-                latents = self.step(model, net, scheduler, latents, t, states)
-        return latents, scheduler
+                latents = self.step(model, net, scheduler, latents, t, states, with_x0=with_x0)
+                if with_x0:
+                    latents, last = latents[0], (latents[1], t)
+        return (latents, scheduler, last) if with_x0 else (latents, scheduler)
 
-    def loss(self, model, prompt_ids, window: int, start_from: str = "student") -> dict:
+    def loss(self, model, prompt_ids, window: int, start_from: str = "student", pixel_weight: float = 0.0) -> dict:
         """The training loss of one batch of captions: window start k drawn from `model.generator`. `start_from`
         student: the student's own state after k calls (its accumulated drift included); teacher: the teacher's
-        state and scheduler history after k calls (the window's own error only)."""
+        state and scheduler history after k calls (the window's own error only). `pixel_weight`: see the module."""
         g = model.generator
         device = prompt_ids.device
         with torch.no_grad():
@@ -117,14 +130,27 @@ class Rollout:
         with torch.no_grad():
             at_k, scheduler = self.sample(model, model.teacher, states, noise, stop=k)
             resume = copy.deepcopy(scheduler) if start_from == "teacher" else None
-            target, _ = self.sample(model, model.teacher, states, at_k, start=k, stop=k + window, scheduler=scheduler)
+            target, _, *t_x0 = self.sample(model, model.teacher, states, at_k, start=k, stop=k + window,
+                                           scheduler=scheduler, with_x0=True)  # fmt: skip
         if resume is not None:
-            latents, _ = self.sample(model, model.student, states, at_k, start=k, stop=k + window, grad_from=k,
-                                     scheduler=resume)  # fmt: skip
+            latents, _, *x0 = self.sample(model, model.student, states, at_k, start=k, stop=k + window, grad_from=k,
+                                          scheduler=resume, with_x0=True)  # fmt: skip
         else:
-            latents, _ = self.sample(model, model.student, states, noise, stop=k + window, grad_from=k)
+            latents, _, *x0 = self.sample(model, model.student, states, noise, stop=k + window, grad_from=k,
+                                          with_x0=True)  # fmt: skip
         mse = F.mse_loss(latents, target)
-        return {"loss": model.distillation_weight * mse, "distillation_loss": mse.detach()}
+        out = {"distillation_loss": mse.detach()}
+        loss = mse
+        if pixel_weight > 0:
+            (student_x0, t), (teacher_x0, _) = x0[0], t_x0[0]
+            with torch.no_grad():
+                teacher_image = decode(model.vae, teacher_x0)
+            weight = scheduler.alphas_cumprod[int(t)].item()
+            pixel = weight * F.mse_loss(decode(model.vae, student_x0), teacher_image)
+            loss = loss + pixel_weight * pixel
+            out["pixel_loss"] = pixel.detach()
+        out["loss"] = model.distillation_weight * loss
+        return out
 
     @torch.no_grad()
     def gap(self, model, prompt_ids, noise_seed) -> dict:
@@ -136,10 +162,43 @@ class Rollout:
         student, _ = self.sample(model, model.student, states, noise)
         key = (seeds, tuple(prompt_ids.flatten().tolist()))
         if key not in self._teacher_final:
-            self._teacher_final[key] = self.sample(model, model.teacher, states, noise)[0]
-        teacher = self._teacher_final[key]
+            final = self.sample(model, model.teacher, states, noise)[0]
+            self._teacher_final[key] = (final, to_unit(decode(model.vae, final)))
+        teacher, teacher_image = self._teacher_final[key]
         mse = F.mse_loss(student, teacher)
-        return {"loss": mse, "rollout_mse": mse}
+        image_mse = F.mse_loss(to_unit(decode(model.vae, student)), teacher_image)
+        return {"loss": mse, "rollout_mse": mse, "rollout_image_mse": image_mse}
+
+
+def predicted_x0(scheduler, latents, guided, t):
+    """The clean latent implied by a guided prediction at `t` (epsilon or v), for alpha_bar schedulers (DDPM, DDIM,
+    PNDM, ...: the model input is the latent itself)."""
+    alpha = scheduler.alphas_cumprod[int(t)].to(latents.device, latents.dtype)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha.sqrt() * latents - (1 - alpha).sqrt() * guided
+    return (latents - (1 - alpha).sqrt() * guided) / alpha.sqrt()
+
+
+def decode(vae, latents):
+    """Latents -> images in [-1, 1] through the frozen VAE decoder (gradient flows to the latents)."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float().clamp(-1, 1)
+
+
+def to_unit(images):
+    """[-1, 1] -> [0, 1], the range of `ov-sd eval`'s PSNR."""
+    return (images + 1) / 2
+
+
+def check_pixel_scheduler(scheduler) -> None:
+    """`rollout_pixel_weight` needs the clean-latent estimate of an alpha_bar scheduler whose model input is the
+    latent itself; a sigma scheduler (Euler, ...) scales it."""
+    from ..errors import UserError
+
+    if getattr(scheduler, "alphas_cumprod", None) is None or float(scheduler.init_noise_sigma) != 1.0:
+        raise UserError(
+            f"rollout_pixel_weight needs an alpha_bar scheduler (DDIM, PNDM, DDPM); {type(scheduler).__name__} "
+            "scales its inputs: set rollout_pixel_weight 0 or use a DDIM/PNDM scheduler"
+        )
 
 
 def make_rollout(pipe, resolution: int, steps: int) -> Rollout:

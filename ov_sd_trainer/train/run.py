@@ -51,7 +51,7 @@ from .data import (
 )
 from .ema import EMACallback
 from .losses import QATModel
-from .rollouts import RolloutPrompts, make_rollout, rollout_gap_set
+from .rollouts import RolloutPrompts, check_pixel_scheduler, make_rollout, rollout_gap_set
 from .teacher_gap import build_teacher_gap_set, build_trajectory_gap_set
 from .trainer import QATTrainer
 from .unet_inputs import UNetInputs, collect_calibration_inputs, collect_trajectory_inputs
@@ -155,6 +155,9 @@ def build(cfg: QATConfig):
     if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source):
         model.rollout = make_rollout(pipe, cfg.resolution, cfg.calibration_steps)
         model.rollout_window, model.rollout_start = cfg.rollout_window, cfg.rollout_start
+        model.rollout_pixel_weight = cfg.rollout_pixel_weight
+        if cfg.rollout_pixel_weight:
+            check_pixel_scheduler(pipe.scheduler)
     if cfg.distillation_source == "trajectories":
         return model, UNetInputs.from_calls(calls[: cfg.trajectory_inputs]), None
     if cfg.distillation_source == "rollouts":
@@ -343,7 +346,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
 
 def teacher_gap_history(log_history: list[dict]) -> list[dict]:
     """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
-    keys = QATTrainer.EVAL_METRICS
+    keys = QATTrainer.LOGGED_METRICS
     return [
         {"step": h["step"], **{k: h.get(f"eval_{k}") for k in keys}}
         for h in log_history
@@ -367,7 +370,8 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
         if all(key in h for h in rows):
             ax.plot(steps, [h[key] for h in rows], label=label)
     gap = teacher_gap_history(log_history)
-    for key, label in (("teacher_mse", "held-out student vs teacher"), ("rollout_mse", "held-out rollout latents")):
+    for key, label in (("teacher_mse", "held-out student vs teacher"), ("rollout_mse", "held-out rollout latents"),
+                       ("rollout_image_mse", "held-out rollout images")):  # fmt: skip
         points = [(g["step"], g[key]) for g in gap if g.get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), "o-", label=label)

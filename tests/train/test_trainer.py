@@ -315,6 +315,8 @@ def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_ou
         (["--distillation_source", "frames", "--task_weight", "0"], "distillation_source='frames'"),
         (["--teacher_gap_source", "video"], "teacher_gap_source='video'"),
         (["--trajectory_inputs", "0"], "trajectory_inputs=0"),
+        (["--rollout_pixel_weight", "1"], "rollout_pixel_weight=1.0 applies to distillation_source rollouts only"),
+        (["--rollout_pixel_weight", "-1"], "rollout_pixel_weight=-1.0: must be >= 0"),
         (["--distillation_source", "rollouts"], "distillation_source=rollouts has no true target"),
         (["--rollout_window", "0"], "rollout_window=0"),
         (["--rollout_start", "noise"], "rollout_start='noise'"),
@@ -346,7 +348,18 @@ def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(t
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     model.set_noise_seed(0, 0, 0)
     assert model(prompt_ids=ids)["loss"].item() == 0.0
-    assert model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)["rollout_mse"].item() == 0.0
+    held_out = model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)
+    assert held_out["rollout_mse"].item() == 0.0 and held_out["rollout_image_mse"].item() == 0.0
+    # the decoded final images are the pipeline's own (its VAE decode and [0, 1] range)
+    from ov_sd_trainer.train.rollouts import decode, to_unit
+
+    with torch.no_grad():
+        image = pipe.vae.decode(theirs / pipe.vae.config.scaling_factor).sample
+        ref = pipe.image_processor.postprocess(image, output_type="pt")
+        assert torch.allclose(to_unit(decode(pipe.vae, ours)), ref, atol=1e-5)
+    model.rollout_pixel_weight = 10.0
+    out = model(prompt_ids=ids)
+    assert out["loss"].item() == 0.0 and out["pixel_loss"].item() == 0.0
     import copy
 
     student = copy.deepcopy(pipe.unet)
@@ -357,6 +370,15 @@ def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(t
     out = model(prompt_ids=ids)
     out["loss"].backward()
     assert out["loss"].item() > 0 and student.conv_out.bias.grad.abs().sum() > 0
+    # the pixel term: > 0, in the loss with its weight, and its gradient reaches the student through the VAE decoder
+    assert out["pixel_loss"].item() > 0
+    assert out["loss"].item() == pytest.approx(out["distillation_loss"].item() + 10.0 * out["pixel_loss"].item())
+    student.zero_grad()
+    model.rollout_pixel_weight = 0.0
+    model.set_noise_seed(0, 0, 1)
+    latent_only = model(prompt_ids=ids)
+    latent_only["loss"].backward()
+    assert "pixel_loss" not in latent_only and latent_only["loss"].item() < out["loss"].item()
     gap = model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)["rollout_mse"].item()
     one_step = rollout.sample(model, student, states, noise, stop=1)[0] - rollout.sample(model, model.teacher, states,
                                                                                           noise, stop=1)[0]  # fmt: skip
@@ -375,22 +397,27 @@ def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(t
 
 
 def test_rollout_distillation_trains_and_selects_on_held_out_rollouts(tiny_model, tmp_path):
-    """distillation_source=rollouts trains on captions (pure distillation against the teacher's latents);
-    teacher_gap_source=rollouts logs eval_rollout_mse on held-out captions and seeds and keeps the best checkpoint."""
+    """distillation_source=rollouts trains on captions (pure distillation against the teacher's latents, with the
+    pixel-space term); teacher_gap_source=rollouts logs eval_rollout_mse and eval_rollout_psnr on held-out captions and
+    seeds and keeps the best checkpoint by the PSNR."""
     out = tmp_path / "run"
     flags = ["--distillation_source", "rollouts", "--rollout_window", "2", "--calibration_steps", "3",
              "--calibration_source", "trajectories", "--task_weight", "0", "--teacher_gap_source", "rollouts",
              "--teacher_gap_samples", "3", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy",
              "steps", "--save_steps", "1", "--load_best_model_at_end", "true", "--metric_for_best_model",
-             "rollout_mse", "--greater_is_better", "false", "--max_steps", "3", "--export", "true"]  # fmt: skip
+             "rollout_psnr", "--greater_is_better", "true", "--max_steps", "3", "--export", "true",
+             "--rollout_pixel_weight", "10"]  # fmt: skip
     run(make_cfg(tiny_model, out, *flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
     info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
     assert [g["step"] for g in info["teacher_gap"]] == [1, 2, 3]
-    assert all(g["rollout_mse"] > 0 and g["teacher_mse"] is None for g in info["teacher_gap"])
+    gaps = info["teacher_gap"]
+    assert all(g["rollout_mse"] > 0 and g["teacher_mse"] is None for g in gaps)
+    assert all(g["rollout_psnr"] == pytest.approx(-10 * math.log10(g["rollout_image_mse"])) for g in gaps)
     logs = [h for h in info["log_history"] if "loss" in h]
-    assert logs and all(h["distillation_loss"] > 0 and "task_loss" not in h for h in logs)
-    assert info["best_metric"] == pytest.approx(min(g["rollout_mse"] for g in info["teacher_gap"]))
-    assert "rollout final-latent MSE" in (out / "openvino" / "README.md").read_text()  # the model card shows it
+    assert logs and all(h["distillation_loss"] > 0 and h["pixel_loss"] > 0 and "task_loss" not in h for h in logs)
+    assert info["best_metric"] == pytest.approx(max(g["rollout_psnr"] for g in gaps))
+    card = (out / "openvino" / "README.md").read_text()  # the model card shows both
+    assert "rollout final-latent MSE" in card and "rollout image PSNR (dB)" in card
 
 
 def test_rollouts_are_refused_for_unets_with_extra_inputs(tmp_path):
@@ -403,3 +430,16 @@ def test_rollouts_are_refused_for_unets_with_extra_inputs(tmp_path):
     with pytest.raises(UserError, match="rollouts sample with classifier-free guidance.*timestep_cond") as e:
         build(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_pixel_rollouts_need_an_alpha_bar_scheduler():
+    """The clean-latent estimate of the pixel term assumes the model input is the latent itself: a sigma scheduler
+    (Euler) is a one-line error, DDIM and PNDM pass."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from ov_sd_trainer.train.rollouts import check_pixel_scheduler
+
+    for ok in (DDIMScheduler(), PNDMScheduler()):
+        check_pixel_scheduler(ok)
+    with pytest.raises(UserError, match="rollout_pixel_weight needs an alpha_bar scheduler.*EulerDiscreteScheduler"):
+        check_pixel_scheduler(EulerDiscreteScheduler())
