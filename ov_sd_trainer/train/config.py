@@ -82,6 +82,14 @@ class QATConfig(TrainingArguments):
         default=CALIBRATION_STEPS,
         metadata={"help": "denoising steps of each teacher trajectory (calibration and distillation inputs)"},
     )
+    calibration_draws: int = field(
+        default=1,
+        metadata={
+            "help": "calibrate N times, each on another draw of calibration inputs (seed + k x 1000), and keep the "
+            "student whose held-out rollout images are closest to the teacher's (PSNR over teacher_gap_samples "
+            "trajectories of captions and seeds no evaluation uses); 1 = one calibration"
+        },
+    )
     calibration_guidance_scale: float = field(
         default=CALIBRATION_GUIDANCE,
         metadata={"help": "guidance scale of the teacher trajectories (<= 1: no CFG batch, as SD-Turbo samples)"},
@@ -221,6 +229,8 @@ class QATConfig(TrainingArguments):
             raise UserError(f"calibration_source={self.calibration_source!r}: use one of {CALIBRATION_SOURCES}")
         if self.calibration_steps < 1:
             raise UserError(f"calibration_steps={self.calibration_steps}: must be >= 1")
+        if self.calibration_draws < 1:
+            raise UserError(f"calibration_draws={self.calibration_draws}: must be >= 1")
         if self.num_calibration_samples < 1:
             raise UserError(f"num_calibration_samples={self.num_calibration_samples}: must be >= 1")
         if self.resolution < 8 or self.resolution % 8:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -133,6 +134,11 @@ def build(cfg: QATConfig):
             f"{', '.join(extra_inputs)}: use distillation_source training or "
             "trajectories and teacher_gap_source images or trajectories"
         )
+    if cfg.calibration_draws > 1 and extra_inputs:
+        raise UserError(
+            f"calibration_draws={cfg.calibration_draws} scores each draw on rollouts, which {type(pipe).__name__} "
+            f"cannot sample (its UNet needs {', '.join(extra_inputs)}); set calibration_draws 1"
+        )
     tome = TomeConfig.from_training_config(cfg)
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
     device = cfg.device
@@ -209,11 +215,62 @@ def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, devi
     return student
 
 
+DRAW_SEED_STRIDE = 1000  # calibration draw k samples its inputs from seed + k x this
+SELECTION_SEED_OFFSET = 10_000  # the draws' held-out rollouts: captions and seeds apart from the teacher-gap set's
+
+
 def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls=None):
+    """One calibration, or with `calibration_draws` N > 1 the best of N on held-out rollouts: each draw's student
+    samples `teacher_gap_samples` held-out captions from held-out seeds, and the one whose decoded images are closest
+    to the teacher's (PSNR, pooled) is kept. The scores go to `model.calibration_scores` (training_info.json)."""
+    if cfg.calibration_draws == 1:
+        return _calibrate_draw(cfg, model, fp32_student, train_ds, device, calls, cfg.seed)
+    rollout = make_rollout(model.pipeline, cfg.resolution, cfg.calibration_steps)
+    held_out = rollout_gap_set(
+        model.tokenizer, cfg.teacher_gap_samples, cfg.seed + SELECTION_SEED_OFFSET, cfg.resolution, cfg.dataset_name,
+        cfg.caption_column, cfg.image_column,
+    )  # fmt: skip
+    best, scores = None, []
+    for k in range(cfg.calibration_draws):
+        seed = cfg.seed + k * DRAW_SEED_STRIDE
+        draw_calls = calls
+        if k and cfg.calibration_source == "trajectories":
+            draw_calls = collect_trajectory_inputs(
+                model.pipeline, list(train_ds.with_format(None)[cfg.caption_column]), cfg.num_calibration_samples,
+                cfg.resolution, seed, steps=cfg.calibration_steps, guidance_scale=cfg.calibration_guidance_scale,
+            )  # fmt: skip
+        student = _calibrate_draw(cfg, model, fp32_student, train_ds, device, draw_calls, seed)
+        psnr = rollout_psnr(rollout, model, student, held_out, device)
+        logger.info("calibration draw %d (seed %d): held-out rollout PSNR %.3f dB", k, seed, psnr)
+        scores.append({"draw": k, "seed": seed, "rollout_psnr": psnr})
+        if best is None or psnr > best[0]:
+            best = (psnr, student)
+        del student
+    chosen = max(scores, key=lambda s: s["rollout_psnr"])
+    model.calibration_scores = {"draws": scores, "chosen": chosen["draw"], "held_out": len(held_out)}
+    return best[1]
+
+
+@torch.no_grad()
+def rollout_psnr(rollout, model: QATModel, student, held_out: RolloutPrompts, device, batch: int = 8) -> float:
+    """PSNR (pooled over `held_out`) of `student`'s decoded rollouts against the teacher's."""
+    placeholder, model.student = model.student, student.eval()
+    try:
+        sums = 0.0
+        for i in range(0, len(held_out), batch):
+            rows = collate([held_out[j] for j in range(i, min(i + batch, len(held_out)))])
+            out = rollout.gap(model, rows["prompt_ids"].to(device), rows["noise_seed"])
+            sums += out["rollout_image_mse"].item() * len(rows["prompt_ids"])
+    finally:
+        model.student = placeholder
+    return -10 * math.log10(max(sums / len(held_out), 1e-12))
+
+
+def _calibrate_draw(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls, seed: int):
     if cfg.calibration_source == "trajectories":
         calib = calls[: cfg.num_calibration_samples]
     else:
-        calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, cfg.seed, device)
+        calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, seed, device)
     t0 = time.perf_counter()
     student = quantize.quantize_unet(
         fp32_student,
@@ -319,6 +376,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             "quantizer_digests_at_end": end_digests,
             "teacher_gap": teacher_gap_history(trainer.state.log_history),
             "teacher_gap_samples": cfg.teacher_gap_samples if eval_ds is not None else None,
+            "calibration_draws": getattr(model, "calibration_scores", None),
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "best_metric": trainer.state.best_metric,
             "log_history": trainer.state.log_history,

@@ -317,6 +317,7 @@ def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_ou
         (["--trajectory_inputs", "0"], "trajectory_inputs=0"),
         (["--rollout_pixel_weight", "1"], "rollout_pixel_weight=1.0 applies to distillation_source rollouts only"),
         (["--rollout_pixel_weight", "-1"], "rollout_pixel_weight=-1.0: must be >= 0"),
+        (["--calibration_draws", "0"], "calibration_draws=0: must be >= 1"),
         (["--distillation_source", "rollouts"], "distillation_source=rollouts has no true target"),
         (["--rollout_window", "0"], "rollout_window=0"),
         (["--rollout_start", "noise"], "rollout_start='noise'"),
@@ -430,6 +431,9 @@ def test_rollouts_are_refused_for_unets_with_extra_inputs(tmp_path):
     with pytest.raises(UserError, match="rollouts sample with classifier-free guidance.*timestep_cond") as e:
         build(cfg)
     assert "\n" not in str(e.value)
+    cfg = make_cfg(str(tmp_path / "lcm"), tmp_path / "run", "--calibration_draws", "2", "--task_weight", "0")
+    with pytest.raises(UserError, match="calibration_draws=2 scores each draw on rollouts.*timestep_cond"):
+        build(cfg)
 
 
 def test_pixel_rollouts_need_an_alpha_bar_scheduler():
@@ -443,3 +447,28 @@ def test_pixel_rollouts_need_an_alpha_bar_scheduler():
         check_pixel_scheduler(ok)
     with pytest.raises(UserError, match="rollout_pixel_weight needs an alpha_bar scheduler.*EulerDiscreteScheduler"):
         check_pixel_scheduler(EulerDiscreteScheduler())
+
+
+def test_calibration_draws_keep_the_student_closest_on_held_out_rollouts(tiny_model, tmp_path):
+    """calibration_draws 2: two calibrations on different input draws, each scored on held-out rollouts; the kept
+    student is the higher-PSNR draw's, exactly (the same quantizers as that draw calibrated on its own)."""
+    from ov_sd_trainer.train import run as run_module
+
+    flags = ["--calibration_draws", "2", "--calibration_source", "trajectories", "--calibration_steps", "3",
+             "--teacher_gap_samples", "2", "--task_weight", "0"]  # fmt: skip
+    cfg = make_cfg(tiny_model, tmp_path / "run", *flags)
+    model, ds, _ = build(cfg)
+    scores = model.calibration_scores
+    assert [d["seed"] for d in scores["draws"]] == [0, run_module.DRAW_SEED_STRIDE] and scores["held_out"] == 2
+    psnrs = [d["rollout_psnr"] for d in scores["draws"]]
+    assert all(math.isfinite(p) for p in psnrs) and psnrs[0] != psnrs[1]
+    assert scores["chosen"] == psnrs.index(max(psnrs))
+    # each draw again, on its own: different quantizers per draw; the kept one is the winner's
+    digests = []
+    for d in scores["draws"]:
+        calls = run_module.collect_trajectory_inputs(model.pipeline, list(ds.with_format(None)["text"]), 4, 64,
+                                                     d["seed"], steps=3)  # fmt: skip
+        student = run_module._calibrate_draw(cfg, model, model.teacher, ds, "cpu", calls, d["seed"])
+        digests.append(run_module.quantizer_digest(student))
+    assert digests[0] != digests[1]
+    assert run_module.quantizer_digest(model.student) == digests[scores["chosen"]]
