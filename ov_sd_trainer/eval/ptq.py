@@ -85,17 +85,20 @@ def _check_args(calibration_prompts, num_samples, steps, height, width, guidance
 
 
 def load_ov_pipeline_for_ptq(model: str | Path, ov_config: dict | None = None):
-    """An uncompiled `OVStableDiffusionPipeline` with dynamic shapes: an OpenVINO folder as it is, a diffusers folder
-    or Hub id exported by optimum-intel (FP32 IR)."""
-    from optimum.intel import OVStableDiffusionPipeline
+    """An uncompiled optimum-intel pipeline with dynamic shapes, of the class the folder's model_index.json names
+    (`OVDiffusionPipeline` picks it: `OVStableDiffusionPipeline`, `OVStableDiffusionXLPipeline`, ...): an OpenVINO
+    folder as it is, a diffusers folder or Hub id exported by optimum-intel (FP32 IR: `load_in_8bit=False`, else
+    optimum compresses the weights of a model over 1 B parameters, SDXL's UNet, to int8)."""
+    from optimum.intel import OVDiffusionPipeline
 
     model = str(model)
     path = Path(model).expanduser()
     if is_openvino_folder(path):
-        return OVStableDiffusionPipeline.from_pretrained(str(path.resolve()), compile=False, ov_config=ov_config)
+        return OVDiffusionPipeline.from_pretrained(str(path.resolve()), compile=False, ov_config=ov_config)
     check_pipeline_source(model)  # missing folder / not a pipeline: a one-line error before the slow export
     source = str(path.resolve()) if path.exists() else model  # a relative folder must not read as a Hub id
-    return OVStableDiffusionPipeline.from_pretrained(source, export=True, compile=False, ov_config=ov_config)
+    return OVDiffusionPipeline.from_pretrained(source, export=True, compile=False, ov_config=ov_config,
+                                               load_in_8bit=False)  # fmt: skip
 
 
 def default_calibration_size(pipe) -> tuple[int, int]:

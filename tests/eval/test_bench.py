@@ -2,7 +2,8 @@
 reports agree with the measurements (per UNet step and per composed image), bad input gives one-line errors.
 
 The `--arch sd15` path is exercised with `builders.build_sd15_pipeline` swapped for the tiny pipeline (the real one is
-1.1 B parameters): same code (build, optimum export, PTQ, QAT graph with and without ToMe), tiny sizes."""
+1.1 B parameters): same code (build, optimum export, PTQ, QAT graph with and without ToMe), tiny sizes. `--arch sdxl`
+the same way, `builders.build_sdxl_pipeline` swapped for the tiny SDXL pipeline (`ov-sd make-tiny --family sdxl`)."""
 
 import json
 import math
@@ -35,6 +36,10 @@ def _tiny_sd15(output_dir=None, seed=0):
     return builders.build_tiny_pipeline(output_dir, builders.TinySDConfig(seed=seed))
 
 
+def _tiny_sdxl(output_dir=None, seed=0):
+    return builders.build_tiny_pipeline(output_dir, builders.TinySDConfig(seed=seed, family="sdxl"))
+
+
 def _rows(result):
     return {r["name"]: r for r in result["variants"]}
 
@@ -62,7 +67,8 @@ def local_run(tmp_path_factory):
     return {"root": root, "out": root / "out", "work": work, "deepcache": dc, "result": result}
 
 
-def check_rows(result, ids):
+def check_rows(result, ids, extra_calls=1):
+    """`extra_calls`: UNet calls beyond the steps (PNDM, the tiny SD pipeline's: 1; EulerDiscrete, SDXL's: 0)."""
     rows = _rows(result)
     assert list(rows) == [n for n in ALL if n in ids], result["skipped"]
     for r in rows.values():
@@ -73,8 +79,8 @@ def check_rows(result, ids):
             times = r[f"{key}_times_s"]
             assert len(times) == 2 and all(t > 0 for t in times), (r["name"], key)
             assert r[f"{key}_s"] == pytest.approx(statistics.median(times), abs=1e-4)
-        assert r["pipeline_s"] > 0 and r["pipeline_steps"] == 2 and r["unet_calls_pipeline"] == 3  # PNDM: K + 1
-        check_image(r, measured=result["settings"]["measure_image"])
+        assert r["pipeline_s"] > 0 and r["pipeline_steps"] == 2 and r["unet_calls_pipeline"] == 2 + extra_calls
+        check_image(r, measured=result["settings"]["measure_image"], extra_calls=extra_calls)
         assert r["load_compile_s"] > 0
         assert r["peak_rss_bytes"] >= r["rss_start_bytes"] > 100 * 2**20
         assert r["total_bytes"] > r["unet_bytes"] > 0 and r["total_bytes"] > r["text_vae_bytes"] > 0
@@ -94,18 +100,19 @@ def check_rows(result, ids):
     return rows
 
 
-def check_image(r, steps=IMAGE_STEPS, measured=True):
+def check_image(r, steps=IMAGE_STEPS, measured=True, extra_calls=1):
     """The image latency is the composition of the measured parts, and the direct measurements are there."""
     interval = variants.BY_NAME[r["name"]].cache_interval
-    calls = steps + 1  # PNDM with skip_prk_steps (the tiny pipeline's scheduler, as SD 1.5's)
+    calls = steps + extra_calls  # PNDM with skip_prk_steps (the tiny SD pipeline's, as SD 1.5's): steps + 1
     full = math.ceil(calls / interval)
     assert (r["unet_calls_per_image"], r["unet_calls_full"], r["unet_calls_shallow"]) == (calls, full, calls - full)
     assert r["cache_interval"] == interval and (r["shallow_step_s"] is not None) == (interval > 1)
     shallow = r["shallow_step_s"] or 0.0
     parts = r["text_encoder_s"] + r["vae_decode_s"]
     assert r["image_s"] == pytest.approx(parts + full * r["unet_step_s"] + (calls - full) * shallow)
-    full_k = math.ceil(3 / interval)  # the K = 2-step pipeline: 3 UNet calls
-    composed_k = parts + full_k * r["unet_step_s"] + (3 - full_k) * shallow
+    calls_k = 2 + extra_calls  # the K = 2-step pipeline
+    full_k = math.ceil(calls_k / interval)
+    composed_k = parts + full_k * r["unet_step_s"] + (calls_k - full_k) * shallow
     assert r["pipeline_composed_s"] == pytest.approx(composed_k)
     assert r["pipeline_composed_vs_measured"] == pytest.approx(composed_k / r["pipeline_s"])
     if measured:
@@ -321,6 +328,95 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
     assert "untrained random weights" in (tmp_path / "out" / "bench.md").read_text()
 
 
+SDXL_ARGV = ["bench", "--arch", "sdxl", "--height", "64", "--width", "64"]  # the tiny SDXL's size (default: 512)
+
+
+def _sdxl_shapes(work):
+    """The fixed UNet inputs of the tiny SDXL at 64 px: its text_embeds are text_encoder_2's projection."""
+    text = json.loads((work / "sdxl-diffusers" / "text_encoder_2" / "config.json").read_text())
+    return {"sample": [2, 4, 16, 16], "timestep": [1], "encoder_hidden_states": [2, 77, 64],
+            "text_embeds": [2, text["projection_dim"]], "time_ids": [2, 6]}  # fmt: skip
+
+
+def _run_sdxl(tmp_path, argv):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builders, "build_sdxl_pipeline", _tiny_sdxl)
+        mp.setattr(builders, "build_sd15_pipeline", None)  # --arch sdxl must not build SD 1.5
+        assert cli.main(SDXL_ARGV + ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+                        + FAST + argv) == 0  # fmt: skip
+    return json.loads((tmp_path / "out" / "bench.json").read_text())
+
+
+def test_arch_sdxl_pytorch_step_takes_sdxl_inputs(tmp_path):
+    """`--arch sdxl` end to end with the PyTorch variant (`builders.build_sdxl_pipeline` swapped for the tiny SDXL
+    pipeline; the OpenVINO ones are in the slow test): the timed UNet step is fed text_embeds [B,P] and time_ids [B,6]
+    (as added_cond_kwargs), the text encoder part is SDXL's `encode_prompt` (both encoders), the scheduler
+    (EulerDiscrete) makes one UNet call per step; step caching is skipped with a note, before any export."""
+    result = _run_sdxl(tmp_path, ["--variants", f"{A},{DC},{DC}{W}"])
+    rows = check_rows(result, [A], extra_calls=0)
+    assert set(result["skipped"]) == {DC, DC + W}
+    assert all("SD 1.x/2.x UNets only" in note for note in result["skipped"].values())
+    assert not (tmp_path / "work" / "openvino-fp32").exists()  # nothing exported for a skipped variant
+    shapes = _sdxl_shapes(tmp_path / "work")
+    assert result["unet_inputs"] == rows[A]["unet_inputs"] == shapes
+    assert (result["settings"]["tome_max_downsample"], result["settings"]["measure_image"]) == (2, False)
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert f"text_embeds {shapes['text_embeds']}, time_ids [2, 6]" in md and "both text encoders" in md
+
+
+@pytest.mark.slow  # ~5 min on 2 cores: optimum's SDXL export, two PTQ peers, three QAT graphs
+def test_arch_sdxl_path_builds_every_variant(tmp_path):
+    """`--arch sdxl` with the tiny SDXL pipeline: the same code builds optimum's SDXL export (FP32: not compressed for
+    size), both PTQ peers (calibrated through `OVStableDiffusionXLPipeline`), the QAT graphs (calibrated with
+    text_embeds and time_ids) and the ToMe one (downsampling 2 by default: SDXL has no attention at full
+    resolution); the `+w8tv` twin compresses both text encoders. Every OpenVINO UNet IR takes text_embeds and
+    time_ids, statically shaped as the fixed inputs."""
+    import openvino as ov
+
+    from ov_sd_trainer.compress.convert import count_int8_constants
+
+    names = [A, B, C, D, H, E, E + W, F, FH, G, DC]
+    result = _run_sdxl(tmp_path, ["--variants", ",".join(names), "--profile", "--ptq-samples", "2", "--ptq-steps", "1"])
+    rows = check_rows(result, [n for n in names if n != DC], extra_calls=0)
+    assert list(result["skipped"]) == [DC] and "SD 1.x/2.x UNets only" in result["skipped"][DC]
+    shapes = _sdxl_shapes(tmp_path / "work")
+    for r in rows.values():
+        assert r["unet_inputs"] == shapes, r["name"]
+        if r["runtime"] == "openvino":
+            ir = r["unet_ir_inputs"]
+            assert list(ir) == list(shapes), ir
+            assert ir["text_embeds"] == str(shapes["text_embeds"]).replace(" ", "") and ir["time_ids"] == "[2,6]", ir
+    fp32_unet = ov.Core().read_model(tmp_path / "work" / "openvino-fp32" / "unet" / "openvino_model.xml")
+    assert count_int8_constants(fp32_unet) == 0 and "nncf" not in fp32_unet.get_rt_info()
+    for name in (H, E, E + W, F, FH, G):
+        assert rows[name]["unet_bytes"] < 0.5 * rows[C]["unet_bytes"], name
+        assert rows[name]["profile"]["by_precision_ms"].get("i8", 0) > 0, name
+    twin = Path(rows[E + W]["folder"])
+    assert count_int8_constants(ov.Core().read_model(twin / "text_encoder_2" / "openvino_model.xml")) > 0
+    assert result["preparation"]["qat-tome"]["tome"]["max_downsample"] == 2
+    assert {t["node_type"] for t in rows[G]["profile"]["by_type"]} & set(measure.MERGE_OP_TYPES)
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "untrained random weights" in md and f"| {DC}: " in md
+
+
+def test_arch_defaults():
+    """The per-arch defaults, defined once (`settings.ARCH_DEFAULTS`): SDXL at 512 px (not its native 1024) with
+    ToMe at downsampling 2; SD 1.5 at the model's size; a --model run at the model's size."""
+    import argparse
+
+    from ov_sd_trainer.eval.bench import settings
+
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    for arch, size, tome in (("sdxl", 512, 2), ("sd15", 1000, 1)):
+        s = run.settings_from_args(parser.parse_args(["--arch", arch, "--output", "o"]))
+        assert settings.image_size(s, arch, 1000) == (size, size) and s.tome_max_downsample == tome
+        assert (s.repeats, s.steps_pipeline, s.measure_image) == (3, 2, False)
+    s = run.settings_from_args(parser.parse_args(["--arch", "sdxl", "--output", "o", "--height", "1024"]))
+    assert settings.image_size(s, "sdxl", 1024) == (1024, 512)
+    assert settings.image_size(settings.BenchSettings(), None, 64) == (64, 64)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -335,6 +431,11 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
         (["--arch", "sd15", "--warmup-s", "-1"], "--warmup-s must be >= 0"),
         (["--arch", "sd15", "--height", "100"], "multiple of 8"),
         (["--arch", "sd15", "--ov-config", "NOVALUE"], "expected KEY=VALUE"),
+        (["--arch", "sdxl", "--tome-max-downsample", "1"], "SDXL has no attention at full resolution"),
+        (["--arch", "sdxl", "--batch-size", "3"], "must be even"),
+        (["--arch", "sdxl", "--width", "100"], "--width 100: must be a positive multiple of 8"),
+        (["--arch", "sdxl", "--variants", "qat-int8,zz"], "unknown variant 'zz'"),
+        (["--arch", "sdxl", "--tome-ratio", "0.9"], "--tome-ratio=0.9: must be between 0 and 0.75"),
     ],
 )
 def test_bad_input_one_line_errors(tmp_path, capsys, monkeypatch, extra, message):
@@ -342,6 +443,7 @@ def test_bad_input_one_line_errors(tmp_path, capsys, monkeypatch, extra, message
         raise AssertionError("bad input must be refused before any model is built")
 
     monkeypatch.setattr(builders, "build_sd15_pipeline", must_not_build)
+    monkeypatch.setattr(builders, "build_sdxl_pipeline", must_not_build)
     out = tmp_path / "out"
     assert cli.main(["bench", "--output", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from ... import families
 from ...pipeline_folder import folder_bytes, load_pipeline, match_vae_decoder_batch, unet_bytes
 from .monitor import PhaseMonitor, free_memory
 from .settings import BenchSettings
@@ -21,17 +23,37 @@ from .variants import Variant
 MERGE_OP_TYPES = ("TopK", "Gather", "GatherElements", "ScatterElementsUpdate", "ScatterUpdate", "ScatterNDUpdate")
 
 
-def unet_inputs(settings: BenchSettings, geo: dict[str, int], height: int, width: int) -> dict:
-    """Fixed UNet inputs shared by every variant: sample [B,C,h,w], timestep [1], encoder_hidden_states [B,77,D]."""
+def unet_config(folder: str | Path) -> dict:
+    """The UNet's config.json of a diffusers or OpenVINO pipeline folder (which extra inputs it takes)."""
+    return json.loads((Path(folder) / "unet" / "config.json").read_text())
+
+
+def unet_inputs(settings: BenchSettings, geo: dict[str, int], height: int, width: int, config: dict | None = None):
+    """Fixed UNet inputs shared by every variant: sample [B,C,h,w], timestep [1], encoder_hidden_states [B,77,D], and
+    the extra inputs the UNet `config` takes (`families.extra_input_dims`, in the IR's order): SDXL's text_embeds
+    [B,P] (random, as the states) and time_ids [B,6] (original = target = height x width, no crop, as the SDXL
+    pipeline builds them), LCM's timestep_cond [B,D]."""
     import torch
 
     gen = torch.Generator().manual_seed(settings.seed)
-    f = geo["vae_factor"]
-    return {
-        "sample": torch.randn(settings.batch_size, geo["in_channels"], height // f, width // f, generator=gen),
+    f, batch = geo["vae_factor"], settings.batch_size
+    inputs = {
+        "sample": torch.randn(batch, geo["in_channels"], height // f, width // f, generator=gen),
         "timestep": torch.tensor([500], dtype=torch.long),  # optimum's static reshape fixes timestep to shape [1]
-        "encoder_hidden_states": torch.randn(settings.batch_size, 77, geo["text_dim"], generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 77, geo["text_dim"], generator=gen),
     }
+    for name, dim in families.extra_input_dims(config or {}).items():
+        if name == families.TIME_IDS:
+            inputs[name] = families.sdxl_time_ids((height, width), (0, 0), (height, width), batch=batch)
+        else:
+            inputs[name] = torch.randn(batch, dim, generator=gen)
+    return inputs
+
+
+def extra_inputs(inputs: dict) -> dict:
+    """The inputs after (sample, timestep, encoder_hidden_states): SDXL's text_embeds and time_ids, LCM's
+    timestep_cond (none for SD 1.x/2.x)."""
+    return {k: v for k, v in inputs.items() if k not in ("sample", "timestep", "encoder_hidden_states")}
 
 
 def _time_calls(fn, warmup: int, repeats: int, desc: str, progress: bool, warmup_s: float = 0.0) -> list[float]:
@@ -106,8 +128,9 @@ def _time_parts(pipe, step, shallow, settings: BenchSettings, inputs: dict, run,
 
         return call
 
-    def text():
-        pipe.encode_prompt(prompts, pipe._execution_device, 1, True)
+    def text():  # keywords: SDXL's encode_prompt takes prompt_2 second; it runs both of SDXL's text encoders
+        pipe.encode_prompt(prompts, device=pipe._execution_device, num_images_per_prompt=1,
+                           do_classifier_free_guidance=True)  # fmt: skip
 
     def vae():
         image = pipe.vae.decode(latents / scaling, return_dict=False)[0]
@@ -148,8 +171,10 @@ def measure_pytorch(folder, settings: BenchSettings, inputs: dict, height: int, 
         with torch.inference_mode(), autocast:
             yield
 
+    kwargs = families.unet_kwargs(extra_inputs(inputs))  # SDXL: added_cond_kwargs (text_embeds, time_ids)
+
     def step():
-        unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)
+        unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False, **kwargs)
 
     def run(steps):
         _pipeline_call(pipe, settings, steps, height, width, torch.Generator().manual_seed(settings.seed))
@@ -160,11 +185,12 @@ def measure_pytorch(folder, settings: BenchSettings, inputs: dict, height: int, 
 
 def load_openvino(folder, settings: BenchSettings, ov_config: dict, height: int, width: int, cache_interval: int = 1):
     """from_pretrained (uncompiled) -> static reshape to (batch, height, width) -> compile, as the README does.
-    `cache_interval` > 1: `OVDeepCacheStableDiffusionPipeline`, its full / shallow IRs compiled and the plain UNet
-    not (it never runs then)."""
-    from optimum.intel import OVStableDiffusionPipeline
+    The folder's optimum-intel class (`OVDiffusionPipeline` picks it from model_index.json: `OVStableDiffusionPipeline`,
+    `OVStableDiffusionXLPipeline`, ...). `cache_interval` > 1: `OVDeepCacheStableDiffusionPipeline`, its full /
+    shallow IRs compiled and the plain UNet not (it never runs then)."""
+    from optimum.intel import OVDiffusionPipeline
 
-    cls = OVStableDiffusionPipeline
+    cls = OVDiffusionPipeline
     if cache_interval > 1:
         from ..deepcache_pipeline import OVDeepCacheStableDiffusionPipeline as cls
 
@@ -225,6 +251,8 @@ def measure_openvino(folder, settings: BenchSettings, ov_config: dict, inputs: d
             k: _prop_str(compiled.get_property(k))
             for k in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "PERFORMANCE_HINT", "NUM_STREAMS")
         },
+        # the compiled UNet IR's inputs (static shapes unless --dynamic-shapes): SDXL's add text_embeds, time_ids
+        "unet_ir_inputs": {port.get_any_name(): str(port.get_partial_shape()) for port in compiled.inputs},
     }
     if settings.profile:
         request = compiled.create_infer_request()
@@ -323,6 +351,7 @@ def measure_variant(variant: Variant, folder: Path, settings: BenchSettings, inp
         "label": variant.label,
         "runtime": variant.runtime,
         "folder": str(folder),
+        "unet_inputs": {k: list(v.shape) for k, v in inputs.items()},  # what the timed UNet step is fed
         **parts,
         "unet_step_times_s": [round(t, 4) for t in raw["unet_times"]],
         "shallow_step_times_s": [round(t, 4) for t in raw["shallow_times"]],
@@ -360,18 +389,19 @@ def measure_variant(variant: Variant, folder: Path, settings: BenchSettings, inp
         **mon.as_dict(),
         "ov_config": raw["ov_config"],
     }
-    if "unet_execution" in raw:
-        row["unet_execution"] = raw["unet_execution"]
+    for key in ("unet_execution", "unet_ir_inputs"):
+        if key in raw:
+            row[key] = raw[key]
     if "profile" in raw:
         row["profile"] = raw["profile"]
     return row
 
 
 def text_vae_bytes(folder: str | Path) -> int:
-    """Bytes on disk of the text encoder and VAE weights (OpenVINO IRs, or the diffusers weights)."""
+    """Bytes on disk of the text encoder(s) and VAE weights (OpenVINO IRs, or the diffusers weights)."""
     folder = Path(folder)
     total = 0
-    for name in ("text_encoder", "vae_decoder", "vae_encoder", "vae"):
+    for name in ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "vae"):
         sub = folder / name
         if sub.is_dir():
             total += sum(f.stat().st_size for f in sub.iterdir() if f.is_file() and f.suffix != ".json")

@@ -21,13 +21,19 @@ from ...pipeline_folder import (
     write_genai_files,
 )
 from .monitor import PhaseMonitor, free_memory
-from .settings import BenchSettings
+from .settings import BenchSettings, image_size
 from .variants import BY_NAME, VARIANTS, W8TV
 
 PTQ_MODES = {"ptq-full": "full", "ptq-hybrid": "hybrid"}  # source -> `ptq.quantize_pipeline_int8(mode=...)`
-QAT_SOURCES = ("qat", "qat-hybrid", "qat-tome", "qat-deepcache")  # built under --arch sd15 (the QAT graph)
+QAT_SOURCES = ("qat", "qat-hybrid", "qat-tome", "qat-deepcache")  # built under --arch (the QAT graph)
 # the models of a pipeline folder that a `+w8tv` twin compresses: every one but the UNet, as optimum-intel does
-TEXT_VAE_MODELS = ("text_encoder", "vae_decoder", "vae_encoder")
+TEXT_VAE_MODELS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+# --arch sdxl: step caching (`compress.deepcache`) covers SD 1.x/2.x UNets only, not SDXL's added conditioning
+SDXL_NO_DEEPCACHE = (
+    "skipped under --arch sdxl: step caching (compress/deepcache.py, export/deepcache.py) supports SD 1.x/2.x UNets "
+    "only; SDXL's UNet takes added conditioning (text_embeds, time_ids: addition_embed_type='text_time') that its "
+    "shallow / deep split does not carry"
+)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -52,10 +58,13 @@ def _cached(path: Path, build, what: str, prep_log: dict) -> Path:
 
 
 def export_openvino_fp32(source: str, out: Path) -> None:
-    """optimum-intel's FP32 export of a diffusers pipeline (what `ov-sd export` starts from)."""
-    from optimum.intel import OVStableDiffusionPipeline
+    """optimum-intel's FP32 export of a diffusers pipeline (what `ov-sd export` starts from), of the class its
+    model_index.json names (`OVDiffusionPipeline` picks it: SD, SDXL, ...). `load_in_8bit=False`: optimum otherwise
+    compresses the weights of any model over 1 B parameters to int8 (SDXL's UNet has 2.6 B), which would leave no FP32
+    UNet to compare with or to quantize."""
+    from optimum.intel import OVDiffusionPipeline
 
-    pipe = OVStableDiffusionPipeline.from_pretrained(source, export=True, compile=False)
+    pipe = OVDiffusionPipeline.from_pretrained(source, export=True, compile=False, load_in_8bit=False)
     pipe.save_pretrained(out)
     del pipe
     write_genai_files(out)  # as every OpenVINO folder the project writes (the qat-* folders start from this one)
@@ -82,6 +91,7 @@ def build_qat_folder(
     import torch
     from diffusers import UNet2DConditionModel
 
+    from ... import families
     from ...compress.convert import convert_unet_to_openvino, count_fake_quantize
     from ...compress.quantize import quantize_unet
 
@@ -95,11 +105,18 @@ def build_qat_folder(
     h, w = latent_hw
     gen = torch.Generator().manual_seed(0)
     dim = unet.config.cross_attention_dim
+    extra_dims = families.extra_input_dims(unet.config)  # SDXL: text_embeds [B,1280], time_ids [B,6]
+    factor = geometry(ov_fp32_dir)["vae_factor"]
+    time_ids = families.sdxl_time_ids((h * factor, w * factor), (0, 0), (h * factor, w * factor), batch=batch)
     calib = [
         {
             "sample": torch.randn(batch, unet.config.in_channels, h, w, generator=gen),
             "timestep": torch.randint(0, 1000, (batch,), generator=gen),
             "encoder_hidden_states": torch.randn(batch, 77, dim, generator=gen),
+            **{
+                name: time_ids if name == families.TIME_IDS else torch.randn(batch, d, generator=gen)
+                for name, d in extra_dims.items()
+            },
         }
         for _ in range(calibration_samples)
     ]
@@ -211,22 +228,29 @@ def prepare(
     folder is derived from its base's (`int8_text_vae_folder`)."""
     from tqdm.auto import tqdm
 
-    from ...assets.builders import build_sd15_pipeline
+    from ...assets import builders
     from .. import ptq as ptq_module
     from ..prompts import calibration_prompts
 
     given = given or {}
     prep = Prepared()
     sources = {BY_NAME[v].source for v in variants}
+    if arch == "sdxl" and "qat-deepcache" in sources:  # noted here: nothing is built for it (nor the FP32 export)
+        sources.discard("qat-deepcache")
+        prep.notes["qat-deepcache"] = SDXL_NO_DEEPCACHE
     twins = [BY_NAME[v].source for v in variants if BY_NAME[v].int8_text_vae]
     need_ov = any(s != "diffusers" for s in sources)
     built = [s for s in (*PTQ_MODES, *QAT_SOURCES) if s in sources]
     bar = tqdm(total=1 + need_ov + len(built) + len(twins), desc="bench: preparing", disable=not progress)
 
     # the source pipeline
-    if arch == "sd15":
+    if arch is not None:  # the random-weight architecture, looked up when called (tests swap in a tiny one)
+        build = {"sd15": "build_sd15_pipeline", "sdxl": "build_sdxl_pipeline"}[arch]
         prep.diffusers_dir = _cached(
-            work_dir / "sd15-diffusers", lambda d: build_sd15_pipeline(d, seed=0), "sd15-diffusers", prep.log
+            work_dir / f"{arch}-diffusers",
+            lambda d: getattr(builders, build)(d, seed=0),
+            f"{arch}-diffusers",
+            prep.log,
         )
     else:
         path = Path(model).expanduser()
@@ -263,8 +287,7 @@ def prepare(
         bar.update()
 
     geo = geometry(prep.ov_fp32_dir or Path(prep.diffusers_dir))
-    height = settings.height or geo["size"]
-    width = settings.width or geo["size"]
+    height, width = image_size(settings, arch, geo["size"])
 
     if "qat-deepcache" in sources and "qat-deepcache" not in given and "qat" in given:
         from ...export.deepcache import has_deepcache
@@ -297,7 +320,7 @@ def prepare(
                 source,
                 prep.log,
             )
-        elif arch == "sd15":
+        elif arch is not None:
             tome = settings.tome_kwargs() if source == "qat-tome" else None
             scheme = "hybrid" if source == "qat-hybrid" else "full"
             deepcache = source == "qat-deepcache"

@@ -184,6 +184,10 @@ def markdown_report(result: dict) -> str:
         f"steps (text encoder + UNet + VAE decode); threads: {s['threads'] or 'library default'}; "
         f"{'static' if s['static_shapes'] else 'dynamic'} OpenVINO shapes.",
         "",
+        "UNet step inputs (fixed, every variant): "
+        + ", ".join(f"{k} {v}" for k, v in (result.get("unet_inputs") or {}).items())
+        + ".",
+        "",
         f"CPU instruction set: {isa_summary(result['machine'])}. Every speed on this page depends on it.",
         "",
         "## UNet step",

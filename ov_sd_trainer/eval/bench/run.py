@@ -23,9 +23,13 @@ is the maximum, `rss_start` the RSS when the variant's phase began (after the pr
 thread's CPU accounting gives `other_load_cores`: the CPU time other processes used per second of the phase.
 
 `--arch sd15` builds the SD 1.5 architecture with random weights (`assets.builders.build_sd15_pipeline`) once into the
-work folder: latency does not depend on weight values, quality does, so the QAT variants there are the QAT graph
-with untrained weights (NNCF quantizers calibrated on two random inputs, exactly the graph QAT exports; the
-step-caching variant adds the full / shallow IRs of the same student, as `ov-sd deepcache --run` does), speed only.
+work folder, `--arch sdxl` SDXL base's (`build_sdxl_pipeline`: two text encoders, a UNet that also takes
+`text_embeds` and `time_ids`): latency does not depend on weight values, quality does, so the QAT variants there are
+the QAT graph with untrained weights (NNCF quantizers calibrated on two random inputs, exactly the graph QAT exports;
+the step-caching variant adds the full / shallow IRs of the same student, as `ov-sd deepcache --run` does), speed
+only. Under --arch sdxl the text encoder part is both encoders (`encode_prompt`), the image is 50 UNet calls for 50
+steps (EulerDiscrete), ToMe merges at downsampling 2 and step caching is left out (SD 1.x/2.x UNets only). The
+per-arch defaults (size, repeats) are `settings.ARCH_DEFAULTS`.
 `--profile` compiles the OpenVINO variants with PERF_COUNT and writes time per op type and per execution precision.
 """
 
@@ -41,11 +45,12 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from ... import families
 from ...assets import resolve_model_path
 from ...errors import UserError
 from ...outputs import atomic_output_dir, check_output_dir
 from ...pipeline_folder import check_openvino_folder, geometry, looks_local
-from .measure import measure_variant, unet_inputs
+from .measure import measure_variant, unet_config, unet_inputs
 from .monitor import free_memory
 from .prepare import prepare
 from .report import (
@@ -59,8 +64,8 @@ from .report import (
     text_vae_pairs,
     versions,
 )
-from .settings import ARCHS, SD15_DEFAULTS, BenchSettings, parse_ov_config
-from .variants import BY_NAME, VARIANTS, parse_variants
+from .settings import ARCH_DEFAULTS, ARCH_HELP, ARCHS, BenchSettings, image_size, parse_ov_config
+from .variants import BY_NAME, QAT_TOME, VARIANTS, parse_variants
 
 BF16_VARIANT = "pytorch-bf16"
 
@@ -95,10 +100,16 @@ def run_bench(
     from tqdm.auto import tqdm
 
     if (model is None) == (arch is None):
-        raise UserError("pass exactly one of --model DIR_or_hub_id and --arch sd15")
+        raise UserError(f"pass exactly one of --model DIR_or_hub_id and --arch {'|'.join(ARCHS)}")
     if arch is not None and arch not in ARCHS:
         raise UserError(f"--arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
     settings.check()
+    tome_wanted = any(n.startswith(QAT_TOME) for n in (variants or [v.name for v in VARIANTS]))
+    if arch == "sdxl" and tome_wanted and settings.tome_max_downsample < 2:
+        raise UserError(
+            f"--tome-max-downsample {settings.tome_max_downsample}: SDXL has no attention at full resolution (its "
+            f"attention levels are downsampling 2 and 4); use 2 or more, or leave {QAT_TOME} out of --variants"
+        )
     if model is not None:
         model = resolve_model_path(model)  # 'reference': the bundled model
     explicit = variants is not None
@@ -132,11 +143,11 @@ def run_bench(
             if note:
                 skipped[name] = note
         geo = geometry(prep.ov_fp32_dir or Path(prep.diffusers_dir))
-        height, width = settings.height or geo["size"], settings.width or geo["size"]
+        height, width = image_size(settings, arch, geo["size"])
         for dim, value in (("height", height), ("width", width)):
             if value % geo["vae_factor"]:
                 raise UserError(f"--{dim} {value} is not divisible by the VAE factor {geo['vae_factor']}")
-        inputs = unet_inputs(settings, geo, height, width)
+        inputs = unet_inputs(settings, geo, height, width, unet_config(prep.ov_fp32_dir or prep.diffusers_dir))
         rows = []
         todo = [BY_NAME[n] for n in names if n not in skipped]
         bar = tqdm(todo, desc="bench", disable=not progress)
@@ -153,10 +164,15 @@ def run_bench(
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     resolved = asdict(settings) | {"height": height, "width": width}
     notes = []
-    if arch == "sd15" and any(BY_NAME[r["name"]].source.startswith("qat") for r in rows):
+    if arch is not None and any(BY_NAME[r["name"]].source.startswith("qat") for r in rows):
         notes.append(
-            "the QAT variants under --arch sd15 are the QAT graph (NNCF int8, with ToMe for qat-int8-tome) with "
+            f"the QAT variants under --arch {arch} are the QAT graph (NNCF int8, with ToMe for qat-int8-tome) with "
             "untrained random weights: speed and size only, quality meaningless."
+        )
+    if families.TEXT_EMBEDS in inputs:
+        notes.append(
+            "SDXL: the UNet step's fixed inputs add text_embeds and time_ids (added conditioning, passed to the "
+            "PyTorch UNet as added_cond_kwargs); the text encoder part is both text encoders (encode_prompt)."
         )
     if settings.profile:
         notes.append("timed with PERF_COUNT on (OpenVINO variants): per-node counters add a little overhead.")
@@ -169,6 +185,7 @@ def run_bench(
         "source": f"--arch {arch}" if arch else str(model),
         "arch": arch,
         "settings": resolved,
+        "unet_inputs": {k: list(v.shape) for k, v in inputs.items()},
         "variants": rows,
         "image_baselines": image_baselines(rows),
         "int8_text_vae": text_vae_pairs(rows),
@@ -199,7 +216,7 @@ _D = {f.name: f.default for f in fields(BenchSettings)}
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="diffusers folder, Hub id, optimum-intel OpenVINO folder (FP32) or 'reference'")
-    src.add_argument("--arch", choices=ARCHS, help="sd15: SD 1.5 architecture with random weights (speed only)")
+    src.add_argument("--arch", choices=ARCHS, help="; ".join(f"{a}: {h}" for a, h in ARCH_HELP.items()))
     p.add_argument("--output", required=True, help="folder for bench.json, bench.md, bench.png (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
@@ -211,29 +228,34 @@ def add_arguments(p) -> None:
         if v.flag:
             p.add_argument(v.flag, default=None, help=f"an existing OpenVINO folder for {v.name} (default: built here)")
     p.add_argument("--work-dir", default=None, help="keep built folders here and reuse them (default: temporary)")
-    p.add_argument("--height", type=int, default=None, help="default: the model's size (512 for sd15)")
+    sizes = "; ".join(f"--arch {a}: {d['height']}" for a, d in ARCH_DEFAULTS.items() if "height" in d)
+    p.add_argument("--height", type=int, default=None,
+                   help=f"default: the model's size (--arch sd15: 512; {sizes}, see --arch)")  # fmt: skip
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=_D["batch_size"], help="UNet batch (CFG: 2 x images)")
     for name, what in (("steps_pipeline", "K steps per pipeline run"), ("repeats", "N timed UNet calls, median"),
                        ("pipeline_repeats", "timed pipeline runs")):  # fmt: skip
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"{what} (default {_D[name]}; sd15: {SD15_DEFAULTS[name]})")  # fmt: skip
+                       help=f"{what} (default {_D[name]}; " + ", ".join(f"{a}: {d[name]}" for a, d in
+                                                                       ARCH_DEFAULTS.items()) + ")")  # fmt: skip
     p.add_argument("--warmup", type=int, default=_D["warmup"], help="untimed calls before each timed part")
     p.add_argument("--warmup-s", type=float, default=_D["warmup_s"],
                    help="and untimed calls until this many seconds have passed")  # fmt: skip
     p.add_argument("--image-steps", type=int, default=_D["image_steps"],
                    help="steps of the image whose latency is composed from the measured parts")  # fmt: skip
     p.add_argument("--measure-image", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the whole --image-steps pipeline directly (default: yes; sd15: no, minutes per "
-                   "variant)")  # fmt: skip
+                   help="also time the whole --image-steps pipeline directly (default: yes; --arch: no, minutes "
+                   "per variant)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads and OpenVINO INFERENCE_NUM_THREADS")
     p.add_argument("--dynamic-shapes", action="store_true", help="do not reshape OpenVINO pipelines to static")
     p.add_argument("--ov-config", action="append", default=None, metavar="KEY=VALUE", help="OpenVINO property")
     p.add_argument("--profile", action="store_true", help="PERF_COUNT: time per op type / precision (OV variants)")
     p.add_argument("--ptq-samples", type=int, default=_D["ptq_samples"], help="calibration UNet calls (PTQ peers)")
     p.add_argument("--ptq-steps", type=int, default=_D["ptq_steps"])
-    p.add_argument("--tome-ratio", type=float, default=_D["tome_ratio"], help="qat-int8-tome under --arch sd15")
-    p.add_argument("--tome-max-downsample", type=int, default=_D["tome_max_downsample"])
+    p.add_argument("--tome-ratio", type=float, default=_D["tome_ratio"], help="qat-int8-tome under --arch")
+    p.add_argument("--tome-max-downsample", type=int, default=None,
+                   help=f"default {_D['tome_max_downsample']}; sdxl: {ARCH_DEFAULTS['sdxl']['tome_max_downsample']} "
+                   "(no attention at full resolution)")  # fmt: skip
     p.add_argument("--tome-mode", default=_D["tome_mode"], help="tome (token merging) or todo (key/value pooling)")
     p.add_argument("--tome-merge-mlp", action="store_true", help="the MLP sees merged tokens too")
     p.add_argument("--seed", type=int, default=_D["seed"])
@@ -241,14 +263,14 @@ def add_arguments(p) -> None:
 
 
 def settings_from_args(args) -> BenchSettings:
-    per_arch = SD15_DEFAULTS if args.arch == "sd15" else {}
+    per_arch = ARCH_DEFAULTS.get(args.arch, {})
 
     def pick(name):  # not `or`: an explicit 0 must reach the range check
         value = getattr(args, name)
         return per_arch.get(name, _D[name]) if value is None else value
 
     return BenchSettings(
-        height=args.height,
+        height=args.height,  # None: the arch's default or the model's size (`settings.image_size`)
         width=args.width,
         batch_size=args.batch_size,
         steps_pipeline=pick("steps_pipeline"),
@@ -267,7 +289,7 @@ def settings_from_args(args) -> BenchSettings:
         ptq_samples=args.ptq_samples,
         ptq_steps=args.ptq_steps,
         tome_ratio=args.tome_ratio,
-        tome_max_downsample=args.tome_max_downsample,
+        tome_max_downsample=pick("tome_max_downsample"),
         tome_mode=args.tome_mode,
         tome_merge_mlp=args.tome_merge_mlp,
     )
