@@ -2,6 +2,7 @@
 
     ov-sd train --recipe reference-int8 --output_dir outputs/reference-int8
     accelerate launch -m ov_sd_trainer.train --recipe sd15-pokemon-int8 --output_dir outputs/pokemon
+    accelerate launch --config_file ov_sd_trainer/recipes/accelerate/fsdp-full-shard.yaml -m ov_sd_trainer.train ...
 
 `run(config)` is the whole job; each stage is a function so tests can drive them alone. What the output folder
 holds is `run_folder`'s contract.
@@ -13,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from ..run_folder import (
     find_resumable_checkpoint,
     is_complete,
 )
+from . import fsdp
 from .config import QATConfig, parse_config
 from .data import (
     INDEX_COLUMN,
@@ -289,8 +292,8 @@ def quantizer_digest(student) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for _, p in quantize.quantizer_parameters(student):
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    for _, p in quantize.quantizer_parameters(student):  # sharded: gathered one at a time (a collective)
+        h.update(fsdp.full(p.detach()).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -347,12 +350,13 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     from accelerate.utils import gather_object
 
     start_digests = gather_object([quantizer_digest(model.student)])
+    sharded, sharding = shard_student(cfg, model)
     ema = None
-    if cfg.use_ema:
+    if cfg.use_ema:  # after sharding: each rank keeps the EMA of its shards
         ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
     trainer = QATTrainer(
         model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collate, ema=ema,
-        augmentation=augmentation,
+        augmentation=augmentation, fsdp=sharded,
     )  # fmt: skip
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
@@ -361,9 +365,10 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     end_digests = gather_object([quantizer_digest(model.student)])  # before EMA: the trained replicas
     if ema is not None:
         ema.copy_to(model.student)  # the exported model is the EMA model
+    student = sharded.gathered(model.student) if sharded is not None else model.student  # a collective
     if trainer.is_world_process_zero():
         final = out / FINAL_DIR
-        quantize.save_quantized(model.student, final / STUDENT_DIR)
+        quantize.save_quantized(student, final / STUDENT_DIR)
         info = {
             "base_model": cfg.pretrained_model_name_or_path,
             "resolved_model_path": resolve_model_path(cfg.pretrained_model_name_or_path),
@@ -374,6 +379,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
             "world_size": cfg.world_size,
             "quantizer_digests_at_start": start_digests,  # one per rank
             "quantizer_digests_at_end": end_digests,
+            "sharding": sharding,  # FSDP: what each rank held of the student; None when it is replicated
             "teacher_gap": teacher_gap_history(trainer.state.log_history),
             "teacher_gap_samples": cfg.teacher_gap_samples if eval_ds is not None else None,
             "calibration_draws": getattr(model, "calibration_scores", None),
@@ -387,7 +393,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         if cfg.export:
             export_openvino_pipeline(
                 resolve_model_path(cfg.pretrained_model_name_or_path),
-                model.student,
+                student,
                 out / OPENVINO_DIR,
                 overwrite=True,  # this run's own export; the run already owns output_dir
                 recipe=recipe or {},
@@ -400,6 +406,21 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
 
             push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
     return out
+
+
+def shard_student(cfg: QATConfig, model: QATModel):
+    """Under an FSDP accelerate config with several processes, shard the student in place (`fsdp`). Returns
+    (`fsdp.ShardedStudent` or None, the per-rank sharding record for training_info or None)."""
+    if not fsdp.requested():
+        return None, None
+    os.environ["ACCELERATE_USE_FSDP"] = "false"  # the sharding is done here: accelerate must not wrap the model
+    if cfg.world_size < 2:
+        logger.warning("FSDP config with one process: nothing to shard, training unsharded")
+        return None, None
+    from accelerate.utils import gather_object
+
+    sharded = fsdp.ShardedStudent(model.student, cfg.device)
+    return sharded, {**sharded.info, "student_params_local": gather_object([sharded.info["student_params_local"]])}
 
 
 def teacher_gap_history(log_history: list[dict]) -> list[dict]:

@@ -3,21 +3,42 @@
 The Trainer is customised only through its hooks (`compute_loss`, `log`, `_save`, `_save_checkpoint`,
 `_load_from_checkpoint`, `get_decay_parameter_names`), as TRL's trainers do. Checkpoints hold what the run-folder
 contract (`run_folder`) says: the student as NNCF config + state dict, the EMA, and a completion marker written last.
+
+With a sharded student (`fsdp.ShardedStudent`, under an FSDP accelerate config) the model is trained without DDP
+around it (`_wrap_model`), and checkpoints gather the student, its EMA and the optimizer state to whole tensors on
+every save (`save_model`, `_save_optimizer_and_scheduler`), so a checkpoint is the same files either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..compress import quantize
 from ..run_folder import CONFIG_FILE, EMA_FILE, STUDENT_DIR, mark_complete
+from . import fsdp as fsdp_utils
 from .ema import EMACallback
+
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"  # transformers' names
+
+
+class _NoDDP(nn.Module):
+    """What the Trainer trains when the student is sharded: the `QATModel`, but not `model` itself, so that the
+    Trainer skips `accelerator.prepare(model)` (which would wrap it in DDP, and refuses sharded parameters)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 class _EpochToAugmentation(TrainerCallback):
@@ -33,9 +54,11 @@ class _EpochToAugmentation(TrainerCallback):
 class QATTrainer(Trainer):
     """Trainer for `QATModel`: separate loss logging, quantizer-aware weight decay, NNCF checkpoints, EMA."""
 
-    def __init__(self, *args, ema: EMACallback | None = None, augmentation=None, **kwargs):
+    def __init__(self, *args, ema: EMACallback | None = None, augmentation=None,
+                 fsdp: fsdp_utils.ShardedStudent | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.ema = ema
+        self.fsdp = fsdp
         if ema is not None:
             self.add_callback(ema)
         if augmentation is not None:
@@ -50,12 +73,22 @@ class QATTrainer(Trainer):
         micro = micro + 1 if step == self.state.global_step else 0
         self._micro = (self.state.global_step, micro)
         index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * self.args.world_size
-        self.accelerator.unwrap_model(model).set_noise_seed(self.args.seed, 0, index + self.args.process_index)
+        self._qat(model).set_noise_seed(self.args.seed, 0, index + self.args.process_index)
         out = model(**inputs)  # images (pixel_values, input_ids) or trajectory UNet inputs
         for key in ("task_loss", "distillation_loss", "pixel_loss"):
             if key in out:
                 self._metrics[key].append(out[key].item())
         return (out["loss"], out) if return_outputs else out["loss"]
+
+    def _qat(self, model=None) -> nn.Module:
+        """The `QATModel` inside whatever the Trainer wraps it in."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return model.module if isinstance(model, _NoDDP) else model
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if self.fsdp is not None:  # FSDP already shards the student: no DDP (nor anything else) around it
+            return _NoDDP(self._qat(model)) if training else self._qat(model)
+        return super()._wrap_model(model, training, dataloader)
 
     def log(self, logs, start_time=None):
         # Averages of the separate losses since the last log, then cleared (TRL's pattern).
@@ -86,7 +119,7 @@ class QATTrainer(Trainer):
                         metric_key_prefix="eval"):  # fmt: skip
         """Evaluate what gets exported: with an EMA, its weights are swapped in for the evaluation (as diffusers'
         examples validate), so `load_best_model_at_end` keeps the best exported model."""
-        student = self.accelerator.unwrap_model(self.model).student
+        student = self._qat().student
         self._eval_sums.clear()
         with self.ema.applied(student) if self.ema is not None else contextlib.nullcontext():
             output = super().evaluation_loop(
@@ -111,7 +144,7 @@ class QATTrainer(Trainer):
     def get_decay_parameter_names(self, model):
         """No weight decay on quantizer parameters (scales / ranges), biases or norms."""
         names = set(super().get_decay_parameter_names(model))
-        student = self.accelerator.unwrap_model(model).student
+        student = self._qat(model).student
         quantizer_ids = {id(p) for _, p in quantize.quantizer_parameters(student)}
         return [n for n, p in model.named_parameters() if n in names and id(p) not in quantizer_ids]
 
@@ -126,21 +159,53 @@ class QATTrainer(Trainer):
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             mark_complete(folder, self.state.global_step)
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if self.fsdp is None:
+            return super().save_model(output_dir, _internal_call)
+        # every rank takes part in gathering the shards; the main process writes
+        student = self.fsdp.gathered(self._qat().student)
+        ema = self.ema.full_state() if self.ema is not None else None
+        if self.args.should_save:
+            self._save(output_dir, student=student, ema=ema)
+
+    def _save(self, output_dir: str | None = None, state_dict=None, student=None, ema=None):
         """A checkpoint that restores the quantized student exactly: NNCF config + state dict."""
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        student = self.accelerator.unwrap_model(self.model).student
-        quantize.save_quantized(student, output_dir / STUDENT_DIR)
+        quantize.save_quantized(student if student is not None else self._qat().student, output_dir / STUDENT_DIR)
         if self.ema is not None:
-            self.ema.save(output_dir)
+            self.ema.save(output_dir, ema)
         (output_dir / CONFIG_FILE).write_text(self.args.to_json_string())
 
+    def _save_optimizer_and_scheduler(self, output_dir: str):
+        if self.fsdp is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self._qat(), self.optimizer, options=options)  # a collective
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.fsdp is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(os.path.join(checkpoint, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self._qat(), self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_FILE), weights_only=True))
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = self.accelerator.unwrap_model(model or self.model)
+        model = self._qat(model)
         src = Path(resume_from_checkpoint)
         # Rebuild from the saved NNCF config on the teacher (a copy), then take its exact state.
-        state = quantize.load_quantized(model.teacher, src / STUDENT_DIR).state_dict()
-        model.student.load_state_dict(state)
+        loaded = quantize.load_quantized(model.teacher, src / STUDENT_DIR)
+        if self.fsdp is not None:
+            self.fsdp.load_from(model.student, loaded)  # each rank keeps its shards
+        else:
+            model.student.load_state_dict(loaded.state_dict())
+        del loaded
         if self.ema is not None and (src / EMA_FILE).is_file():
             self.ema.load(src)
