@@ -127,21 +127,22 @@ class Rollout:
         window = min(window, self.calls)
         k = int(torch.randint(0, self.calls - window + 1, (1,), generator=g, device=g.device).item())
         noise = self.noise(len(prompt_ids), device, generator=g)
+        pixels = pixel_weight > 0  # the clean-latent estimates are only computed for the pixel term
         with torch.no_grad():
             at_k, scheduler = self.sample(model, model.teacher, states, noise, stop=k)
             resume = copy.deepcopy(scheduler) if start_from == "teacher" else None
             target, _, *t_x0 = self.sample(model, model.teacher, states, at_k, start=k, stop=k + window,
-                                           scheduler=scheduler, with_x0=True)  # fmt: skip
+                                           scheduler=scheduler, with_x0=pixels)  # fmt: skip
         if resume is not None:
             latents, _, *x0 = self.sample(model, model.student, states, at_k, start=k, stop=k + window, grad_from=k,
-                                          scheduler=resume, with_x0=True)  # fmt: skip
+                                          scheduler=resume, with_x0=pixels)  # fmt: skip
         else:
             latents, _, *x0 = self.sample(model, model.student, states, noise, stop=k + window, grad_from=k,
-                                          with_x0=True)  # fmt: skip
+                                          with_x0=pixels)  # fmt: skip
         mse = F.mse_loss(latents, target)
         out = {"distillation_loss": mse.detach()}
         loss = mse
-        if pixel_weight > 0:
+        if pixels:
             (student_x0, t), (teacher_x0, _) = x0[0], t_x0[0]
             with torch.no_grad():
                 teacher_image = decode(model.vae, teacher_x0)
