@@ -167,8 +167,38 @@ def _ov_config(precision: str, threads: int | None) -> dict:
     return cfg
 
 
-def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler):
-    """The OpenVINO pipeline, reshaped to the batch, compiled with `ov_config`, using the teacher's scheduler."""
+def parse_cache_interval(spec: str, names: list[str]) -> tuple[str, int]:
+    """`NAME=N` -> (name, N): evaluate --model NAME with step caching at interval N."""
+    name, sep, value = spec.partition("=")
+    if not sep or name not in names or not value.strip().isdigit() or int(value) < 1:
+        raise UserError(
+            f"--cache-interval {spec!r}: give NAME=N with a --model name and an interval N >= 1 "
+            f"(names: {', '.join(names)})"
+        )
+    return name, int(value)
+
+
+def check_cache_folder(name: str, path: Path, interval: int) -> None:
+    from ..export.deepcache import has_deepcache
+
+    if interval > 1 and not has_deepcache(path):
+        raise UserError(
+            f"--cache-interval {name}={interval}: {path} has no step-caching IRs; add them with "
+            f"`ov-sd deepcache --run RUN --model {path}`"
+        )
+
+
+def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler, cache_interval: int = 1):
+    """The OpenVINO pipeline, reshaped to the batch, compiled with `ov_config`, using the teacher's scheduler; with
+    `cache_interval` N > 1 the step-caching pipeline (`OVDeepCacheStableDiffusionPipeline`) at interval N."""
+    if cache_interval > 1:
+        from .deepcache_pipeline import load_deepcache_pipeline
+
+        pipe = load_deepcache_pipeline(path, *native_size(path), batch_size=batch_size, ov_config=ov_config)
+        pipe.cache_interval = cache_interval
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = type(scheduler).from_config(scheduler.config)
+        return pipe
     pipe = load_for_quality(path, "openvino", batch_size)
     if any(pipe.ov_config.get(k) != v for k, v in ov_config.items()):
         pipe.ov_config.update(ov_config)  # the parts share this dict: recompile them with it
@@ -209,10 +239,13 @@ def evaluate_fidelity(
     grid_samples: int = 8,
     judge=None,
     progress: bool = True,
+    cache_intervals: dict[str, int] | None = None,
 ) -> tuple[dict, list[list]]:
     """Run the evaluation. Returns (result dict as written to eval.json, grid rows of PIL images).
 
-    `models`: (name, OpenVINO folder) pairs. Raises UserError for bad input before any slow work."""
+    `models`: (name, OpenVINO folder) pairs; `cache_intervals`: name -> step-caching interval for those variants
+    (their UNet noise MSE stays the plain IR's, one call). Raises UserError for bad input before any slow work."""
+    cache_intervals = cache_intervals or {}
     from .judge import load_judge
 
     if steps < 1 or seeds < 1 or batch_size < 1 or unet_samples < 1 or grid_samples < 1:
@@ -228,6 +261,7 @@ def evaluate_fidelity(
             raise UserError(f"--model name {name!r} is used twice (or is the reference's); name them NAME=DIR")
         seen.add(name)
         checked.append((name, check_variant(name, Path(path).expanduser(), ref_path)))
+        check_cache_folder(name, checked[-1][1], cache_intervals.get(name, 1))
     scorer = clip_scorer(clip_model) if clip_model else None
     if threads:
         torch.set_num_threads(threads)
@@ -273,7 +307,8 @@ def evaluate_fidelity(
 
     for name, path in checked:
         t0 = time.perf_counter()
-        pipe = load_variant(path, batch_size, ov_config, scheduler)
+        interval = cache_intervals.get(name, 1)
+        pipe = load_variant(path, batch_size, ov_config, scheduler, interval)
         images, final = generate_set(pipe, jobs, latents, desc=f"generate {name}", progress=progress, **gen)
         gen_s = time.perf_counter() - t0
         del pipe
@@ -287,8 +322,9 @@ def evaluate_fidelity(
             dict(
                 name=name,
                 path=str(path),
-                description=describe_variant(path),
+                description=describe_variant(path) + (f" + step caching (interval {interval})" if interval > 1 else ""),
                 backend="openvino",
+                cache_interval=interval,
                 psnr=fid["psnr"],
                 ssim=fid["ssim"],
                 latent_mse=float(lat_per.mean()),
@@ -384,6 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="write the results into this evaluated --model folder's README.md (repeatable)")  # fmt: skip
     parser.add_argument("--compare", action="append", default=[], metavar="A,B",
                         help="paired bootstrap comparison of variant A against variant B (repeatable)")  # fmt: skip
+    parser.add_argument("--cache-interval", action="append", default=[], metavar="NAME=N",
+                        help="generate --model NAME with step caching (DeepCache) at interval N (repeatable; the "
+                        "folder needs `ov-sd deepcache` IRs)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -408,9 +447,11 @@ def run(args: argparse.Namespace) -> dict:
         if len(pair) != 2 or not all(x in names for x in pair):
             raise UserError(f"--compare {spec!r}: give two --model names as A,B (names: {', '.join(names)})")
         pairs.append(pair)
+    intervals = dict(parse_cache_interval(spec, names) for spec in args.cache_interval)
     result, grid_rows = evaluate_fidelity(
         args.reference,
         models,
+        cache_intervals=intervals,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         seeds=args.seeds,

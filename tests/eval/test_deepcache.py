@@ -171,3 +171,34 @@ def test_a_unet_from_elsewhere_fails_the_parity_check(folder, qat_run, tmp_path)
     with pytest.raises(UserError, match="differs from"):
         dc_export.add_from_diffusers(qat_run["base"], other)
     assert not (other / dc_export.DEEPCACHE_DIR).exists() and not list(other.glob(".unet_deepcache*"))
+
+
+def test_eval_cache_interval_1_is_the_plain_variant_and_2_is_not(folder, qat_run, tmp_path, capsys):
+    """`ov-sd eval --cache-interval NAME=N` generates NAME through the step-caching pipeline: interval 1 gives the
+    plain pipeline's images exactly, interval 2 differs but stays close; bad specs are one-line errors."""
+    import json
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--reference", str(qat_run["base"]), "--model", f"plain={folder}", "--model", f"dc1={folder}",
+            "--model", f"dc2={folder}", "--cache-interval", "dc1=1", "--cache-interval", "dc2=2", "--output", str(out),
+            "--steps", "4", "--seeds", "1", "--subset", "4", "--batch-size", "4", "--unet-samples", "2",
+            "--grid-samples", "2", "--grid-scale", "1", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = {v["name"]: v for v in json.loads((out / "eval.json").read_text())["variants"]}
+    assert rows["dc1"]["cache_interval"] == 1 and rows["dc2"]["cache_interval"] == 2
+    assert rows["dc1"]["latent_mse"] == rows["plain"]["latent_mse"]
+    assert rows["dc1"]["psnr"] == rows["plain"]["psnr"]
+    assert rows["dc2"]["latent_mse"] != rows["plain"]["latent_mse"]
+    assert "step caching (interval 2)" in rows["dc2"]["description"]
+
+    capsys.readouterr()
+    bad = [("dc9=2", "--model name"), ("plain=0", "interval N >= 1"), ("plain", "NAME=N")]
+    for spec, needle in bad:
+        rc = cli.main([*argv[:9], "--cache-interval", spec, "--output", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and needle in err and len(err.splitlines()) == 1, (spec, err)
+    rc = cli.main(["eval", "--reference", str(qat_run["base"]), "--model", f"p={qat_run['ov']}",
+                   "--cache-interval", "p=3", "--output", str(tmp_path / "bad2")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "ov-sd deepcache" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
