@@ -412,8 +412,8 @@ def match_vae_decoder_batch(pipe, batch_size: int, height: int, width: int) -> N
 
 
 def is_openvino_pipeline(pipe) -> bool:
-    """Whether a loaded pipeline is optimum-intel's (else diffusers')."""
-    return type(pipe).__module__.startswith("optimum.intel")
+    """Whether a loaded pipeline is optimum-intel's or a subclass of one (the step-caching pipeline), else diffusers'."""
+    return any(c.__module__.startswith("optimum.intel") for c in type(pipe).__mro__)
 
 
 def image_size(pipe) -> tuple[int, int]:
