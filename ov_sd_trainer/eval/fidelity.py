@@ -44,6 +44,7 @@ from ..pipeline_folder import (
     check_pipeline_source,
     image_size,
     is_openvino_folder,
+    load_ov_pipeline,
     native_size,
     unet_config,
     written_by,
@@ -189,33 +190,19 @@ def check_cache_folder(name: str, path: Path, interval: int) -> None:
 
 
 def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler, cache_interval: int = 1):
-    """The OpenVINO pipeline, reshaped to the batch, compiled with `ov_config`, using the teacher's scheduler; with
-    `cache_interval` N > 1 the step-caching pipeline (`OVDeepCacheStableDiffusionPipeline`) at interval N."""
+    """The OpenVINO pipeline, reshaped to the batch, compiled once with `ov_config`, using the teacher's scheduler;
+    with `cache_interval` N > 1 the step-caching pipeline (`OVDeepCacheStableDiffusionPipeline`) at interval N."""
+    size = native_size(path)
     if cache_interval > 1:
         from .deepcache_pipeline import load_deepcache_pipeline
 
-        pipe = load_deepcache_pipeline(path, *native_size(path), batch_size=batch_size, ov_config=ov_config)
+        pipe = load_deepcache_pipeline(path, *size, batch_size=batch_size, ov_config=ov_config)
         pipe.cache_interval = cache_interval
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = type(scheduler).from_config(scheduler.config)
-        return pipe
-    pipe = load_for_quality(path, "openvino", batch_size)
-    if any(pipe.ov_config.get(k) != v for k, v in ov_config.items()):
-        pipe.ov_config.update(ov_config)  # the parts share this dict: recompile them with it
-        pipe.clear_requests()
-        pipe.compile()
+    else:
+        pipe = load_ov_pipeline(path, *size, batch_size=batch_size, ov_config=ov_config)
+    pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = type(scheduler).from_config(scheduler.config)
     return pipe
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------------------------
