@@ -189,11 +189,12 @@ def check_cache_folder(name: str, path: Path, interval: int) -> None:
         )
 
 
-def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler, cache_interval: int = 1):
+def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler, cache_interval: int | None = None):
     """The OpenVINO pipeline, reshaped to the batch, compiled once with `ov_config`, using the teacher's scheduler;
-    with `cache_interval` N > 1 the step-caching pipeline (`OVDeepCacheStableDiffusionPipeline`) at interval N."""
+    with a `cache_interval` N the step-caching pipeline (`OVDeepCacheStableDiffusionPipeline`) at interval N (N = 1
+    runs its plain path: what `--cache-interval NAME=1` checks against the plain pipeline)."""
     size = native_size(path)
-    if cache_interval > 1:
+    if cache_interval is not None:
         from .deepcache_pipeline import load_deepcache_pipeline
 
         pipe = load_deepcache_pipeline(path, *size, batch_size=batch_size, ov_config=ov_config)
@@ -294,7 +295,7 @@ def evaluate_fidelity(
 
     for name, path in checked:
         t0 = time.perf_counter()
-        interval = cache_intervals.get(name, 1)
+        interval = cache_intervals.get(name)
         pipe = load_variant(path, batch_size, ov_config, scheduler, interval)
         images, final = generate_set(pipe, jobs, latents, desc=f"generate {name}", progress=progress, **gen)
         gen_s = time.perf_counter() - t0
@@ -309,9 +310,9 @@ def evaluate_fidelity(
             dict(
                 name=name,
                 path=str(path),
-                description=describe_variant(path) + (f" + step caching (interval {interval})" if interval > 1 else ""),
+                description=describe_variant(path) + (f" + step caching (interval {interval})" if interval else ""),
                 backend="openvino",
-                cache_interval=interval,
+                cache_interval=interval or 1,
                 psnr=fid["psnr"],
                 ssim=fid["ssim"],
                 latent_mse=float(lat_per.mean()),

@@ -175,7 +175,8 @@ def test_a_unet_from_elsewhere_fails_the_parity_check(folder, qat_run, tmp_path)
 
 def test_eval_cache_interval_1_is_the_plain_variant_and_2_is_not(folder, qat_run, tmp_path, capsys):
     """`ov-sd eval --cache-interval NAME=N` generates NAME through the step-caching pipeline: interval 1 gives the
-    plain pipeline's images exactly, interval 2 differs; bad specs are one-line errors. 6 prompts at batch 4: the
+    plain pipeline's images exactly (two load paths: the caching pipeline's loader and its interval-1 delegation vs
+    the plain pipeline), interval 2 differs; bad specs are one-line errors. 6 prompts at batch 4: the
     last chunk is padded to the static batch, as for the plain pipeline."""
     import json
 
@@ -191,6 +192,7 @@ def test_eval_cache_interval_1_is_the_plain_variant_and_2_is_not(folder, qat_run
     assert rows["dc1"]["psnr"] == rows["plain"]["psnr"]
     assert rows["dc2"]["latent_mse"] != rows["plain"]["latent_mse"]
     assert "step caching (interval 2)" in rows["dc2"]["description"]
+    assert "step caching (interval 1)" in rows["dc1"]["description"]  # through the caching pipeline, not the plain one
 
     capsys.readouterr()
     bad = [("dc9=2", "--model name"), ("plain=0", "interval N >= 1"), ("plain", "NAME=N")]
