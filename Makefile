@@ -23,7 +23,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -rs -m slow
 
-# The wheel in a fresh virtualenv, run outside the checkout (marked slow: ~3 min); CI runs it.
+# The wheel in a fresh virtualenv, run outside the checkout (marked slow: ~3 min; CI runs it within test-slow).
 test-install: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -rs -m slow tests/test_install.py
 
