@@ -179,10 +179,10 @@ def parse_cache_interval(spec: str, names: list[str]) -> tuple[str, int]:
     return name, int(value)
 
 
-def check_cache_folder(name: str, path: Path, interval: int) -> None:
+def check_cache_folder(name: str, path: Path, interval: int | None) -> None:
     from ..export.deepcache import has_deepcache
 
-    if interval > 1 and not has_deepcache(path):
+    if interval is not None and interval > 1 and not has_deepcache(path):
         raise UserError(
             f"--cache-interval {name}={interval}: {path} has no step-caching IRs; add them with "
             f"`ov-sd deepcache --run RUN --model {path}`"
@@ -249,7 +249,7 @@ def evaluate_fidelity(
             raise UserError(f"--model name {name!r} is used twice (or is the reference's); name them NAME=DIR")
         seen.add(name)
         checked.append((name, check_variant(name, Path(path).expanduser(), ref_path)))
-        check_cache_folder(name, checked[-1][1], cache_intervals.get(name, 1))
+        check_cache_folder(name, checked[-1][1], cache_intervals.get(name))
     scorer = clip_scorer(clip_model) if clip_model else None
     if threads:
         torch.set_num_threads(threads)

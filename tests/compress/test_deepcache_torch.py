@@ -30,7 +30,8 @@ def _inputs(unet, seed=0):
     return x["sample"] + 0.1 * torch.randn(x["sample"].shape, generator=g), x["timestep"], x["encoder_hidden_states"]
 
 
-# int8 is slow (~35 s); the OpenVINO int8 IRs are checked in the default run (tests/eval/test_deepcache.py)
+# int8 is slow (80 s in a contended run); the OpenVINO int8 IRs are checked in the default run
+# (tests/eval/test_deepcache.py)
 @pytest.mark.parametrize("which", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
 def test_full_is_the_unet_and_shallow_reproduces_full(which, request):
     unet = request.getfixturevalue("fp32_unet" if which == "fp32" else "student")

@@ -344,7 +344,7 @@ def trained(tmp_path_factory):
     return {"base": base, "out": out}
 
 
-@pytest.mark.slow  # the merged QAT run (~50 s): merging and NNCF on the merged UNet stay in the default run
+@pytest.mark.slow  # the merged QAT run (85 s contended): merging and NNCF on the merged UNet stay in the default run
 def test_training_merges_the_student_only_and_exports_it(trained):
     import openvino as ov
 
@@ -366,7 +366,7 @@ def test_training_merges_the_student_only_and_exports_it(trained):
     assert (out / OPENVINO_DIR / "samples" / "sample_0.png").is_file()  # rendered by the exported folder itself
 
 
-@pytest.mark.slow  # the merged QAT run (~50 s): merging and NNCF on the merged UNet stay in the default run
+@pytest.mark.slow  # the merged QAT run (85 s contended): merging and NNCF on the merged UNet stay in the default run
 def test_teacher_stays_exact_during_training(trained, tmp_path):
     from ov_sd_trainer.train.config import parse_config
     from ov_sd_trainer.train.run import build
@@ -386,7 +386,7 @@ def test_teacher_stays_exact_during_training(trained, tmp_path):
     assert torch.equal(run(model.teacher, x), run(original, x))
 
 
-@pytest.mark.slow  # the merged QAT run (~50 s): merging and NNCF on the merged UNet stay in the default run
+@pytest.mark.slow  # the merged QAT run (85 s contended): merging and NNCF on the merged UNet stay in the default run
 def test_exported_folder_loads_in_optimum_and_generates(trained):
     from optimum.intel import OVStableDiffusionPipeline
 

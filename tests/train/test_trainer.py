@@ -397,7 +397,7 @@ def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(t
     assert all(0 < forced <= own * (1 + 1e-6) for own, forced in pairs) and any(f < o for o, f in pairs), pairs
 
 
-@pytest.mark.slow  # ~40 s; an option the recipes do not use; the rollout itself is tested above
+@pytest.mark.slow  # 98 s contended; an option the recipes do not use; the rollout itself is tested above
 def test_rollout_distillation_trains_and_selects_on_held_out_rollouts(tiny_model, tmp_path):
     """distillation_source=rollouts trains on captions (pure distillation against the teacher's latents, with the
     pixel-space term); teacher_gap_source=rollouts logs eval_rollout_mse and eval_rollout_psnr on held-out captions and
