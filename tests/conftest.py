@@ -14,6 +14,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Fixtures of the export / eval / bench tests (a shared FP32 export, ...) live in their own module.
+pytest_plugins = ["export_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
