@@ -77,7 +77,7 @@ def convert_unet_to_openvino(
     try:
         with torch.no_grad():
             wrapper = _UNetForExport(model)
-            decoder = _torchscript_decoder(wrapper, example)
+            decoder = torchscript_decoder(wrapper, example)
             if decoder is wrapper:
                 ov_model = ov.convert_model(wrapper, example_input=example, input=inputs)
             else:
@@ -90,7 +90,7 @@ def convert_unet_to_openvino(
     return ov_model
 
 
-def _torchscript_decoder(module: torch.nn.Module, example: tuple):
+def torchscript_decoder(module: torch.nn.Module, example: tuple):
     """OpenVINO's TorchScript decoder with torch.jit.trace's check_trace off: the check re-runs the model twice
     (slow through NNCF's hooks) and, for a quantized UNet, only reports that NNCF's export-time FakeQuantize
     rounds a few ties differently from its training-time quantizer."""

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from ..errors import UserError
-from .quantize import UNET_INPUT_NAMES, _hook_storage, unwrap_model
+from .quantize import UNET_INPUT_NAMES, hook_storage, unwrap_model
 
 DEEP_FEATURE_NAME = "deep_feature"  # the IR input/output name of the cached feature
 
@@ -93,7 +93,7 @@ class DeepCacheUNet(torch.nn.Module):
             return self._head(mode, h), deep
 
     def shallow(self, sample, timestep, encoder_hidden_states, deep_feature):
-        if self._op_calls_at_last_up is None and _hook_storage(self.unet) is not None:
+        if self._op_calls_at_last_up is None and hook_storage(self.unet) is not None:
             self.full(sample, timestep, encoder_hidden_states)  # once: NNCF's counters at the last up block
         with self._hook_mode() as mode:
             sample, emb, text, _ = self._stem(mode, sample, timestep, encoder_hidden_states)
@@ -116,7 +116,7 @@ class DeepCacheUNet(torch.nn.Module):
     @contextlib.contextmanager
     def _hook_mode(self):
         """NNCF's FunctionHookMode for the student (what its wrapped forward enters), or None for an FP32 UNet."""
-        storage = _hook_storage(self.unet)
+        storage = hook_storage(self.unet)
         if storage is None or storage.is_empty():
             yield None
             return

@@ -244,7 +244,8 @@ def quantize_unet(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _hook_storage(model: torch.nn.Module):
+def hook_storage(model: torch.nn.Module):
+    """NNCF's hook storage of `model` (where its quantizers live), or None if NNCF has not wrapped it."""
     from nncf.torch.function_hook.wrapper import is_wrapped
 
     model = unwrap_model(model)
@@ -256,7 +257,7 @@ def _hook_storage(model: torch.nn.Module):
 def _quantizer_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     from nncf.torch.quantization.layers import BaseQuantizer
 
-    storage = _hook_storage(model)
+    storage = hook_storage(model)
     if storage is None:
         return []
     seen: dict[int, torch.nn.Module] = {}

@@ -29,9 +29,9 @@ import torch
 from ..compress import quantize
 from ..compress.convert import (
     UNET_OUTPUT_NAME,
-    _torchscript_decoder,
     count_fake_quantize,
     int8_constant_stats,
+    torchscript_decoder,
     unet_example_inputs,
     unet_trace_inputs,
 )
@@ -75,7 +75,7 @@ def _convert(module: torch.nn.Module, example: tuple, inputs: list, input_names,
     """`openvino.convert_model` through the project's TorchScript decoder (convert.py), with named ports."""
     import openvino as ov
 
-    decoder = _torchscript_decoder(module, example)
+    decoder = torchscript_decoder(module, example)
     if decoder is module:
         ov_model = ov.convert_model(module, example_input=example, input=inputs)
     else:
