@@ -47,6 +47,7 @@ __all__ = [
     "mark_complete",
     "is_complete",
     "is_checkpoint",
+    "load_ema",
 ]
 
 
@@ -57,6 +58,17 @@ def is_complete(checkpoint: str | Path) -> bool:
 def is_checkpoint(folder: str | Path) -> bool:
     """A folder export can load a student from: checkpoint-N/ or final/ (both hold config.json and student/)."""
     return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def load_ema(checkpoint: str | Path) -> dict | None:
+    """The EMA shadow a checkpoint-N folder holds apart (parameter name -> whole tensor, as `train.ema` saves it), or
+    None where there is none (final/ has it applied already; a run without EMA)."""
+    path = Path(checkpoint) / EMA_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def mark_complete(checkpoint: str | Path, global_step: int) -> None:

@@ -130,8 +130,7 @@ def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     """(student, config dict, base model path, recipe) from a training checkpoint or final folder."""
     from ..assets import resolve_model_path
     from ..pipeline_folder import load_pipeline
-    from ..run_folder import CONFIG_FILE, STUDENT_DIR, is_checkpoint
-    from ..train.ema import apply_ema_file
+    from ..run_folder import CONFIG_FILE, STUDENT_DIR, is_checkpoint, load_ema
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
@@ -148,8 +147,14 @@ def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     if tome.active:  # NNCF names the quantized ops by the patched graph: merge first, then load
         apply_tome_config(fp32, tome)
     student = quantize.load_quantized(fp32, ckpt / STUDENT_DIR, inplace=True)
-    if use_ema:
-        apply_ema_file(student, ckpt)  # checkpoint-N folders hold the EMA apart; final/ has it applied
+    ema = load_ema(ckpt) if use_ema else None  # checkpoint-N folders hold the EMA apart; final/ has it applied
+    if ema is not None:
+        import torch
+
+        params = dict(student.named_parameters())  # the export's student is whole (never sharded): plain copies
+        with torch.no_grad():
+            for name, tensor in ema.items():
+                params[name].copy_(tensor)
     recipe_file = ckpt.parent / RECIPE_FILE  # written by the training run next to the checkpoints
     recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else cfg
     return student, cfg, base, recipe
