@@ -2,7 +2,7 @@
 
 Data (package data, committed): `reference/`, a small Stable Diffusion pipeline trained from scratch on the synthetic
 set (`reference_training` rebuilds it: `ov-sd make-reference`), and `judge/`, the classifier that reads shape, colour
-and background off generated images (`judge_training`: `ov-sd make-judge`). Code: `synthetic` (the captioned
+and background off generated images (`eval.judge`; `eval.judge_training` rebuilds it: `ov-sd make-judge`). Code: `synthetic` (the captioned
 dataset), `tokenizer` (an offline CLIP tokenizer), `builders` (tiny and SD 1.5-architecture pipelines with random
 weights). Nothing here downloads.
 """

@@ -2,7 +2,7 @@
 
 The committed weights live in `ov_sd_trainer/assets/judge/` (`model.safetensors` + `config.json`); `load_judge()`
 loads them, `Judge.predict` reads images, `score()` compares predictions with the expected attributes. How it is
-trained and checked on held-out images: `assets/judge_training.py` (`ov-sd make-judge`, `ov-sd judge`).
+trained and checked on held-out images: `judge_training.py` (`ov-sd make-judge`, `ov-sd judge`).
 """
 
 from __future__ import annotations

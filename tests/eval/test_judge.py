@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ov_sd_trainer import assets, cli
-from ov_sd_trainer.assets import judge_training, synthetic
+from ov_sd_trainer.assets import synthetic
 from ov_sd_trainer.eval import judge as judge_mod
+from ov_sd_trainer.eval import judge_training
 
 HELD_OUT_SEED = 31_337  # not the judge's training seed
 

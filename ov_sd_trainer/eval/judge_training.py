@@ -3,7 +3,7 @@
     ov-sd make-judge --output ov_sd_trainer/assets/judge   # a few minutes on CPU
     ov-sd judge                                            # held-out accuracy of the committed judge
 
-The network (`eval.judge.JudgeNet`: four conv blocks, global pooling, three linear heads) is trained on images from
+The network (`judge.JudgeNet`: four conv blocks, global pooling, three linear heads) is trained on images from
 `synthetic` (drawn once, augmented afresh every step). Augmentations make it robust to what a diffusion model
 generates rather than to the clean drawings only: Gaussian blur, a down/up-sampling blur (like a VAE decode),
 Gaussian noise, slight colour jitter (brightness, contrast, per-channel shifts) and small random shifts/scalings.
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..assets import synthetic
 from ..errors import UserError
-from ..eval.judge import ATTRIBUTES, LABELS, Judge, JudgeNet, images_to_tensor, load_judge, score
-from . import synthetic
+from .judge import ATTRIBUTES, LABELS, Judge, JudgeNet, images_to_tensor, load_judge, score
 
 DEFAULT_EVAL_SEED = 987_654  # never used for training (training uses --seed, default 0)
 
