@@ -1,9 +1,9 @@
-"""The CI regression run: QAT of the reference model on a short schedule, export, PTQ peer, eval, small bench.
+"""The CI regression run: QAT of the reference model on a short schedule, export, PTQ peers, eval, checked.
 
     ov-sd regression --output outputs/regression        (`make regression`)
 
 Every stage runs the command a user would run (`accelerate launch -m ov_sd_trainer.train`, `ov-sd ptq`,
-`ov-sd eval`, `ov-sd bench`) as a subprocess, so the run exercises the real entry points (installed or not: nothing
+`ov-sd eval`) as a subprocess, so the run exercises the real entry points (installed or not: nothing
 is read from a checkout). The run fails (exit 1) when any stage errors or when a check against the thresholds file
 (`regression_thresholds.json` beside this module, shipped with the package) fails:
 
@@ -114,7 +114,7 @@ def main(args) -> int:
     py = sys.executable
     ov_sd = [py, "-m", "ov_sd_trainer.cli"]
     s = thresholds["schedule"]
-    qat_dir, start_dir, eval_dir, bench_dir = out / "qat", out / "qat-start", out / "eval", out / "bench"
+    qat_dir, start_dir, eval_dir = out / "qat", out / "qat-start", out / "eval"
     ptq_dir, hybrid_dir = out / "ptq", out / "ptq-hybrid"
     reference = str(reference_model_path())
     launch = [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
@@ -130,25 +130,19 @@ def main(args) -> int:
         "--threads",
         "1",
     ]
-    # trajectory distillation: as many teacher calls as the short schedule consumes (CFG pairs split: 2 inputs each)
-    pool = ["--trajectory_inputs", str(s["trajectory_inputs"])] if "trajectory_inputs" in s else []
     stages = [
         ("qat", [*launch, "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
-                 "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"]), *pool]),
-        # the calibrated student before any training: one step at learning rate 0, no EMA (its calibration is the
-        # same whatever the distillation inputs; training images spare collecting a trajectory pool it would not use)
+                 "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"])]),
+        # the calibrated student before any training: one step at learning rate 0, no EMA
         ("qat-start", [*launch, "--output_dir", str(start_dir), "--max_steps", "1", "--learning_rate", "0",
                        "--use_ema", "false", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
-                       "--load_best_model_at_end", "false", "--distillation_source", "training"]),
+                       "--load_best_model_at_end", "false"]),
         ("ptq", [*ov_sd, "ptq", "--mode", "full", *ptq, "--output", str(ptq_dir)]),
         ("ptq-hybrid", [*ov_sd, "ptq", "--mode", "hybrid", *ptq, "--output", str(hybrid_dir)]),
         ("eval", [*ov_sd, "eval", "--reference", reference, "--model", f"qat={qat_dir / OPENVINO_DIR}",
                   "--model", f"qat-start={start_dir / OPENVINO_DIR}", "--model", f"ptq={ptq_dir}",
                   "--model", f"ptq-hybrid={hybrid_dir}", "--output", str(eval_dir), "--subset", str(s["eval_prompts"]),
                   "--seeds", str(s["eval_seeds"]), "--threads", "1", "--no-progress"]),
-        ("bench", [*ov_sd, "bench", "--model", reference, "--qat", str(qat_dir / OPENVINO_DIR), "--ptq", str(ptq_dir),
-                   "--ptq-hybrid", str(hybrid_dir), "--output", str(bench_dir), "--threads", "1",
-                   "--repeats", str(s["bench_repeats"]), "--no-measure-image"]),
     ]  # fmt: skip
     report: dict = dict(thresholds_file=str(args.thresholds), thresholds=thresholds, stages=[], checks=[])
     t0 = time.perf_counter()
