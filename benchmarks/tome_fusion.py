@@ -13,7 +13,7 @@ over the timed runs of:
   (`metric @ metric^T`, hidden from NNCF by design, so never int8), attention (q @ k^T, attn @ v), or other;
 * the layout and merge ops (Reorder, Transpose, Gather, ScatterNDUpdate, ...) with their time.
 
-    python benchmarks/tome_fusion.py                       # the two SD 1.5 QAT folders of /work/exp/sd15-work
+    python benchmarks/tome_fusion.py --work-dir W     # the two QAT folders of `ov-sd bench --arch sd15 --work-dir W`
     python benchmarks/tome_fusion.py int8=DIR tome=DIR --runs 2 --threads 1 --output benchmarks/tome_fusion.json
 
 Weights are untrained (speed only). Inputs: sample [2,4,64,64], timestep, encoder_hidden_states [2,77,768] (shapes
@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from ov_sd_trainer.eval.bench.measure import exec_precision, summarize_profile  # noqa: E402
 
-DEFAULT_WORK = Path("/work/exp/sd15-work")
-DEFAULT_MODELS = (
-    "int8=" + str(DEFAULT_WORK / "qat-512x512-b2"),
-    "tome=" + str(DEFAULT_WORK / "qat-tome-ratio0.4-max_downsample1-modetome-merge_mlpFalse-512x512-b2"),
-)
+# the folders `ov-sd bench --arch sd15` builds in its --work-dir for qat-int8 and qat-int8-tome (default settings)
+WORK_DIR_MODELS = {
+    "int8": "qat-512x512-b2",
+    "tome": "qat-tome-ratio0.4-max_downsample1-modetome-merge_mlpFalse-512x512-b2",
+}
 COMPUTE_TYPES = ("MatMul", "FullyConnected", "Convolution", "GroupConvolution")
 LAYOUT_MERGE_TYPES = (
     "Reorder",
@@ -229,11 +229,16 @@ def detail(profiling_info, rt: dict) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help="NAME=FOLDER_OR_XML (default: int8, tome)")
+    ap.add_argument("models", nargs="*", help="NAME=FOLDER_OR_XML (default: int8 and tome of --work-dir)")
+    ap.add_argument("--work-dir", default=None, help="an `ov-sd bench --arch sd15 --work-dir` folder")
     ap.add_argument("--runs", type=int, default=2, help="timed inferences per model after one warm-up (round-robin)")
     ap.add_argument("--threads", type=int, default=1, help="INFERENCE_NUM_THREADS")
     ap.add_argument("--output", default=str(Path(__file__).with_suffix(".json")), help="JSON output ('' for none)")
     args = ap.parse_args(argv)
+    if not args.models:
+        if args.work_dir is None:
+            ap.error("give NAME=FOLDER models or --work-dir (an `ov-sd bench --arch sd15 --work-dir` folder)")
+        args.models = [f"{name}={Path(args.work_dir) / folder}" for name, folder in WORK_DIR_MODELS.items()]
 
     import numpy as np
     import openvino as ov
