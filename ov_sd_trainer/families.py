@@ -164,16 +164,12 @@ def guidance_embedding(w, dim: int):
 
 
 def heldout_extra(config, n: int, device) -> dict:
-    """The extra inputs of `n` held-out UNet inputs (fixed): LCM's embedding of `LCM_HELDOUT_W`. (SDXL's depend on
-    the captions: `sdxl_encode_prompts`.)"""
+    """The caption-independent extra inputs of `n` held-out UNet inputs (fixed): LCM's embedding of
+    `LCM_HELDOUT_W`, else none. (SDXL's depend on the captions: callers build them with `sdxl_encode_prompts`.)"""
     import torch
 
-    if not extra_input_names(config):
+    if TIMESTEP_COND not in extra_input_names(config):
         return {}
-    if is_sdxl(config):
-        raise UserError(
-            "SDXL's held-out UNet inputs need the captions' pooled text embeddings: use teacher_gap_source trajectories"
-        )
     w = torch.full((n,), LCM_HELDOUT_W, device=device)
     return {TIMESTEP_COND: guidance_embedding(w, extra_input_dims(config)[TIMESTEP_COND])}
 

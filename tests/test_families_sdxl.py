@@ -103,7 +103,7 @@ def test_sdxl_unet_converts_and_matches_torch(parts):
 
 
 def test_trajectories_record_the_sdxl_pipelines_added_conditioning(parts):
-    from ov_sd_trainer.train.unet_inputs import UNetInputs, collect_trajectory_inputs
+    from ov_sd_trainer.train.unet_inputs import collect_trajectory_inputs
 
     pipe = assemble_sdxl_pipeline(**parts)
     calls = collect_trajectory_inputs(pipe, PROMPTS, num_samples=3, resolution=SIZE, seed=0, steps=2)
@@ -117,8 +117,7 @@ def test_trajectories_record_the_sdxl_pipelines_added_conditioning(parts):
         extra = families.unet_kwargs({k: c[k] for k in ("text_embeds", "time_ids")})
         pred = pipe.unet(c["sample"], c["timestep"], c["encoder_hidden_states"], **extra)
     torch.testing.assert_close(pred.sample, c["teacher_pred"])
-    assert set(UNetInputs.from_calls(calls).items) == {"sample", "timestep", "encoder_hidden_states", "text_embeds",
-                                                       "time_ids", "teacher_pred"}  # fmt: skip
+    assert set(calls[0]) == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "teacher_pred"}
 
 
 def test_sdxl_encode_prompts_is_the_pipelines(parts):
@@ -273,10 +272,12 @@ def test_sdxl_export_runs_in_genai_as_in_optimum(export, tmp_path):
 
 
 @pytest.mark.slow  # ~90 s train + export, ~20 s eval on 2 cores
-def test_sdxl_trains_on_trajectories_exports_and_evaluates(tmp_path):
-    """`ov-sd train` on SDXL through the paths that carry its added conditioning: trajectory calibration and
-    distillation, the held-out teacher gap on images (both encoders, pooled embeddings, time ids); then `ov-sd eval`
-    against the FP32 teacher (its UNet noise MSE feeds text_embeds and time_ids to the IR)."""
+def test_sdxl_recipe_trains_on_images_exports_and_evaluates(tmp_path):
+    """The shipped `sdxl-pokemon-int8` recipe's own path on a tiny SDXL (only the model, data, size and length
+    overridden): calibration on the teacher's trajectories, pure distillation on training images (both encoders,
+    pooled embeddings, time ids), a bfloat16 teacher, 8-bit Adam, gradient checkpointing, the held-out teacher gap on
+    images from step 0; training moves the gap; then `ov-sd eval` against the FP32 teacher (its UNet noise MSE feeds
+    text_embeds and time_ids to the IR)."""
     from ov_sd_trainer import cli
     from ov_sd_trainer.run_folder import OPENVINO_DIR
     from ov_sd_trainer.train.config import parse_config
@@ -284,19 +285,27 @@ def test_sdxl_trains_on_trajectories_exports_and_evaluates(tmp_path):
 
     build_tiny_pipeline(tmp_path / "base", TinySDConfig(family="sdxl"))
     argv = [
-        "--pretrained_model_name_or_path", str(tmp_path / "base"), "--dataset_name", "synthetic:12",
-        "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--per_device_train_batch_size", "2",
-        "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
-        "--disable_tqdm", "true", "--learning_rate", "1e-4", "--task_weight", "0",
-        "--calibration_source", "trajectories", "--calibration_steps", "4", "--distillation_source", "trajectories",
-        "--trajectory_inputs", "8", "--eval_strategy", "steps", "--eval_steps", "3", "--teacher_gap_samples", "4",
+        "--recipe", "sdxl-pokemon-int8", "--pretrained_model_name_or_path", str(tmp_path / "base"),
+        "--dataset_name", "synthetic:12", "--resolution", str(SIZE), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "3", "--num_calibration_samples", "4", "--calibration_steps", "4", "--eval_steps", "3",
+        "--teacher_gap_samples", "4", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true", "--learning_rate", "1e-4",
     ]  # fmt: skip
-    cfg, _ = parse_config(argv)
-    out = run(cfg, {"family": "sdxl"})
+    cfg, recipe = parse_config(argv)
+    assert (cfg.task_weight, cfg.calibration_source, cfg.teacher_dtype) == (0.0, "trajectories", "bfloat16")
+    out = run(cfg, recipe)
     info = json.loads((out / "final" / "training_info.json").read_text())
     assert info["global_step"] == 3 and np.isfinite(info["log_history"][-1]["train_loss"])
-    (gap,) = info["teacher_gap"]
-    assert np.isfinite(gap["teacher_mse"]) and gap["teacher_mse"] > 0 and np.isfinite(gap["task_loss"])
+    logs = [h for h in info["log_history"] if "loss" in h]
+    assert len(logs) == 3 and all(h["loss"] == pytest.approx(h["distillation_loss"], abs=1e-4) for h in logs)
+    assert all(h["distillation_loss"] > 0 and np.isfinite(h["task_loss"]) for h in logs)  # on images: task logged
+    start, end = info["teacher_gap"]  # eval_on_start (the calibrated student) and step 3
+    assert (start["step"], end["step"]) == (0, 3)
+    assert all(
+        np.isfinite(g["teacher_mse"]) and g["teacher_mse"] > 0 and np.isfinite(g["task_loss"]) for g in (start, end)
+    )
+    assert end["teacher_mse"] != start["teacher_mse"]  # training moved the student
     ov_dir = out / OPENVINO_DIR
     assert json.loads((ov_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     argv = ["eval", "--reference", str(tmp_path / "base"), "--model", f"qat={ov_dir}", "--output",

@@ -21,15 +21,10 @@ from ..compress.kernels import MODES as KERNEL_MODES
 from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
 from ..compress.tome_config import MAX_RATIO, TomeConfig
 from ..errors import UserError
-from .teacher_gap import SOURCES as UNET_GAP_SOURCES
 from .unet_inputs import DEFAULT_STEPS as CALIBRATION_STEPS
 from .unet_inputs import GUIDANCE as CALIBRATION_GUIDANCE
 from .unet_inputs import SOURCES as CALIBRATION_SOURCES
 
-DISTILLATION_SOURCES = (*CALIBRATION_SOURCES, "rollouts")  # rollouts: train.rollouts
-TEACHER_GAP_SOURCES = (*UNET_GAP_SOURCES, "rollouts")
-DEFAULT_ROLLOUT_WINDOW = 4
-ROLLOUT_STARTS = ("student", "teacher")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")  # auto: the pipeline's dtype
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -125,47 +120,6 @@ class QATConfig(TrainingArguments):
     task_weight: float = field(
         default=1.0, metadata={"help": "weight of the task loss (MSE to the true target); 0 = pure distillation"}
     )
-    distillation_source: str = field(
-        default="training",
-        metadata={
-            "help": "training | trajectories | rollouts: what training runs on. training = noisy training images at "
-            "random timesteps (needed for task_weight > 0); trajectories = the FP32 teacher's own sampling states "
-            "on the training captions (CFG pairs split), what the exported UNet meets at inference; rollouts = the "
-            "student samples the captions itself (pipeline scheduler, CFG, calibration_steps steps) and is graded "
-            "on its latent against the teacher's after rollout_window steps with gradient (train.rollouts)"
-        },
-    )
-    rollout_window: int = field(
-        default=DEFAULT_ROLLOUT_WINDOW,
-        metadata={"help": "distillation_source rollouts: sampling steps run with gradient at the end of each rollout"},
-    )
-    rollout_start: str = field(
-        default="student",
-        metadata={
-            "help": "student | teacher: distillation_source rollouts starts the graded window from the student's own "
-            "state (its drift included) or from the teacher's state at the same step"
-        },
-    )
-    rollout_pixel_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "distillation_source rollouts: weight of a pixel-space term, the MSE between the clean images "
-            "student and teacher predict at the window's last call, decoded by the frozen VAE (0 = latents only)"
-        },
-    )
-    trajectory_inputs: int = field(
-        default=2000,
-        metadata={"help": "UNet calls (CFG pairs) collected along teacher trajectories for distillation_source"},
-    )
-    teacher_gap_source: str = field(
-        default="images",
-        metadata={
-            "help": "images | trajectories | rollouts: the held-out teacher-gap set: noisy held-out images at evenly "
-            "spread timesteps, or states of teacher trajectories sampled from held-out seeds (both: eval_teacher_mse), "
-            "or whole trajectories of held-out captions and seeds (eval_rollout_mse: final-latent MSE; eval_rollout_psnr: "
-            "PSNR of the decoded final images)"
-        },
-    )
     teacher_gap_samples: int = field(
         default=32,
         metadata={"help": "held-out UNet inputs of the teacher-gap evaluation (used when eval_strategy is not 'no')"},
@@ -243,32 +197,6 @@ class QATConfig(TrainingArguments):
             )
         if self.distillation_weight == 0 and self.task_weight == 0:
             raise UserError("distillation_weight and task_weight are both 0: nothing to train on; set one > 0")
-        if self.distillation_source not in DISTILLATION_SOURCES:
-            raise UserError(f"distillation_source={self.distillation_source!r}: use one of {DISTILLATION_SOURCES}")
-        if self.distillation_source != "training" and self.task_weight:
-            raise UserError(
-                f"distillation_source={self.distillation_source} has no true target for task_weight={self.task_weight}; "
-                "set task_weight 0 (pure distillation) or distillation_source training"
-            )
-        if self.distillation_source != "training" and not self.distillation_weight:
-            raise UserError(
-                f"distillation_source={self.distillation_source} trains only on distillation; set distillation_weight > 0"
-            )
-        if self.rollout_window < 1:
-            raise UserError(f"rollout_window={self.rollout_window}: must be >= 1")
-        if self.rollout_start not in ROLLOUT_STARTS:
-            raise UserError(f"rollout_start={self.rollout_start!r}: use one of {ROLLOUT_STARTS}")
-        if self.rollout_pixel_weight < 0:
-            raise UserError(f"rollout_pixel_weight={self.rollout_pixel_weight}: must be >= 0")
-        if self.rollout_pixel_weight and self.distillation_source != "rollouts":
-            raise UserError(
-                f"rollout_pixel_weight={self.rollout_pixel_weight} applies to distillation_source rollouts only; "
-                "set distillation_source rollouts or rollout_pixel_weight 0"
-            )
-        if self.trajectory_inputs < 1:
-            raise UserError(f"trajectory_inputs={self.trajectory_inputs}: must be >= 1")
-        if self.teacher_gap_source not in TEACHER_GAP_SOURCES:
-            raise UserError(f"teacher_gap_source={self.teacher_gap_source!r}: use one of {TEACHER_GAP_SOURCES}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise UserError(f"teacher_dtype={self.teacher_dtype!r}: use one of {TEACHER_DTYPES}")
         if self.quantize_kernels not in QUANTIZE_KERNELS:

@@ -2,9 +2,8 @@
 
 loss = `task_weight` x task MSE against the scheduler's target (epsilon / v / sample, optionally Min-SNR
 weighted) + `distillation_weight` x MSE(student, teacher); `task_weight` 0 is pure distillation. Everything the
-Trainer moves, wraps in DDP and calls lives here:
-`forward(pixel_values, input_ids)` (or precomputed UNet inputs of teacher trajectories) returns the losses, and going through the wrapped model's forward is what makes
-DDP synchronise the student's gradients.
+Trainer moves, wraps in DDP and calls lives here: `forward(pixel_values, input_ids)` returns the losses, and going
+through the wrapped model's forward is what makes DDP synchronise the student's gradients.
 """
 
 from __future__ import annotations
@@ -37,10 +36,6 @@ class QATModel(nn.Module):
         self.noise_offset = noise_offset
         self.generator: torch.Generator | None = None
         self.unet_extra = None  # (batch_size, device) -> extra UNet inputs of a training batch (`families`)
-        self.rollout = None  # a `rollouts.Rollout` for distillation_source / teacher_gap_source "rollouts"
-        self.rollout_window = 1
-        self.rollout_start = "student"
-        self.rollout_pixel_weight = 0.0
 
     @staticmethod
     def unet(net, sample, timestep, encoder_hidden_states, extra: dict | None = None):
@@ -119,39 +114,23 @@ class QATModel(nn.Module):
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
 
     @torch.no_grad()
-    def teacher_gap(self, sample, timestep, encoder_hidden_states, target=None, teacher_pred=None, **extra):
+    def teacher_gap(self, sample, timestep, encoder_hidden_states, target=None, **extra):
         """On fixed UNet inputs (`teacher_gap`): the student's noise-prediction MSE against the teacher's
         (`teacher_mse`) and, where the true target is known, against it (`task_loss`), averaged over the batch."""
         pred = self.unet(self.student, sample, timestep, encoder_hidden_states, extra).float()
-        if teacher_pred is None:
-            teacher_pred = self.unet(self.teacher, sample, timestep, encoder_hidden_states, extra)
+        teacher_pred = self.unet(self.teacher, sample, timestep, encoder_hidden_states, extra)
         gap = F.mse_loss(pred, teacher_pred.float())
         out = {"loss": gap, "teacher_mse": gap}
         if target is not None:
             out["task_loss"] = F.mse_loss(pred, target.float())
         return out
 
-    def distill(self, sample, timestep, encoder_hidden_states, teacher_pred, **extra):
-        """Pure distillation on precomputed UNet inputs and the teacher's outputs for them (`unet_inputs.UNetInputs`
-        of teacher trajectories): no task loss exists there."""
-        pred = self.unet(self.student, sample, timestep, encoder_hidden_states, extra).float()
-        distill = F.mse_loss(pred, teacher_pred.float())
-        return {"loss": self.distillation_weight * distill, "distillation_loss": distill.detach()}
-
-    def forward(self, pixel_values=None, input_ids=None, evaluate: bool = False, prompt_ids=None, noise_seed=None,
-                input_ids_2=None, original_size=None, crop_top_left=None, **unet_inputs):  # fmt: skip
-        """Training on images (`pixel_values`, `input_ids`), on precomputed UNet inputs (`sample`, `timestep`,
-        `encoder_hidden_states`, `teacher_pred`) or on rollouts of captions (`prompt_ids`, `rollouts.Rollout`);
-        `evaluate=True`: a teacher-gap batch (UNet inputs) or a held-out rollout batch (`prompt_ids`, `noise_seed`)."""
-        if prompt_ids is not None:
-            if evaluate:
-                return self.rollout.gap(self, prompt_ids, noise_seed)
-            return self.rollout.loss(self, prompt_ids, self.rollout_window, self.rollout_start,
-                                     self.rollout_pixel_weight)  # fmt: skip
+    def forward(self, pixel_values=None, input_ids=None, evaluate: bool = False, input_ids_2=None,
+                original_size=None, crop_top_left=None, **unet_inputs):  # fmt: skip
+        """Training on images (`pixel_values`, `input_ids`); `evaluate=True`: a teacher-gap batch of precomputed UNet
+        inputs (`sample`, `timestep`, `encoder_hidden_states`, a family's extra inputs, `target`)."""
         if evaluate:
             return self.teacher_gap(**unet_inputs)
-        if pixel_values is None:
-            return self.distill(**unet_inputs)
         latents, states, pooled = self.encode(pixel_values, input_ids, input_ids_2)
         noisy, noise, t = self.noisy_inputs(latents)
         extra = self.image_extra(latents, pooled, original_size, crop_top_left, pixel_values.shape[-2:])

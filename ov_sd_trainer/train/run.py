@@ -51,14 +51,13 @@ from .data import (
     drop_unreadable_images,
     load_captioned_dataset,
     make_train_transform,
-    tokenize,
 )
 from .ema import EMACallback
 from .losses import QATModel
-from .rollouts import RolloutPrompts, check_pixel_scheduler, make_rollout, rollout_gap_set
-from .teacher_gap import build_teacher_gap_set, build_trajectory_gap_set
+from .rollouts import RolloutPrompts, make_rollout, rollout_gap_set
+from .teacher_gap import build_teacher_gap_set
 from .trainer import QATTrainer
-from .unet_inputs import UNetInputs, collect_calibration_inputs, collect_trajectory_inputs
+from .unet_inputs import collect_calibration_inputs, collect_trajectory_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +126,9 @@ def build_model(cfg: QATConfig):
 
 
 def build(cfg: QATConfig):
-    """Load everything and quantize the student. Returns (model, train_dataset, augmentation): the dataset is the
-    training images, or with `distillation_source: trajectories` the teacher's sampling states (augmentation None)."""
+    """Load everything and quantize the student. Returns (model, train_dataset, augmentation)."""
     model, pipe = build_model(cfg)
     extra_inputs = families.extra_input_names(model.teacher.config)
-    if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source) and extra_inputs:
-        raise UserError(
-            f"rollouts sample with classifier-free guidance and no extra UNet inputs; {type(pipe).__name__} needs "
-            f"{', '.join(extra_inputs)}: use distillation_source training or "
-            "trajectories and teacher_gap_source images or trajectories"
-        )
     if cfg.calibration_draws > 1 and extra_inputs:
         raise UserError(
             f"calibration_draws={cfg.calibration_draws} scores each draw on rollouts, which {type(pipe).__name__} "
@@ -161,32 +153,16 @@ def build(cfg: QATConfig):
             p.requires_grad_(False)
     model.student = student
     model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]  # the export's sample image (idem)
-    if "rollouts" in (cfg.distillation_source, cfg.teacher_gap_source):
-        model.rollout = make_rollout(pipe, cfg.resolution, cfg.calibration_steps)
-        model.rollout_window, model.rollout_start = cfg.rollout_window, cfg.rollout_start
-        model.rollout_pixel_weight = cfg.rollout_pixel_weight
-        if cfg.rollout_pixel_weight:
-            check_pixel_scheduler(pipe.scheduler)
-    if cfg.distillation_source == "trajectories":
-        return model, UNetInputs.from_calls(calls[: cfg.trajectory_inputs]), None
-    if cfg.distillation_source == "rollouts":
-        captions = list(train_ds.with_format(None)[cfg.caption_column])
-        return model, RolloutPrompts(tokenize(pipe.tokenizer, captions)), None
     return model, train_ds, augmentation
 
 
 def trajectory_calls(cfg: QATConfig, pipe, train_ds) -> list[dict] | None:
-    """The teacher's UNet calls sampling the training captions, once, for whatever needs them: calibration (the
-    first `num_calibration_samples`) and trajectory distillation (the first `trajectory_inputs`). Deterministic, so
-    every rank of a multi-process run collects the same calls."""
-    n = max(
-        cfg.num_calibration_samples if cfg.calibration_source == "trajectories" else 0,
-        cfg.trajectory_inputs if cfg.distillation_source == "trajectories" else 0,
-    )
-    if not n:
+    """With `calibration_source: trajectories`, the teacher's `num_calibration_samples` UNet calls sampling the
+    training captions (else None). Deterministic, so every rank of a multi-process run collects the same calls."""
+    if cfg.calibration_source != "trajectories":
         return None
     captions = list(train_ds.with_format(None)[cfg.caption_column])
-    return collect_trajectory_inputs(pipe, captions, n, cfg.resolution, cfg.seed, steps=cfg.calibration_steps,
+    return collect_trajectory_inputs(pipe, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.calibration_steps,
                                      guidance_scale=cfg.calibration_guidance_scale)  # fmt: skip
 
 
@@ -330,17 +306,7 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
     evaluates = cfg.eval_strategy != "no" or cfg.eval_on_start  # eval_on_start alone: the calibrated student's gap
-    if evaluates and cfg.teacher_gap_source == "rollouts":
-        eval_ds = rollout_gap_set(
-            model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
-            cfg.image_column,
-        )  # fmt: skip
-    elif evaluates and cfg.teacher_gap_source == "trajectories":
-        eval_ds = build_trajectory_gap_set(
-            model.pipeline, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
-            cfg.image_column,
-        )  # fmt: skip
-    elif evaluates:
+    if evaluates:
         eval_ds = build_teacher_gap_set(
             model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
@@ -425,7 +391,7 @@ def shard_student(cfg: QATConfig, model: QATModel):
 
 def teacher_gap_history(log_history: list[dict]) -> list[dict]:
     """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
-    keys = QATTrainer.LOGGED_METRICS
+    keys = QATTrainer.EVAL_METRICS
     return [
         {"step": h["step"], **{k: h.get(f"eval_{k}") for k in keys}}
         for h in log_history
@@ -448,12 +414,9 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
     for key, label in (("loss", "total"), ("task_loss", "task (vs target)"), ("distillation_loss", "distillation")):
         if all(key in h for h in rows):
             ax.plot(steps, [h[key] for h in rows], label=label)
-    gap = teacher_gap_history(log_history)
-    for key, label in (("teacher_mse", "held-out student vs teacher"), ("rollout_mse", "held-out rollout latents"),
-                       ("rollout_image_mse", "held-out rollout images")):  # fmt: skip
-        points = [(g["step"], g[key]) for g in gap if g.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), "o-", label=label)
+    points = [(g["step"], g["teacher_mse"]) for g in teacher_gap_history(log_history) if g["teacher_mse"] is not None]
+    if points:
+        ax.plot(*zip(*points, strict=True), "o-", label="held-out student vs teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MSE")
     ax.set_yscale("log")

@@ -1,13 +1,12 @@
 """The teacher-gap set: fixed, seeded, held-out UNet inputs on which the student is compared with its FP32 teacher.
 
-Two sources (`teacher_gap_source`): `images`: held-out synthetic images (drawn from a seed the training data never
-uses) encoded by the VAE (posterior mean), noised at timesteps spread evenly over the schedule with fixed noise, and
-paired with their captions' text embeddings; `trajectories`: the teacher's own sampling states on held-out captions
-and seeds, at steps spread over the schedule (CFG pairs), the inputs the exported UNet meets. The set is computed
-once; during training the Trainer's own evaluation loop (`eval_strategy`,
+Held-out synthetic images (drawn from a seed the training data never uses) encoded by the VAE (posterior mean),
+noised at timesteps spread evenly over the schedule with fixed noise, and paired with their captions' text
+embeddings. The set is computed once; during training the Trainer's own evaluation loop (`eval_strategy`,
 `eval_steps`) runs the student on it and logs `eval_teacher_mse` (student vs teacher noise prediction, the number the
-export should keep small) and `eval_task_loss` (student vs the true target; images only), so that `load_best_model_at_end` with
-`metric_for_best_model="teacher_mse"` keeps the best student. `benchmarks/qat_start_error.py` uses the same set.
+export should keep small) and `eval_task_loss` (student vs the true target), so that `load_best_model_at_end` with
+`metric_for_best_model="teacher_mse"` keeps the best student. `benchmarks/qat_start_error.py` uses the same set, and
+`heldout_rows` gives the held-out captions of the calibration draws' rollouts (`train.rollouts`).
 """
 
 from __future__ import annotations
@@ -16,13 +15,10 @@ import torch
 
 from .. import families
 from .data import tokenize
-from .unet_inputs import UNetInputs, collect_spread_trajectory_inputs
+from .unet_inputs import UNetInputs
 
 HELDOUT_SEED_OFFSET = 7_777_777  # held-out images come from seed + this offset; training data uses `seed` itself
 NOISE_SEED = 2024
-
-
-SOURCES = ("images", "trajectories")
 
 
 @torch.no_grad()
@@ -34,7 +30,7 @@ def build_teacher_gap_set(model, tokenizer, num: int, seed: int, resolution: int
     the last `num` rows serve (shuffle-free, so the choice is fixed; they are also seen in training)."""
     from torchvision.transforms import functional as TF
 
-    ds = _heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column)
+    ds = heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column)
     pixels = torch.stack(
         [
             TF.to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), resolution), resolution)) * 2 - 1
@@ -68,19 +64,7 @@ def build_teacher_gap_set(model, tokenizer, num: int, seed: int, resolution: int
     return UNetInputs(items)
 
 
-@torch.no_grad()
-def build_trajectory_gap_set(pipe, num: int, seed: int, resolution: int, dataset_name: str = "synthetic",
-                             caption_column: str = "text", image_column: str = "image") -> UNetInputs:  # fmt: skip
-    """`num` held-out UNet inputs along teacher trajectories: `num // 2` sampling runs of `pipe` (its UNet: the FP32
-    teacher) on held-out captions from held-out seeds, one CFG call of each at step indices spread over the
-    schedule, both halves of the CFG batch kept. No true target exists there (`task_loss` is not reported)."""
-    ds = _heldout_rows(max(1, num // 2), seed, resolution, dataset_name, caption_column, image_column)
-    calls = collect_spread_trajectory_inputs(pipe, list(ds[caption_column]), max(1, num // 2), resolution,
-                                             seed + HELDOUT_SEED_OFFSET)  # fmt: skip
-    return UNetInputs.from_calls(calls)
-
-
-def _heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column):
+def heldout_rows(num, seed, resolution, dataset_name, caption_column, image_column):
     """Held-out rows: fresh synthetic ones from `seed + HELDOUT_SEED_OFFSET`, else the dataset's last `num`."""
     from .data import load_captioned_dataset
 

@@ -74,8 +74,8 @@ class QATTrainer(Trainer):
         self._micro = (self.state.global_step, micro)
         index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * self.args.world_size
         self._qat(model).set_noise_seed(self.args.seed, 0, index + self.args.process_index)
-        out = model(**inputs)  # images (pixel_values, input_ids) or trajectory UNet inputs
-        for key in ("task_loss", "distillation_loss", "pixel_loss"):
+        out = model(**inputs)  # images (pixel_values, input_ids)
+        for key in ("task_loss", "distillation_loss"):
             if key in out:
                 self._metrics[key].append(out[key].item())
         return (out["loss"], out) if return_outputs else out["loss"]
@@ -99,12 +99,11 @@ class QATTrainer(Trainer):
         super().log(logs, start_time)
 
     # --- teacher-gap evaluation (Trainer's own loop: eval_strategy / eval_steps) --------------------------------
-    EVAL_METRICS = ("teacher_mse", "task_loss", "rollout_mse", "rollout_image_mse")  # what a held-out batch reports
-    LOGGED_METRICS = (*EVAL_METRICS, "rollout_psnr")  # rollout_psnr: -10 log10 of the pooled rollout_image_mse
+    EVAL_METRICS = ("teacher_mse", "task_loss")  # what a held-out batch reports
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """One held-out batch: a teacher-gap batch (`teacher_mse`, and `task_loss` where the true target is known)
-        or a rollout batch (`rollout_mse`, `rollout_image_mse`); each metric is summed over items for `evaluation_loop`."""
+        """One teacher-gap batch (`teacher_mse`, and `task_loss` where the true target is known); each metric is
+        summed over items for `evaluation_loop`."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             out = model(**inputs, evaluate=True)
@@ -131,9 +130,6 @@ class QATTrainer(Trainer):
         for i, metric in enumerate(self.EVAL_METRICS):
             if sums[2 * i + 1] > 0:
                 output.metrics[f"{metric_key_prefix}_{metric}"] = float(sums[2 * i] / sums[2 * i + 1])
-        image_mse = output.metrics.get(f"{metric_key_prefix}_rollout_image_mse")
-        if image_mse is not None:
-            output.metrics[f"{metric_key_prefix}_rollout_psnr"] = -10 * math.log10(max(image_mse, 1e-12))
         return output
 
     def _load_best_model(self):

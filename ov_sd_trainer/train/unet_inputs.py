@@ -7,8 +7,9 @@
   optimum-intel's post-training quantization collects its calibration data. Measured on the reference model
   (`benchmarks/qat_start_error.py`), calibrating on them halves the calibrated student's one-step error: the ranges
   then fit the inputs the UNet meets at inference (late, low-noise steps, the unconditional half of each CFG batch),
-  not the training distribution. `distillation_source: trajectories` trains on them too (`UNetInputs`), and
-  `teacher_gap_source: trajectories` evaluates on held-out ones (`collect_spread_trajectory_inputs`).
+  not the training distribution.
+
+`UNetInputs` holds precomputed inputs as a dataset (the held-out teacher-gap set, `train.teacher_gap`).
 """
 
 from __future__ import annotations
@@ -130,33 +131,10 @@ def collect_trajectory_inputs(pipe, prompts: list[str], num_samples: int, resolu
     return items[:num_samples]
 
 
-@torch.no_grad()
-def collect_spread_trajectory_inputs(pipe, prompts: list[str], num_calls: int, resolution: int, seed: int,
-                                     steps: int = DEFAULT_STEPS, guidance_scale: float = GUIDANCE) -> list[dict]:  # fmt: skip
-    """`num_calls` UNet calls, one from each of `num_calls` trajectories (prompt i cycled), trajectory i's at step
-    index `(i + 0.5) * steps / num_calls`: a held-out set covering early, noisy to late, clean states."""
-    from tqdm.auto import tqdm
-
-    if not prompts:
-        raise ValueError("trajectory inputs need captions")
-    items = []
-    undo = _quiet(pipe)
-    try:
-        for k in tqdm(range(0, num_calls, PROMPTS_PER_CALL), desc="held-out trajectories", leave=False):
-            idx = list(range(k, min(num_calls, k + PROMPTS_PER_CALL)))
-            at = [min(steps - 1, int((i + 0.5) * steps / num_calls)) for i in idx]
-            batch = [prompts[i % len(prompts)] for i in idx]
-            trajectories = _trajectories(pipe, batch, seed + k, resolution, steps, guidance_scale, max(at) + 1)
-            items += [trajectory[a] for trajectory, a in zip(trajectories, at, strict=True)]
-    finally:
-        undo()
-    return items
-
-
 class UNetInputs(torch.utils.data.Dataset):
     """Precomputed single UNet inputs, dict of stacked tensors: sample [N,C,h,w], timestep [N] (long),
     encoder_hidden_states [N,77,D], a family's extra inputs (LCM: timestep_cond [N,E]), and optionally target
-    [N,C,h,w] (true target) / teacher_pred [N,C,h,w]."""
+    [N,C,h,w] (the true target)."""
 
     def __init__(self, items: dict[str, torch.Tensor]):
         self.items = items
@@ -166,10 +144,3 @@ class UNetInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.items.items()}
-
-    @classmethod
-    def from_calls(cls, calls: list[dict], keys=None):
-        """Split the CFG batches of `calls` into single inputs (on the CPU); `keys` default: every key of the calls
-        (the UNet inputs, a family's extra ones included, and `teacher_pred`)."""
-        keys = list(calls[0]) if keys is None else keys
-        return cls({k: torch.cat([c[k].detach().cpu() for c in calls]) for k in keys})

@@ -101,6 +101,7 @@ def test_missing_recipe_file():
         (["--quantization_preset", "fast"], "quantization_preset='fast'"),
         (["--teacher_dtype", "fp16"], r"teacher_dtype='fp16': use one of \('auto', 'float32', 'bfloat16'\)"),
         (["--fp16", "true", "--use_cpu", "true"], "fp16=true needs a GPU"),
+        (["--calibration_draws", "0"], "calibration_draws=0: must be >= 1"),
         (["--max_steps", "x"], "invalid int value"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
     ],

@@ -255,11 +255,7 @@ def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model)
     """calibration_source=trajectories: the FP32 pipeline's UNet inputs while it samples captions (CFG batch 2, the
     scheduler's timesteps in order), as optimum-intel's PTQ collects them; a full run calibrates from them."""
     from ov_sd_trainer.pipeline_folder import load_pipeline
-    from ov_sd_trainer.train.unet_inputs import (
-        UNetInputs,
-        collect_spread_trajectory_inputs,
-        collect_trajectory_inputs,
-    )
+    from ov_sd_trainer.train.unet_inputs import collect_trajectory_inputs
 
     pipe = load_pipeline(tiny_model)
     items = collect_trajectory_inputs(pipe, ["a red circle on a blue background", "a cross"], 7, 64, seed=0, steps=4)
@@ -272,182 +268,60 @@ def test_trajectory_calibration_records_the_pipelines_own_unet_calls(tiny_model)
     assert ts[:restart] == sorted(ts[:restart], reverse=True) and ts[restart] == ts[0] and restart >= 4, ts
     again = collect_trajectory_inputs(pipe, ["a red circle on a blue background", "a cross"], 7, 64, seed=0, steps=4)
     assert all(torch.equal(a["sample"], b["sample"]) for a, b in zip(items, again))  # seeded
-    # the teacher's output is recorded with its inputs: what trajectory distillation trains against
+    # the teacher's output is recorded with its inputs: the recorded inputs are the ones the UNet was called with
     pred = pipe.unet(items[3]["sample"], items[3]["timestep"], items[3]["encoder_hidden_states"], return_dict=False)[0]
     assert torch.allclose(items[3]["teacher_pred"], pred, atol=1e-5)
-    ds = UNetInputs.from_calls(items)  # the training set of distillation_source=trajectories: CFG pairs split
-    assert len(ds) == 14 and set(ds[0]) == {"sample", "timestep", "encoder_hidden_states", "teacher_pred"}
-    model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, task_weight=0)
-    batch = collate([ds[i] for i in (0, 5, 9)])
-    assert model(**batch)["loss"].item() < 1e-10  # each split input is paired with the teacher's own output for it
+    assert set(items[0]) == {"sample", "timestep", "encoder_hidden_states", "teacher_pred"}
     single = collect_trajectory_inputs(pipe, ["a cross"], 2, 64, seed=0, steps=2, guidance_scale=0.0)  # SD-Turbo
     assert [i["sample"].shape[0] for i in single] == [1, 1]  # no CFG batch: one input per call
-    spread = collect_spread_trajectory_inputs(pipe, ["a cross", "a square"], 4, 64, seed=5, steps=8)
-    ts = [int(i["timestep"][0]) for i in spread]
-    assert len(spread) == 4 and ts == sorted(ts, reverse=True) and len(set(ts)) == 4, ts  # early to late states
-
-
-@pytest.mark.slow  # ~55 s; an option the recipes do not use (docs/fidelity.md); its collector is tested above
-def test_trajectory_distillation_trains_on_teacher_states_and_selects_on_held_out_ones(tiny_model, tmp_path):
-    """distillation_source=trajectories: the training set is the teacher's own sampling states (CFG pairs split)
-    with its outputs, the loss pure distillation against them; teacher_gap_source=trajectories evaluates on held-out
-    trajectories (no task loss there) and the best checkpoint is kept."""
-    out = tmp_path / "run"
-    flags = ["--distillation_source", "trajectories", "--trajectory_inputs", "6", "--calibration_steps", "3",
-             "--task_weight", "0", "--teacher_gap_source", "trajectories", "--teacher_gap_samples", "4",
-             "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
-             "--load_best_model_at_end", "true", "--metric_for_best_model", "teacher_mse",
-             "--greater_is_better", "false", "--max_steps", "3", "--export", "true"]  # fmt: skip
-    run(make_cfg(tiny_model, out, *flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
-    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
-    assert [g["step"] for g in info["teacher_gap"]] == [1, 2, 3]
-    assert all(g["teacher_mse"] > 0 and g["task_loss"] is None for g in info["teacher_gap"])
-    logs = [h for h in info["log_history"] if "loss" in h]
-    assert logs and all("distillation_loss" in h and "task_loss" not in h for h in logs)
-    assert info["best_metric"] == pytest.approx(min(g["teacher_mse"] for g in info["teacher_gap"]))
-    assert (out / "openvino" / "unet" / "openvino_model.xml").is_file()  # exports like any run
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--distillation_source", "trajectories"], "task_weight"),
-        (["--distillation_source", "frames", "--task_weight", "0"], "distillation_source='frames'"),
-        (["--teacher_gap_source", "video"], "teacher_gap_source='video'"),
-        (["--trajectory_inputs", "0"], "trajectory_inputs=0"),
-        (["--rollout_pixel_weight", "1"], "rollout_pixel_weight=1.0 applies to distillation_source rollouts only"),
-        (["--rollout_pixel_weight", "-1"], "rollout_pixel_weight=-1.0: must be >= 0"),
-        (["--calibration_draws", "0"], "calibration_draws=0: must be >= 1"),
-        (["--distillation_source", "rollouts"], "distillation_source=rollouts has no true target"),
-        (["--rollout_window", "0"], "rollout_window=0"),
-        (["--rollout_start", "noise"], "rollout_start='noise'"),
-    ],
-)
-def test_trajectory_option_errors(tiny_model, tmp_path, extra, message):
-    with pytest.raises(UserError, match=message):
-        make_cfg(tiny_model, tmp_path / "x", *extra)
 
 
 def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(tiny_model):
-    """rollouts.Rollout: the teacher's latent after the whole schedule is the pipeline's own (same scheduler, CFG,
-    noise); a student equal to the teacher has zero loss and gap, a perturbed one has both > 0 and gets gradients."""
+    """rollouts.Rollout (the calibration draws' held-out score): the teacher's latent after the whole schedule is the
+    pipeline's own (same scheduler, CFG, noise), and so are its decoded images; a student equal to the teacher has
+    zero gap, a perturbed one a gap > 0."""
+    import copy
+
     from ov_sd_trainer.pipeline_folder import load_pipeline
-    from ov_sd_trainer.train.rollouts import make_rollout, tokenize
+    from ov_sd_trainer.train.rollouts import decode, make_rollout, to_unit, tokenize
 
     pipe = load_pipeline(tiny_model)
     rollout = make_rollout(pipe, 64, steps=5)
     prompts = ["a red circle on a blue background", "a green cross"]
     ids = tokenize(pipe.tokenizer, prompts)
-    noise = rollout.noise(2, "cpu", seeds=[3, 4])
+    noise = rollout.noise([3, 4], "cpu")
     model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, task_weight=0)
-    model.rollout, model.rollout_window = rollout, 2
     with torch.no_grad():
         states = pipe.text_encoder(ids, return_dict=False)[0]
-        ours, _ = rollout.sample(model, model.teacher, states, noise)
+        ours = rollout.sample(model, model.teacher, states, noise)
         theirs = pipe(prompts, num_inference_steps=5, guidance_scale=7.5, latents=noise.clone(), output_type="latent",
                       height=64, width=64).images  # fmt: skip
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
-    model.set_noise_seed(0, 0, 0)
-    assert model(prompt_ids=ids)["loss"].item() == 0.0
-    held_out = model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)
+    held_out = rollout.gap(model, ids, torch.tensor([3, 4]))
     assert held_out["rollout_mse"].item() == 0.0 and held_out["rollout_image_mse"].item() == 0.0
     # the decoded final images are the pipeline's own (its VAE decode and [0, 1] range)
-    from ov_sd_trainer.train.rollouts import decode, to_unit
-
     with torch.no_grad():
         image = pipe.vae.decode(theirs / pipe.vae.config.scaling_factor).sample
         ref = pipe.image_processor.postprocess(image, output_type="pt")
         assert torch.allclose(to_unit(decode(pipe.vae, ours)), ref, atol=1e-5)
-    model.rollout_pixel_weight = 10.0
-    out = model(prompt_ids=ids)
-    assert out["loss"].item() == 0.0 and out["pixel_loss"].item() == 0.0
-    import copy
-
     student = copy.deepcopy(pipe.unet)
     with torch.no_grad():
         student.conv_out.bias.add_(0.05)  # a small bias, the same at every step: it compounds
-    model.student = student.requires_grad_(True)
-    model.set_noise_seed(0, 0, 1)
-    out = model(prompt_ids=ids)
-    out["loss"].backward()
-    assert out["loss"].item() > 0 and student.conv_out.bias.grad.abs().sum() > 0
-    # the pixel term: > 0, in the loss with its weight, and its gradient reaches the student through the VAE decoder
-    assert out["pixel_loss"].item() > 0
-    assert out["loss"].item() == pytest.approx(out["distillation_loss"].item() + 10.0 * out["pixel_loss"].item())
-    student.zero_grad()
-    model.rollout_pixel_weight = 0.0
-    model.set_noise_seed(0, 0, 1)
-    latent_only = model(prompt_ids=ids)
-    latent_only["loss"].backward()
-    assert "pixel_loss" not in latent_only and latent_only["loss"].item() < out["loss"].item()
-    gap = model(prompt_ids=ids, noise_seed=torch.tensor([3, 4]), evaluate=True)["rollout_mse"].item()
-    one_step = rollout.sample(model, student, states, noise, stop=1)[0] - rollout.sample(model, model.teacher, states,
-                                                                                          noise, stop=1)[0]  # fmt: skip
-    assert gap > one_step.pow(2).mean().item() > 0  # the drift of 5 steps exceeds that of one
-    # started from the teacher's state (and scheduler history), the window sees only its own error: less than the
-    # student's accumulated drift at the same point (same seed, so the same k and noise)
-    pairs = []
-    for index in range(2, 6):  # different window starts k (k = 0 makes both the same)
-        losses = []
-        for start in ("student", "teacher"):
-            model.rollout_start = start
-            model.set_noise_seed(0, 0, index)
-            losses.append(model(prompt_ids=ids)["distillation_loss"].item())
-        pairs.append(losses)
-    assert all(0 < forced <= own * (1 + 1e-6) for own, forced in pairs) and any(f < o for o, f in pairs), pairs
+    model.student = student
+    gap = rollout.gap(model, ids, torch.tensor([3, 4]))
+    assert gap["rollout_mse"].item() > 0 and gap["rollout_image_mse"].item() > 0
 
 
-@pytest.mark.slow  # 98 s contended; an option the recipes do not use; the rollout itself is tested above
-def test_rollout_distillation_trains_and_selects_on_held_out_rollouts(tiny_model, tmp_path):
-    """distillation_source=rollouts trains on captions (pure distillation against the teacher's latents, with the
-    pixel-space term); teacher_gap_source=rollouts logs eval_rollout_mse and eval_rollout_psnr on held-out captions and
-    seeds and keeps the best checkpoint by the PSNR."""
-    out = tmp_path / "run"
-    flags = ["--distillation_source", "rollouts", "--rollout_window", "2", "--calibration_steps", "3",
-             "--calibration_source", "trajectories", "--task_weight", "0", "--teacher_gap_source", "rollouts",
-             "--teacher_gap_samples", "3", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy",
-             "steps", "--save_steps", "1", "--load_best_model_at_end", "true", "--metric_for_best_model",
-             "rollout_psnr", "--greater_is_better", "true", "--max_steps", "3", "--export", "true",
-             "--rollout_pixel_weight", "10"]  # fmt: skip
-    run(make_cfg(tiny_model, out, *flags, "--learning_rate", "3e-2", "--ema_decay", "0.5"))
-    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
-    assert [g["step"] for g in info["teacher_gap"]] == [1, 2, 3]
-    gaps = info["teacher_gap"]
-    assert all(g["rollout_mse"] > 0 and g["teacher_mse"] is None for g in gaps)
-    assert all(g["rollout_psnr"] == pytest.approx(-10 * math.log10(g["rollout_image_mse"])) for g in gaps)
-    logs = [h for h in info["log_history"] if "loss" in h]
-    assert logs and all(h["distillation_loss"] > 0 and h["pixel_loss"] > 0 and "task_loss" not in h for h in logs)
-    assert info["best_metric"] == pytest.approx(max(g["rollout_psnr"] for g in gaps))
-    card = (out / "openvino" / "README.md").read_text()  # the model card shows both
-    assert "rollout final-latent MSE" in card and "rollout image PSNR (dB)" in card
-
-
-def test_rollouts_are_refused_for_unets_with_extra_inputs(tmp_path):
-    """Rollouts sample with CFG and no extra UNet inputs: an LCM (timestep_cond) gets a one-line error, before any
-    calibration work."""
+def test_calibration_draws_are_refused_for_unets_with_extra_inputs(tmp_path):
+    """The draws' rollouts sample with CFG and no extra UNet inputs: an LCM (timestep_cond) gets a one-line error,
+    before any calibration work."""
     from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
 
     build_tiny_pipeline(tmp_path / "lcm", TinySDConfig(family="lcm"))
-    cfg = make_cfg(str(tmp_path / "lcm"), tmp_path / "run", "--distillation_source", "rollouts", "--task_weight", "0")
-    with pytest.raises(UserError, match="rollouts sample with classifier-free guidance.*timestep_cond") as e:
+    cfg = make_cfg(str(tmp_path / "lcm"), tmp_path / "run", "--calibration_draws", "2", "--task_weight", "0")
+    with pytest.raises(UserError, match="calibration_draws=2 scores each draw on rollouts.*timestep_cond") as e:
         build(cfg)
     assert "\n" not in str(e.value)
-    cfg = make_cfg(str(tmp_path / "lcm"), tmp_path / "run", "--calibration_draws", "2", "--task_weight", "0")
-    with pytest.raises(UserError, match="calibration_draws=2 scores each draw on rollouts.*timestep_cond"):
-        build(cfg)
-
-
-def test_pixel_rollouts_need_an_alpha_bar_scheduler():
-    """The clean-latent estimate of the pixel term assumes the model input is the latent itself: a sigma scheduler
-    (Euler) is a one-line error, DDIM and PNDM pass."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-    from ov_sd_trainer.train.rollouts import check_pixel_scheduler
-
-    for ok in (DDIMScheduler(), PNDMScheduler()):
-        check_pixel_scheduler(ok)
-    with pytest.raises(UserError, match="rollout_pixel_weight needs an alpha_bar scheduler.*EulerDiscreteScheduler"):
-        check_pixel_scheduler(EulerDiscreteScheduler())
 
 
 def test_calibration_draws_keep_the_student_closest_on_held_out_rollouts(tiny_model, tmp_path):
