@@ -135,3 +135,14 @@ def test_demo_flags_parse_with_the_shipped_recipe(tmp_path):
     cfg, _ = parse_config(demo.train_argv(args, tmp_path / "run"))
     assert (cfg.max_steps, cfg.num_calibration_samples, cfg.save_strategy) == (1, 4, "no")
     assert not cfg.load_best_model_at_end and cfg.eval_strategy == "steps"
+
+
+def test_defaults_are_the_measured_best_and_both_weights_zero_is_an_error():
+    """Pure distillation (task_weight 0) and calibration on the teacher's trajectories are the defaults
+    (docs/fidelity.md); with the task loss off by default, turning distillation off too leaves nothing to train."""
+    cfg, _ = parse_config(["--output_dir", "x"])
+    assert (cfg.task_weight, cfg.distillation_weight, cfg.calibration_source) == (0.0, 1.0, "trajectories")
+    with pytest.raises(UserError, match="distillation_weight and task_weight are both 0: nothing to train on"):
+        parse_config(["--output_dir", "x", "--distillation_weight", "0"])
+    cfg, _ = parse_config(["--output_dir", "x", "--distillation_weight", "0", "--task_weight", "1"])
+    assert (cfg.task_weight, cfg.distillation_weight) == (1.0, 0.0)  # task loss alone is a valid choice
