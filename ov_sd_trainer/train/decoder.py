@@ -1,0 +1,650 @@
+"""`ov-sd train-decoder`: distil a tiny conv-only VAE decoder (TAESD's architecture) from a pipeline's VAE decoder.
+
+    ov-sd train-decoder --recipe reference-tiny-decoder --output_dir outputs/ref-tiny-decoder
+
+The student is diffusers' `DecoderTiny` (the decoder of `AutoencoderTiny`, TAESD's architecture: Conv, ReLU, nearest
+Upsample, a tanh clamp of its input; no attention, no GroupNorm, so it quantizes well), sized for the pipeline: the
+VAE's latent channels in, one 2x upsampling stage per VAE factor doubling (3 for SD's factor 8: TAESD's layout,
+1.22 M parameters at the default width 64). Like TAESD it takes the *scaled* latents, the UNet's own space
+(`vae latents x scaling_factor`); the export puts the `/ scaling_factor` of the pipelines back in front of it.
+
+The teacher is the pipeline's frozen VAE decoder. Inputs: latents of the dataset's images, drawn from the frozen VAE
+encoder's posterior (a fresh draw each step, seeded by the step, so a resumed run draws the same), and with
+`sampling_endpoints N` also the final latents of N teacher pipeline samplings of the dataset's captions (what the
+decoder meets at inference). Loss (`DecoderDistillation.forward`): pixel MSE against the teacher's image, plus
+`perceptual_weight` x a feature distance in the frozen VAE encoder's features (its down blocks' activations,
+channel-normalised as LPIPS does: offline, any model has them), plus `adversarial_weight` x a non-saturating GAN
+term from a small patch discriminator trained in the same backward pass (its own loss on detached images; the
+student's term sees it through detached weights). Which of these the recipes use was measured: docs/tiny-decoder.md.
+
+It is a `transformers.Trainer` (`DecoderTrainer`): Trainer's optimizer, schedule, checkpoints and exact resume; an
+EMA of the student (`ema.EMACallback`); held-out evaluation: PSNR of the student's images against the teacher's and a
+sharpness ratio (Laplacian energy, student / teacher; 1 = as sharp) on latents of held-out images. The output folder:
+
+    output_dir/checkpoint-N/      Trainer checkpoints: student + discriminator weights, EMA, optimizer state
+    output_dir/final/             written atomically: tiny_decoder/ (config.json + model.safetensors, EMA applied),
+                                  held_out_latents.safetensors (calibration / checks at export), training_info.json
+    output_dir/loss.png           the losses and the held-out PSNR against the step
+
+`export.tiny_decoder` puts `final/` into an OpenVINO pipeline folder as its `vae_decoder`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from ..assets import REFERENCE, resolve_model_path
+from ..errors import UserError
+from ..outputs import atomic_output_dir
+from ..run_folder import COMPLETE_MARKER, EMA_FILE, FINAL_DIR, LOSS_PLOT, find_resumable_checkpoint, mark_complete
+from .ema import EMACallback
+
+logger = logging.getLogger(__name__)
+
+DECODER_DIR = "tiny_decoder"  # in final/: the student, EMA applied
+WEIGHTS_FILE = "model.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"  # in checkpoint-N/
+HELD_OUT_FILE = "held_out_latents.safetensors"  # in final/: scaled latents of held-out images
+TRAINING_INFO_FILE = "training_info.json"
+FORMAT = "ov-sd-trainer/tiny-decoder"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "decoder"
+DEFAULT_WIDTH = 64  # TAESD's channel width
+DEFAULT_BLOCKS = 3  # TAESD's AutoencoderTinyBlocks per upsampling stage
+NOISE_STRIDE = 1_000_003  # per-step seeds of the posterior draws: seed x this + micro-batch index
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The student
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def decoder_config(vae_config, width: int = DEFAULT_WIDTH, blocks: int = DEFAULT_BLOCKS) -> dict:
+    """The tiny decoder's config for a VAE: its latent channels, one upsampling stage per factor doubling, and the
+    latent scale (scaling / shift factor) the export puts in front of it."""
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    stages = int(math.log2(factor))
+    return {
+        "format": FORMAT,
+        "latent_channels": int(vae_config["latent_channels"]),
+        "out_channels": int(vae_config.get("out_channels", 3)),
+        "block_out_channels": [width] * (stages + 1),
+        "num_blocks": [blocks] * stages + [1],  # TAESD: (3, 3, 3, 1)
+        "vae_scale_factor": factor,
+        "scaling_factor": float(vae_config["scaling_factor"]),
+        "shift_factor": float(vae_config.get("shift_factor") or 0.0),
+    }
+
+
+class TinyDecoder(nn.Module):
+    """diffusers' `DecoderTiny`: scaled latents (the UNet's space) -> image in [-1, 1]."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from diffusers.models.autoencoders.vae import DecoderTiny
+
+        self.config = dict(config)
+        self.decoder = DecoderTiny(
+            in_channels=config["latent_channels"],
+            out_channels=config["out_channels"],
+            num_blocks=tuple(config["num_blocks"]),
+            block_out_channels=tuple(config["block_out_channels"]),
+            upsampling_scaling_factor=2,
+            act_fn="relu",
+            upsample_fn="nearest",
+        )
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TinyDecoder:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{str(folder)!r} holds no tiny decoder (config.json: {e}); pass a train-decoder output")
+        if config.get("format") != FORMAT:
+            raise UserError(f"{str(folder)!r}: config.json is not a tiny decoder's (format {config.get('format')!r})")
+        model = cls(config)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        return model.eval()
+
+
+def find_decoder_folder(path: str | Path) -> Path:
+    """The tiny decoder folder inside a train-decoder output (run folder, final/, or the decoder folder itself)."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / DECODER_DIR, path / FINAL_DIR / DECODER_DIR):
+        if (candidate / "config.json").is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise UserError(f"{str(path)!r} holds no trained tiny decoder; pass a `ov-sd train-decoder` output_dir")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (3 convs, 70k parameters at width 64): one logit per ~16 px patch."""
+
+    def __init__(self, channels: int = 3, width: int = DEFAULT_WIDTH):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, width * 2, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width * 2, 1, 3, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def encoder_features(encoder, images: torch.Tensor) -> list[torch.Tensor]:
+    """Activations of a diffusers VAE `Encoder`'s input conv and down blocks (before its attention mid block)."""
+    h = encoder.conv_in(images)
+    out = [h]
+    for block in encoder.down_blocks:
+        h = block(h)
+        out.append(h)
+    return out
+
+
+def feature_distance(encoder, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """LPIPS' recipe in the frozen VAE encoder's features: unit-normalise each position's channel vector, then the
+    mean squared difference per layer, summed over layers."""
+    total = student.new_zeros(())
+    with torch.no_grad():
+        target = encoder_features(encoder, teacher)
+    for a, b in zip(encoder_features(encoder, student), target, strict=True):
+        a = a / (a.norm(dim=1, keepdim=True) + 1e-8)
+        b = b / (b.norm(dim=1, keepdim=True) + 1e-8)
+        total = total + (a - b).pow(2).sum(1).mean()
+    return total
+
+
+def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
+    """Per image: mean squared response of a 3x3 Laplacian (high-frequency energy)."""
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=images.device, dtype=images.dtype)
+    c = images.shape[1]
+    resp = nn.functional.conv2d(images, k.expand(c, 1, 3, 3), groups=c)
+    return resp.pow(2).flatten(1).mean(1)
+
+
+class DecoderDistillation(nn.Module):
+    """The training objective: frozen VAE (teacher decoder, encoder for inputs and features), student, discriminator.
+
+    `forward(mean, std)` draws latents from the posterior (std 0: a fixed latent, e.g. a sampling endpoint), decodes
+    them with both decoders and returns the loss dict."""
+
+    def __init__(self, vae, student: TinyDecoder, pixel_weight: float = 1.0, perceptual_weight: float = 0.0,
+                 adversarial_weight: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.student = student
+        self.pixel_weight, self.perceptual_weight, self.adversarial_weight = (
+            pixel_weight, perceptual_weight, adversarial_weight,
+        )  # fmt: skip
+        self.discriminator = PatchDiscriminator(student.config["out_channels"]) if adversarial_weight else None
+        self.scaling_factor = student.config["scaling_factor"]
+        self.shift_factor = student.config["shift_factor"]
+        self.noise_seed = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen, always
+        return self
+
+    def teacher_decode(self, scaled: torch.Tensor) -> torch.Tensor:
+        """What the pipelines do: `latents / scaling_factor + shift_factor`, then the VAE decoder."""
+        return self.vae.decode(scaled / self.scaling_factor + self.shift_factor, return_dict=False)[0]
+
+    def forward(self, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.noise_seed)
+        noise = torch.randn(mean.shape, generator=g).to(mean.device)
+        latents = mean + std * noise  # scaled space (the UNet's)
+        with torch.no_grad():
+            target = self.teacher_decode(latents).clamp(-1, 1)
+        image = self.student(latents)
+        pixel = nn.functional.mse_loss(image, target)
+        out = {"pixel_loss": pixel}
+        loss = self.pixel_weight * pixel
+        if self.perceptual_weight:
+            out["perceptual_loss"] = feature_distance(self.vae.encoder, image, target)
+            loss = loss + self.perceptual_weight * out["perceptual_loss"]
+        if self.discriminator is not None:
+            # The student's term through detached discriminator weights; the discriminator's own term on detached
+            # images: one backward trains both, each on its own objective.
+            frozen = {n: p.detach() for n, p in self.discriminator.named_parameters()}
+            fake_logits = torch.func.functional_call(self.discriminator, frozen, (image,))
+            out["adversarial_loss"] = nn.functional.softplus(-fake_logits).mean()
+            d_real = self.discriminator(target)
+            d_fake = self.discriminator(image.detach())
+            out["discriminator_loss"] = (nn.functional.softplus(-d_real) + nn.functional.softplus(d_fake)).mean()
+            loss = loss + self.adversarial_weight * out["adversarial_loss"] + out["discriminator_loss"]
+        out["loss"] = loss
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data: posterior moments of the dataset's images, teacher sampling endpoints, held-out latents
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class LatentSet(torch.utils.data.Dataset):
+    """Rows {mean, std} of scaled latents (std 0 for fixed latents)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.mean, self.std = mean, std
+
+    def __len__(self):
+        return len(self.mean)
+
+    def __getitem__(self, i):
+        return {"mean": self.mean[i], "std": self.std[i]}
+
+
+def collate(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@torch.no_grad()
+def encode_images(vae, images, resolution: int, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-cropped images -> (mean, std) of the VAE posterior, in scaled latent space."""
+    from torchvision.transforms import functional as TF
+
+    sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+    means, stds = [], []
+    images = list(images)
+    for i in range(0, len(images), batch):
+        px = torch.stack(
+            [TF.to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), resolution), resolution)) * 2 - 1
+             for im in images[i : i + batch]]
+        )  # fmt: skip
+        dist = vae.encode(px.to(vae.device, vae.dtype)).latent_dist
+        means.append(((dist.mean - shift) * sf).float().cpu())
+        stds.append((dist.std * sf).float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def sampling_endpoints(pipe, captions: list[str], steps: int, guidance_scale: float, resolution: int, seed: int,
+                       batch: int = 8) -> torch.Tensor:  # fmt: skip
+    """Final latents (scaled, before the VAE) of the teacher pipeline sampling `captions`, seeded per batch."""
+    out = []
+    for i in range(0, len(captions), batch):
+        g = torch.Generator().manual_seed(seed + i)
+        latents = pipe(captions[i : i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                       height=resolution, width=resolution, generator=g, output_type="latent").images  # fmt: skip
+        out.append(latents.float().cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecoderConfig(TrainingArguments):
+    pretrained_model_name_or_path: str = field(
+        default=REFERENCE, metadata={"help": "diffusers SD pipeline (folder, Hub id, or 'reference'): its VAE teaches"}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the pipeline"})
+    dataset_name: str = field(
+        default="synthetic", metadata={"help": "'synthetic', 'synthetic:N', a local imagefolder, or a Hub dataset id"}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
+    image_column: str = field(default="image", metadata={"help": "dataset column holding the images"})
+    caption_column: str = field(default="text", metadata={"help": "dataset column holding the captions"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "truncate the dataset to N rows"})
+    synthetic_size: int = field(default=1000, metadata={"help": "rows of the synthetic dataset"})
+    resolution: int | None = field(default=None, metadata={"help": "image side in pixels; default: the pipeline's"})
+    held_out_samples: int = field(
+        default=32,
+        metadata={"help": "held-out images for the PSNR / sharpness evaluation (fresh synthetic ones, else the "
+                  "dataset's last N rows, which training then leaves out)"},
+    )  # fmt: skip
+    sampling_endpoints: int = field(
+        default=0,
+        metadata={"help": "add the final latents of N teacher samplings of the dataset's captions to the inputs"},
+    )
+    endpoint_steps: int = field(default=20, metadata={"help": "sampling steps of each teacher endpoint"})
+    endpoint_guidance_scale: float = field(default=7.5, metadata={"help": "guidance scale of the teacher endpoints"})
+    decoder_width: int = field(default=DEFAULT_WIDTH, metadata={"help": "channels of the tiny decoder (TAESD: 64)"})
+    decoder_blocks: int = field(
+        default=DEFAULT_BLOCKS, metadata={"help": "residual conv blocks per upsampling stage (TAESD: 3)"}
+    )
+    pixel_weight: float = field(default=1.0, metadata={"help": "weight of the pixel MSE to the teacher's image"})
+    perceptual_weight: float = field(
+        default=0.0, metadata={"help": "weight of the feature distance in the frozen VAE encoder's features"}
+    )
+    adversarial_weight: float = field(
+        default=0.0, metadata={"help": "weight of the patch discriminator's term on the student (0 = no GAN)"}
+    )
+    use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the student (exported)"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay ceiling"})
+    overwrite: bool = field(default=False, metadata={"help": "allow a non-empty output_dir (resume is always allowed)"})
+    # Trainer defaults TAESD's author gives (Adam, lr 3e-4, batch 16)
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam learning rate (TAESD: 3e-4)"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "batch size per device (TAESD: 16)"})
+
+    def __post_init__(self):
+        self.remove_unused_columns = False
+        super().__post_init__()
+        checks = [
+            (self.held_out_samples >= 1, f"held_out_samples={self.held_out_samples}: must be >= 1"),
+            (self.sampling_endpoints >= 0, f"sampling_endpoints={self.sampling_endpoints}: must be >= 0"),
+            (self.endpoint_steps >= 1, f"endpoint_steps={self.endpoint_steps}: must be >= 1"),
+            (self.decoder_width >= 1, f"decoder_width={self.decoder_width}: must be >= 1"),
+            (self.decoder_blocks >= 0, f"decoder_blocks={self.decoder_blocks}: must be >= 0"),
+            (min(self.pixel_weight, self.perceptual_weight, self.adversarial_weight) >= 0,
+             "pixel_weight, perceptual_weight and adversarial_weight must be >= 0"),
+            (self.pixel_weight + self.perceptual_weight > 0,
+             "pixel_weight and perceptual_weight are both 0: nothing ties the student to the teacher; set one > 0"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay}: must be in [0, 1)"),
+            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+             f"resolution={self.resolution}: must be a multiple of 8"),
+            (self.max_train_samples is None or self.max_train_samples >= 1,
+             f"max_train_samples={self.max_train_samples}: must be >= 1 or unset"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.json"))}
+
+
+def parse_decoder_config(argv: list[str]) -> tuple[DecoderConfig, dict]:
+    """`[--recipe NAME_OR_FILE] [--field value ...]` -> (DecoderConfig, the recipe's keys), with `config.parse_config`
+    (flags override the recipe; unknown keys and wrong types are one-line errors). A shipped decoder recipe's name is
+    resolved here: `config` only knows the UNet recipes."""
+    from .config import parse_config
+
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--recipe" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith(
+            "--recipe=") else None  # fmt: skip
+        name = value[: -len(".json")] if value and value.endswith(".json") else value
+        if value and not Path(value).expanduser().is_file() and Path(name).name in shipped_recipes():
+            path = str(shipped_recipes()[Path(name).name])
+            argv[i : i + (2 if a == "--recipe" else 1)] = ["--recipe", path]
+            break
+    return parse_config(argv, DecoderConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DecoderTrainer(Trainer):
+    """Trainer for `DecoderDistillation`: per-step posterior seeds, separate loss logging, held-out PSNR /
+    sharpness evaluation (with the EMA) on `eval_dataset` (a `LatentSet` of held-out latents), checkpoints of the student and discriminator only (the VAE is frozen)."""
+
+    LOSSES = ("pixel_loss", "perceptual_loss", "adversarial_loss", "discriminator_loss")
+
+    def __init__(self, *args, ema: EMACallback | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ema = ema
+        if ema is not None:
+            self.add_callback(ema)
+        self._metrics: dict[str, list[float]] = {}
+        self._micro = (-1, 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step, micro = self._micro
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._micro = (self.state.global_step, micro)
+        index = self.state.global_step * self.args.gradient_accumulation_steps + micro
+        self.accelerator.unwrap_model(model).noise_seed = self.args.seed * NOISE_STRIDE + index
+        out = model(**inputs)
+        for key in self.LOSSES:
+            if key in out:
+                self._metrics.setdefault(key, []).append(out[key].item())
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs, start_time=None):
+        if self._metrics and "loss" in logs:
+            logs.update({k: round(sum(v) / len(v), 6) for k, v in self._metrics.items()})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        objective = self.accelerator.unwrap_model(self.model)
+        with self.ema.applied(objective.student) if self.ema is not None else _nullcontext():
+            metrics = held_out_metrics(objective, (eval_dataset or self.eval_dataset).mean)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            mark_complete(folder, self.state.global_step)
+
+    def _save(self, output_dir=None, state_dict=None):
+        from safetensors.torch import save_file
+
+        output_dir = Path(output_dir or self.args.output_dir)
+        objective = self.accelerator.unwrap_model(self.model)
+        objective.student.save(output_dir / DECODER_DIR)
+        if objective.discriminator is not None:
+            state = objective.discriminator.state_dict()
+            save_file({k: v.contiguous() for k, v in state.items()}, str(output_dir / DISCRIMINATOR_FILE))
+        if self.ema is not None:
+            self.ema.save(output_dir)
+        (output_dir / "training_args.json").write_text(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from safetensors.torch import load_file
+
+        src = Path(resume_from_checkpoint)
+        objective = self.accelerator.unwrap_model(model or self.model)
+        objective.student.load_state_dict(load_file(str(src / DECODER_DIR / WEIGHTS_FILE)))
+        if objective.discriminator is not None:
+            objective.discriminator.load_state_dict(load_file(str(src / DISCRIMINATOR_FILE)))
+        if self.ema is not None and (src / EMA_FILE).is_file():
+            self.ema.load(src)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def held_out_metrics(objective: DecoderDistillation, latents: torch.Tensor, batch: int = 16) -> dict[str, float]:
+    """PSNR (pooled MSE, images in [0, 1]) of the student's images against the teacher's, and the sharpness ratio
+    (Laplacian energy of the student's images / the teacher's)."""
+    was = objective.student.training
+    objective.student.eval()
+    device = next(objective.student.parameters()).device
+    se = n = e_student = e_teacher = 0.0
+    try:
+        for i in range(0, len(latents), batch):
+            z = latents[i : i + batch].to(device)
+            t = (objective.teacher_decode(z).clamp(-1, 1) + 1) / 2
+            s = (objective.student(z).clamp(-1, 1) + 1) / 2
+            se += (s - t).pow(2).sum().item()
+            n += t.numel()
+            e_student += laplacian_energy(s).sum().item()
+            e_teacher += laplacian_energy(t).sum().item()
+    finally:
+        objective.student.train(was)
+    return {"psnr": -10 * math.log10(max(se / n, 1e-12)), "sharpness": e_student / max(e_teacher, 1e-12)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build(cfg: DecoderConfig):
+    """(objective, train set, held-out latents, pipeline) for a config."""
+    from ..pipeline_folder import load_pipeline
+    from .data import check_captions, drop_unreadable_images, load_captioned_dataset
+    from .teacher_gap import heldout_rows
+
+    path = resolve_model_path(cfg.pretrained_model_name_or_path)
+    pipe = load_pipeline(path, revision=cfg.revision)
+    vae = pipe.vae.to(cfg.device)
+    if type(vae).__name__ != "AutoencoderKL":
+        raise UserError(f"{path!r} has a {type(vae).__name__}; train-decoder distils an AutoencoderKL's decoder")
+    factor = pipe.vae_scale_factor
+    resolution = cfg.resolution or int(pipe.unet.config.sample_size) * factor
+    if resolution % factor:
+        raise UserError(f"resolution={resolution} is not divisible by the VAE factor {factor} of {path}")
+    ds = load_captioned_dataset(cfg.dataset_name, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                max_samples=cfg.max_train_samples, synthetic_size=cfg.synthetic_size,
+                                synthetic_resolution=resolution, seed=cfg.seed,
+                                config_name=cfg.dataset_config_name)  # fmt: skip
+    ds, skipped = drop_unreadable_images(ds, cfg.image_column)
+    held = heldout_rows(cfg.held_out_samples, cfg.seed, resolution, cfg.dataset_name, cfg.caption_column,
+                        cfg.image_column)  # fmt: skip
+    if not cfg.dataset_name.startswith("synthetic"):  # held out = the last rows: leave them out of training
+        if len(ds) <= cfg.held_out_samples:
+            raise UserError(f"the dataset has {len(ds)} rows, not more than held_out_samples={cfg.held_out_samples}")
+        ds = ds.select(range(len(ds) - cfg.held_out_samples))
+    t0 = time.perf_counter()
+    mean, std = encode_images(vae, ds[cfg.image_column], resolution)
+    held_out, _ = encode_images(vae, held[cfg.image_column], resolution)  # posterior means: fixed
+    if cfg.sampling_endpoints:
+        check_captions(ds, cfg.caption_column)
+        captions = list(ds[cfg.caption_column])
+        captions = [captions[i % len(captions)] for i in range(cfg.sampling_endpoints)]
+        ends = sampling_endpoints(pipe, captions, cfg.endpoint_steps, cfg.endpoint_guidance_scale, resolution, cfg.seed)
+        mean, std = torch.cat([mean, ends]), torch.cat([std, torch.zeros_like(ends)])
+    logger.info("encoded %d training latents in %.1f s", len(mean), time.perf_counter() - t0)
+    student = TinyDecoder(decoder_config(vae.config, cfg.decoder_width, cfg.decoder_blocks)).to(cfg.device)
+    objective = DecoderDistillation(vae, student, cfg.pixel_weight, cfg.perceptual_weight, cfg.adversarial_weight)
+    info = {"resolution": resolution, "train_latents": len(mean), "dataset_images": len(ds), "skipped": skipped,
+            "sampling_endpoints": cfg.sampling_endpoints, "held_out": len(held_out),
+            "student_parameters": sum(p.numel() for p in student.parameters())}  # fmt: skip
+    return objective, LatentSet(mean, std), held_out, info
+
+
+def _check_output(cfg: DecoderConfig) -> None:
+    out = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(
+            f"output_dir {str(out)!r} exists and is not empty; pass --overwrite true to reuse it "
+            "or --resume_from_checkpoint latest to continue"
+        )
+    if cfg.resume_from_checkpoint == "latest":
+        last = find_resumable_checkpoint(out) if out.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint-N folder in {str(out)!r}")
+        cfg.resume_from_checkpoint = str(last)
+    elif cfg.resume_from_checkpoint is not None and not (Path(cfg.resume_from_checkpoint) / COMPLETE_MARKER).is_file():
+        raise UserError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a complete checkpoint-N folder")
+
+
+def run(cfg: DecoderConfig, recipe: dict | None = None) -> Path:
+    """Train; write output_dir/final (atomically) and the loss plot. Returns output_dir."""
+    _check_output(cfg)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    objective, train_set, held_out, info = build(cfg)
+    untrained = held_out_metrics(objective, held_out)
+    ema = EMACallback(objective.student, cfg.ema_decay) if cfg.use_ema else None
+    trainer = DecoderTrainer(model=objective, args=cfg, train_dataset=train_set, data_collator=collate, ema=ema,
+                             eval_dataset=LatentSet(held_out, torch.zeros_like(held_out)))  # fmt: skip
+    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    if ema is not None:
+        ema.copy_to(objective.student)
+    trained = held_out_metrics(objective, held_out)
+    out = Path(cfg.output_dir)
+    info.update(
+        base_model=cfg.pretrained_model_name_or_path, recipe=recipe or {}, global_step=trainer.state.global_step,
+        train_runtime_s=result.metrics.get("train_runtime"), total_runtime_s=round(time.perf_counter() - t0, 1),
+        held_out_untrained=untrained, held_out_trained=trained, log_history=trainer.state.log_history,
+        config=json.loads(cfg.to_json_string()),
+    )  # fmt: skip
+    if trainer.is_world_process_zero():
+        from safetensors.torch import save_file
+
+        with atomic_output_dir(out / FINAL_DIR, overwrite=True) as tmp:
+            objective.student.cpu().save(tmp / DECODER_DIR)
+            save_file({"latents": held_out.contiguous()}, str(tmp / HELD_OUT_FILE))
+            (tmp / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        plot_losses(trainer.state.log_history, out / LOSS_PLOT)
+    logger.info("held-out PSNR vs the VAE decoder: %.2f dB untrained, %.2f dB trained", untrained["psnr"],
+                trained["psnr"])  # fmt: skip
+    return out
+
+
+def plot_losses(log_history: list[dict], path: Path) -> Path | None:
+    """Training losses (log scale) and the held-out PSNR (right axis) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_psnr"]) for h in log_history if "eval_psnr" in h]
+    if not rows and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in ("loss", *DecoderTrainer.LOSSES):
+        points = [(h["step"], h[key]) for h in rows if h.get(key, 0) > 0]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if evals:
+        right = ax.twinx()
+        right.plot(*zip(*evals, strict=True), "ko-", label="held-out PSNR (dB)")
+        right.set_ylabel("PSNR vs VAE decoder (dB)")
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+PASSES_UNKNOWN_ARGS = True  # every DecoderConfig field is a flag (HfArgumentParser, as `ov-sd train`)
+
+
+def add_arguments(parser) -> None:
+    """Nothing to add: `--recipe` and every DecoderConfig field are parsed by `parse_decoder_config`."""
+
+
+def main(args, extra: list[str]) -> int:
+    cfg, recipe = parse_decoder_config(extra)
+    out = run(cfg, recipe)
+    print(f"tiny decoder trained: {out / FINAL_DIR / DECODER_DIR}")
+    return 0
