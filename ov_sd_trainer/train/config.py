@@ -211,6 +211,10 @@ class QATConfig(TrainingArguments):
             raise UserError(f"ema_decay={self.ema_decay}: must be in [0, 1)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"snr_gamma={self.snr_gamma}: must be > 0 or unset")
+        if self.max_steps == 0 or self.max_steps < -1:  # transformers would silently train num_train_epochs instead
+            raise UserError(f"max_steps={self.max_steps}: must be >= 1, or -1 to train num_train_epochs epochs")
+        if self.output_dir is not None and Path(self.output_dir).expanduser().is_file():
+            raise UserError(f"output_dir {self.output_dir!r} is a file; pass a folder (new or empty) for the run")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserError(f"max_train_samples={self.max_train_samples}: must be >= 1 or unset")
 

@@ -103,6 +103,8 @@ def test_missing_recipe_file():
         (["--fp16", "true", "--use_cpu", "true"], "fp16=true needs a GPU"),
         (["--calibration_draws", "0"], "calibration_draws=0: must be >= 1"),
         (["--max_steps", "x"], "invalid int value"),
+        (["--max_steps", "0"], r"max_steps=0: must be >= 1, or -1 to train num_train_epochs"),
+        (["--max_steps", "-5"], r"max_steps=-5: must be >= 1, or -1"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
     ],
 )
@@ -146,3 +148,13 @@ def test_defaults_are_the_measured_best_and_both_weights_zero_is_an_error():
         parse_config(["--output_dir", "x", "--distillation_weight", "0"])
     cfg, _ = parse_config(["--output_dir", "x", "--distillation_weight", "0", "--task_weight", "1"])
     assert (cfg.task_weight, cfg.distillation_weight) == (1.0, 0.0)  # task loss alone is a valid choice
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("not a folder")
+    with pytest.raises(UserError, match=r"output_dir '.*taken' is a file; pass a folder") as e:
+        parse_config(["--output_dir", str(path)])
+    assert "\n" not in str(e.value)
+    cfg, _ = parse_config(["--output_dir", str(tmp_path / "new"), "--max_steps", "-1"])  # a new folder; -1: epochs
+    assert cfg.max_steps == -1
