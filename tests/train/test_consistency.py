@@ -1,0 +1,160 @@
+"""Latent consistency distillation (`train.consistency`): the student starts as the teacher, the solver is DDIM
+without clipping, the boundary condition holds, the loss trains only the student and is seeded, the target network
+follows the student, and a short training run brings the student's 4-step samples closer to the teacher's ODE
+endpoints."""
+
+import types
+
+import pytest
+import torch
+
+from ov_sd_trainer.errors import UserError
+from ov_sd_trainer.train import consistency as C
+from ov_sd_trainer.train.losses import QATModel
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+TEXT_DIM = 32
+
+
+def _tiny_unet(seed: int = 0, **config):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config,
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+
+
+def _nets(prediction_type: str = "epsilon", time_cond_proj_dim: int = 16):
+    from diffusers import DDPMScheduler
+
+    teacher = _tiny_unet().requires_grad_(False)
+    student = C.make_student_unet(teacher, time_cond_proj_dim)
+    # the untrained student equals the teacher; training moves it off. Give it a head start so that the loss
+    # and the target network have something to see.
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-2)
+    target = C.ConsistencyTarget(student)
+    nets = types.SimpleNamespace(student=student, teacher=teacher, consistency_target=target, unet=QATModel.unet)
+    return nets, DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+
+
+def _batch(b: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 77, TEXT_DIM, generator=g), torch.randn(1, 77, TEXT_DIM)
+
+
+def test_untrained_student_equals_teacher_at_any_guidance():
+    teacher = _tiny_unet()
+    student = C.make_student_unet(teacher, 16)
+    assert student.config.time_cond_proj_dim == 16 and teacher.config.time_cond_proj_dim is None
+    x, states, _ = _batch()
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        ref = teacher(x, t, states).sample
+        for w in (0.0, 5.0, 15.0):
+            extra = C.guidance_extra(torch.full((2,), w), 16)
+            assert torch.equal(QATModel.unet(student, x, t, states, extra), ref)
+        student.time_embedding.cond_proj.weight.fill_(0.1)  # a trained embedding does change the output
+        assert not torch.allclose(QATModel.unet(student, x, t, states, extra), ref, atol=1e-4)
+
+
+def test_student_of_an_lcm_or_sdxl_teacher_is_refused():
+    lcm = _tiny_unet(time_cond_proj_dim=8)
+    with pytest.raises(UserError, match="SD 1.x / 2.x teacher"):
+        C.make_student_unet(lcm)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_solver_step_matches_diffusers_ddim_without_clipping(prediction_type):
+    """One DDIMSolver step from solver index n equals DDIMScheduler's step at the same timestep (trailing spacing over
+    the same 50 steps, the final alpha that of t = 0, no clipping), for each prediction type."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    ddpm = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    solver = C.DDIMSolver(ddpm.alphas_cumprod, 50)
+    ddim = DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type, timestep_spacing="trailing",
+                         set_alpha_to_one=False, clip_sample=False)  # fmt: skip
+    ddim.set_timesteps(50)
+    assert sorted(ddim.timesteps.tolist()) == solver.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 17, 49):
+        t = solver.timesteps[n]
+        sample = 3 * torch.randn(1, 4, 8, 8, generator=g)  # latents far outside [-1, 1]: clipping would show
+        output = torch.randn(1, 4, 8, 8, generator=g)
+        index, tt = torch.tensor([n]), t.reshape(1)
+        x0 = C.predicted_original(output, tt, sample, prediction_type, ddpm.alphas_cumprod)
+        eps = C.predicted_noise(output, tt, sample, prediction_type, ddpm.alphas_cumprod)
+        ours = solver.step(x0, eps, index)
+        theirs = ddim.step(output, int(t), sample, eta=0.0).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        assert int(solver.previous_timesteps(index)) == max(int(t) - 20, 0)
+
+
+def test_boundary_scalings_match_lcm_scheduler_and_are_the_identity_at_zero():
+    from diffusers import LCMScheduler
+
+    c_skip, c_out = C.boundary_scalings(torch.tensor([0]))
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    lcm = LCMScheduler(**SD_SCHEDULE, timestep_scaling=C.TIMESTEP_SCALING)
+    for t in (1, 19, 500, 999):
+        ours = C.boundary_scalings(torch.tensor([t]))
+        theirs = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor([t]))
+        torch.testing.assert_close(torch.cat(ours), torch.cat(theirs).float())
+
+
+def test_loss_is_finite_and_trains_only_the_student():
+    nets, scheduler = _nets()
+    latents, cond, uncond = _batch()
+    out = C.ConsistencyObjective(scheduler)(nets, latents, cond, uncond, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["loss"].item() > 0
+    assert not out["consistency_loss"].requires_grad
+    out["loss"].backward()
+    assert nets.student.time_embedding.cond_proj.weight.grad.abs().sum() > 0  # the new guidance embedding learns
+    assert all(p.grad is not None for p in nets.student.parameters())
+    assert all(p.grad is None for p in nets.teacher.parameters())
+    assert all(p.grad is None for p in nets.consistency_target.net.parameters())
+
+
+@pytest.mark.parametrize("loss_type", C.LOSS_TYPES)
+def test_loss_is_drawn_from_the_generator_only(loss_type):
+    nets, scheduler = _nets("v_prediction")
+    objective = C.ConsistencyObjective(scheduler, loss_type=loss_type)
+    latents, cond, uncond = _batch()
+
+    def loss(seed):
+        torch.manual_seed(seed)  # the global RNG must not matter
+        return objective(nets, latents, cond, uncond, torch.Generator().manual_seed(seed % 2))["loss"].item()
+
+    assert loss(0) == loss(2)
+    assert loss(0) != loss(1)
+
+
+def test_unknown_loss_type_is_a_user_error():
+    _, scheduler = _nets()
+    with pytest.raises(UserError, match="loss_type"):
+        C.ConsistencyObjective(scheduler, loss_type="l1")
+
+
+def test_target_network_is_an_ema_of_the_student_and_resumes_exactly(tmp_path):
+    nets, _ = _nets()
+    student, target = nets.student, nets.consistency_target
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [(q - p).detach().clone() for p, q in zip(student.parameters(), target.net.parameters(), strict=True)]
+    target.step()
+    after = [(q - p).detach() for p, q in zip(student.parameters(), target.net.parameters(), strict=True)]
+    for b, a in zip(before, after, strict=True):
+        torch.testing.assert_close(a, C.TARGET_DECAY * b)  # target - student shrinks by the decay each step
+    assert all(not q.requires_grad for q in target.net.parameters())
+
+    target.save(tmp_path)
+    saved = {k: v.clone() for k, v in target.state_dict().items()}
+    target.step()
+    assert any(not torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    target.load(tmp_path)
+    assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
