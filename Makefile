@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install test test-slow test-install quality format demo regression clean
+.PHONY: install test test-slow ci-test test-install quality format demo regression clean
 
 install: $(STAMP)
 
@@ -23,7 +23,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -rs -m slow
 
-# The wheel in a fresh virtualenv, run outside the checkout (marked slow: ~3 min; CI runs it within test-slow).
+# CI: the default and the slow tests in ONE session, so the session fixtures (tiny pipeline, trained run, FP32
+# export) are built once for both.
+ci-test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q -rs -m "slow or not slow" --durations=30
+
+# The wheel in a fresh virtualenv, run outside the checkout (marked slow: ~3 min; CI runs it within ci-test).
 test-install: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -rs -m slow tests/test_install.py
 
@@ -38,7 +43,7 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/ov-sd demo --output $(DEMO_DIR)
 
-# QAT (short) + export + optimum PTQ + eval + small bench of the reference model, checked against
+# QAT (short) + export + optimum-intel's PTQ peers + eval of the reference model, checked against
 # ov_sd_trainer/eval/regression_thresholds.json; exits non-zero on a failed stage or check.
 regression: $(STAMP)
 	$(OFFLINE) OMP_NUM_THREADS=1 $(VENV)/bin/ov-sd regression --output outputs/regression
