@@ -122,7 +122,9 @@ class TinyDecoder(nn.Module):
         try:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"{str(folder)!r} holds no tiny decoder (config.json: {e}); pass a train-decoder output")
+            raise UserError(
+                f"{str(folder)!r} holds no tiny decoder (config.json: {e}); pass a train-decoder output"
+            ) from None
         if config.get("format") != FORMAT:
             raise UserError(f"{str(folder)!r}: config.json is not a tiny decoder's (format {config.get('format')!r})")
         model = cls(config)
