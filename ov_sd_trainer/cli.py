@@ -3,7 +3,8 @@
 Each command lives in the module of its pipeline stage, which exposes `add_arguments(parser)` and `main(args)`; this
 file only dispatches (importing just the chosen command's module) and owns the one error path: bad input is printed
 as one line `ov-sd: error: ...` with exit status 2. Options are written `--kebab-case`; every command also accepts
-the underscore spelling (`--max_steps`, the QATConfig field names that recipes use).
+the underscore spelling (`--max_steps`, the QATConfig field names that recipes use). Output is quiet by default
+(`logs.configure`); `--verbose`, before or after the command, shows every library's warnings and logs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from . import logs
 from .errors import UserError
 
 # name -> (module, one-line help), grouped by pipeline stage
@@ -93,6 +95,7 @@ def _entry(command: str):
 def build_parser(command: str | None = None) -> Parser:
     """The `ov-sd` parser; only `command`'s module is imported to add its options (the rest stay lazy)."""
     p = Parser(prog="ov-sd", description=__doc__.split("\n\n")[0])
+    p.add_argument(logs.VERBOSE_FLAG, action="store_true", help=logs.VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name, (_, help_text) in COMMANDS.items():
         if name != command or command is None:
@@ -101,6 +104,8 @@ def build_parser(command: str | None = None) -> Parser:
         module, add, _ = _entry(name)
         passes_through = getattr(module, "PASSES_UNKNOWN_ARGS", False)  # train: its own HfArgumentParser
         s = sub.add_parser(name, help=help_text, description=help_text, add_help=not passes_through)
+        # also after the command; SUPPRESS keeps the subparser from resetting a --verbose given before it
+        s.add_argument(logs.VERBOSE_FLAG, action="store_true", default=argparse.SUPPRESS, help=logs.VERBOSE_HELP)
         add(s)
     return p
 
@@ -108,6 +113,9 @@ def build_parser(command: str | None = None) -> Parser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the root parser has no option with a value
+    # Before the parser is built: building it imports the command's module, and some libraries speak as they import.
+    # The parser then takes --verbose as a flag (so it does not reach the command's own options).
+    logs.configure(verbose=logs.VERBOSE_FLAG in argv)
     try:
         parser = build_parser(command)
         args, extra = parser.parse_known_args(argv)
