@@ -1,1 +1,16 @@
 """Session fixtures shared by the export, eval and bench tests (registered by conftest.py's `pytest_plugins`)."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tmp_path_factory, tiny_pipeline):
+    """optimum-intel's FP32 OpenVINO export of `tiny_pipeline`, made once for the session: the export every test that
+    needs one reads (parity, `ov-sd generate` on an optimum folder, `ov-sd eval` variants, `ov-sd bench`'s
+    openvino-fp32). It is `eval.bench.prepare.export_openvino_fp32`: optimum's export plus the GenAI tokenizer files,
+    as every OpenVINO folder the project writes. Read-only: a test that writes into an export copies it first."""
+    from ov_sd_trainer.eval.bench.prepare import export_openvino_fp32
+
+    out = tmp_path_factory.mktemp("fp32-export") / "openvino-fp32"
+    export_openvino_fp32(str(tiny_pipeline), out)
+    return out

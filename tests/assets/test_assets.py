@@ -112,21 +112,21 @@ def test_tiny_pipeline_structure_and_tokenizer(tiny_dir):
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
 
 
-def test_tiny_pipeline_exports_to_openvino(tiny_dir, tmp_path):
+def test_tiny_pipeline_exports_to_openvino(fp32_export, tmp_path):
+    """optimum-intel's export of the tiny pipeline (the session's `fp32_export`) loads, reshapes and generates."""
     from optimum.intel import OVStableDiffusionPipeline
 
-    pipe = OVStableDiffusionPipeline.from_pretrained(tiny_dir, export=True, compile=False)
+    for sub in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
+        assert (fp32_export / sub / "openvino_model.xml").is_file()
+    pipe = OVStableDiffusionPipeline.from_pretrained(fp32_export, compile=False)
     pipe.reshape(batch_size=1, height=64, width=64, num_images_per_prompt=1)
     pipe.compile()
     image = pipe("a green square on a white background", num_inference_steps=3).images[0]
     assert image.size == (64, 64)
-    pipe.save_pretrained(tmp_path / "ov")
-    for sub in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
-        assert (tmp_path / "ov" / sub / "openvino_model.xml").is_file()
     # `ov-sd generate` reads any optimum-intel export, at the size the model was made for
     from ov_sd_trainer.eval.generate import generate
 
-    info = generate(str(tmp_path / "ov"), "a red circle on a blue background", str(tmp_path / "g.png"), steps=2)
+    info = generate(str(fp32_export), "a red circle on a blue background", str(tmp_path / "g.png"), steps=2)
     assert (tmp_path / "g.png").is_file() and (info["height"], info["width"]) == (64, 64) and info["step_s"] > 0
 
 

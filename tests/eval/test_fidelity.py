@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from ov_sd_trainer import cli
-from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+from ov_sd_trainer.assets.builders import TinySDConfig
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.eval import fidelity, metrics, report, stats
 
-SIDE = 32  # tiny: 8x8 latents, fast
+SIDE = TinySDConfig().resolution  # the session's tiny pipeline (conftest.py): 64 px, 16x16 latents
 EVAL_ARGS = ["--steps", "3", "--seeds", "2", "--subset", "4", "--batch-size", "4", "--unet-samples", "4",
              "--grid-samples", "3", "--grid-scale", "1", "--threads", "1", "--no-progress"]  # fmt: skip
 CARD = (
@@ -40,19 +40,15 @@ def _tiny_clip(folder):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny diffusers pipeline (the teacher), its OpenVINO FP32 export (`fp`, with a model card) and the same
-    export with 8-bit weights (`w8`, NNCF weight compression: a variant that really differs)."""
+def setup(tmp_path_factory, tiny_pipeline, fp32_export):
+    """The session's tiny diffusers pipeline (the teacher), a copy of its OpenVINO FP32 export (`fp`, given a model
+    card) and the same export with 8-bit weights (`w8`, NNCF weight compression: a variant that really differs)."""
     import nncf
     import openvino as ov
-    from optimum.intel import OVStableDiffusionPipeline
 
     root = tmp_path_factory.mktemp("eval")
-    base = root / "base"
-    build_tiny_pipeline(base, TinySDConfig(resolution=SIDE, seed=3))
-    pipe = OVStableDiffusionPipeline.from_pretrained(base, export=True, compile=False)
-    pipe.save_pretrained(root / "fp")
-    del pipe
+    base = tiny_pipeline  # read only: the card updates and bad-input cases write into the copies below
+    shutil.copytree(fp32_export, root / "fp")
     (root / "fp" / "README.md").write_text(CARD)
     shutil.copytree(root / "fp", root / "w8")
     xml = root / "w8" / "unet" / "openvino_model.xml"
@@ -203,16 +199,19 @@ def test_write_outputs_is_atomic(setup, tmp_path, monkeypatch):
 
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     root, base = setup["root"], str(setup["base"])
-    bad_res = tmp_path / "res64"
+    bad_res = tmp_path / "twice-size"
     shutil.copytree(root / "fp", bad_res)
     cfg_file = bad_res / "unet" / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["sample_size"] *= 2  # this export claims 64 px images
+    cfg["sample_size"] *= 2  # this export claims images twice the reference's size
     cfg_file.write_text(json.dumps(cfg))
     cases = [
         (["--reference", base, "--model", str(tmp_path / "nope")], "folder does not exist"),
         (["--reference", base, "--model", base], "not an OpenVINO pipeline folder"),
-        (["--reference", base, "--model", str(bad_res)], "made for 64x64 px images, the reference for 32x32"),
+        (
+            ["--reference", base, "--model", str(bad_res)],
+            f"made for {2 * SIDE}x{2 * SIDE} px images, the reference for {SIDE}x{SIDE}",
+        ),
         (["--reference", str(tmp_path / "nope"), "--model", str(root / "fp")], "does not exist"),
         (["--reference", str(root / "fp"), "--model", str(root / "w8")], "is an OpenVINO folder"),
         (["--reference", base, "--model", f"a={root / 'fp'}", "--model", f"a={root / 'w8'}"], "used twice"),
