@@ -5,7 +5,7 @@ with nothing read from the repository.
 The wheel is built once from the checkout; the new virtualenv sees the already-installed dependencies through a
 path entry (the test environment's site-packages, whose own .pth files, such as the editable install's finder, are
 not run), so nothing is downloaded. About 3 minutes on 2 cores, so it is marked `slow`: `make test-install` runs it,
-and CI runs that after `make test`."""
+and CI runs it with every other test (`make ci-test`)."""
 
 import json
 import os
