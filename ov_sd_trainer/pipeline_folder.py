@@ -26,6 +26,7 @@ Folders written by this project carry one file that says who wrote them: `result
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -145,12 +146,66 @@ def written_by(folder: str | Path) -> str | None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_pipeline_source(name_or_path: str) -> None:
-    """Fail early with a clear message for a local path that is missing or not an SD pipeline.
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a model argument is taken for a Hub id: it does not look like a local path and has at most one `/`."""
+    return not (looks_local(name_or_path) or name_or_path.count("/") > 1)
 
-    Anything that does not look like a local path is taken for a Hub id and left to diffusers."""
+
+def check_model_source(name_or_path: str, revision: str | None = None) -> None:
+    """The check every pipeline load starts with (`load_pipeline`, `load_ov_pipeline`, the PTQ peer's load): a local
+    folder must be a Stable Diffusion pipeline folder, diffusers or OpenVINO (`check_pipeline_source`); anything else is
+    a Hub id (`check_hub_id`)."""
+    if is_hub_id(name_or_path):
+        check_hub_id(name_or_path, revision)
+    else:
+        check_pipeline_source(name_or_path)
+
+
+def check_hub_id(repo_id: str, revision: str | None = None) -> None:
+    """A well-formed Hub id, and offline (`HF_HUB_OFFLINE=1`) one whose pipeline is in the Hugging Face cache: without
+    this, diffusers and optimum-intel fail with a `LocalEntryNotFoundError` / `OSError` traceback."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(
+            f"model {repo_id!r} is neither a folder nor a valid Hub id ({str(e).splitlines()[0]}); pass a pipeline "
+            "folder or a Hub id"
+        ) from e
+    cached = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    if constants.HF_HUB_OFFLINE and not isinstance(cached, str):
+        raise UserError(
+            f"model {repo_id!r} is neither a local folder nor a Hub model in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it; pass a pipeline folder, or download it first (`hf download {repo_id}`)"
+        )
+
+
+@contextlib.contextmanager
+def hub_load_errors(name_or_path: str):
+    """Around a `from_pretrained` of `name_or_path`: a Hub id whose files cannot be had (no such repo or revision, a
+    gated one, no network) is a one-line error; a local folder's errors pass as they are."""
+    if not is_hub_id(name_or_path):
+        yield
+        return
+    import httpx  # huggingface_hub's HTTP client: a failed connection is its ConnectError, not an OSError
+
+    try:
+        yield
+    except (OSError, httpx.HTTPError) as e:  # huggingface_hub's errors and diffusers' wrappings are OSErrors
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"cannot load the Hub model {name_or_path!r}: {reason}") from e
+
+
+def check_pipeline_source(name_or_path: str) -> None:
+    """Fail early with a clear message for a local path that is missing or not an SD pipeline (diffusers or
+    OpenVINO: both list the components in model_index.json).
+
+    Anything that does not look like a local path is taken for a Hub id and left to `check_hub_id`."""
     path = Path(name_or_path).expanduser()
-    if not (looks_local(name_or_path) or name_or_path.count("/") > 1):
+    if is_hub_id(name_or_path):
         return
     if not path.exists():
         raise UserError(f"model path {name_or_path!r} does not exist; pass a diffusers pipeline folder or a Hub id")
@@ -165,6 +220,13 @@ def check_pipeline_source(name_or_path: str) -> None:
     if missing:
         raise UserError(f"{name_or_path!r} is not a Stable Diffusion pipeline: model_index.json lacks {missing}")
     families.pipeline_class_name(components)  # a supported family
+
+
+def check_image_size(height: int | None, width: int | None) -> None:
+    """An image size a pipeline can generate: positive multiples of 8 (diffusers' rule; None: the model's own)."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
+            raise UserError(f"--{name} {value!r}: must be a positive multiple of 8 (the VAE factor)")
 
 
 def pipeline_class_name(folder: str | Path) -> str:
@@ -332,16 +394,17 @@ def load_pipeline(name_or_path: str, revision: str | None = None, dtype=None):
     """A diffusers pipeline of a supported family (`StableDiffusionPipeline`, `LatentConsistencyModelPipeline`,
     `StableDiffusionXLPipeline`) from
     a local folder or a Hub id, by the class its model_index.json names (FP32 unless `dtype`)."""
+    check_model_source(name_or_path, revision)  # before the imports: a bad argument fails in a second
     import torch
     from diffusers import DiffusionPipeline
 
-    check_pipeline_source(name_or_path)
     no_checker = dict(safety_checker=None, requires_safety_checker=False)
     if Path(name_or_path).expanduser().is_dir() and pipeline_class_name(name_or_path) == "StableDiffusionXLPipeline":
         no_checker = {}  # SDXL has no safety checker (diffusers warns about the keywords)
-    pipe = DiffusionPipeline.from_pretrained(
-        name_or_path, revision=revision, torch_dtype=dtype or torch.float32, **no_checker
-    )
+    with hub_load_errors(name_or_path):
+        pipe = DiffusionPipeline.from_pretrained(
+            name_or_path, revision=revision, torch_dtype=dtype or torch.float32, **no_checker
+        )
     families.pipeline_class_name({"_class_name": type(pipe).__name__})  # a Hub model's class, checked once known
     families.check_unet_config(pipe.unet.config)
     return pipe
@@ -355,15 +418,15 @@ def load_ov_pipeline(model: str | Path, height: int, width: int, batch_size: int
     A diffusers folder or Hub id is exported to OpenVINO on the fly (`export=True`). The UNet's static batch is
     twice the prompt batch (classifier-free guidance) unless `guidance_scale` <= 1 (no CFG: SD-Turbo at guidance 0)
     or the UNet is an LCM's (its guidance is an input, `timestep_cond`)."""
+    check_model_source(str(model))  # and a supported family, before the slow import and load
     from optimum.intel import OVDiffusionPipeline
 
     model = str(Path(model).resolve()) if Path(model).expanduser().exists() else str(model)  # not read as a Hub id
     if export is None:
         export = not is_openvino_folder(model)
-    if Path(model).is_dir():
-        pipeline_class_name(model)  # a supported family, before the slow load
     kwargs = {"ov_config": ov_config} if ov_config else {}
-    pipe = OVDiffusionPipeline.from_pretrained(model, export=export, compile=False, **kwargs)
+    with hub_load_errors(model):
+        pipe = OVDiffusionPipeline.from_pretrained(model, export=export, compile=False, **kwargs)
     families.pipeline_class_name({"_class_name": type(pipe).auto_model_class.__name__})
     pipe.reshape(batch_size=batch_size, height=height, width=width, num_images_per_prompt=1)
     if guidance_scale is not None and guidance_scale <= 1:

@@ -1,7 +1,8 @@
 """Bad input: a clear one-line error naming the problem, exit status 2, and no partial output.
 
 Each case runs the real entry point (`ov-sd`'s main, which `train.py` and `python -m ov_sd_trainer.train` call)
-in-process."""
+in-process. Every case fails before anything is trained or loaded (the suite runs offline: conftest sets
+HF_HUB_OFFLINE)."""
 
 import json
 from pathlib import Path
@@ -65,13 +66,15 @@ def cases(tiny: Path, tmp: Path):
         ("non-empty output without --overwrite", base + ["--output_dir", str(nonempty)], "pass --overwrite true"),
         ("resume from incomplete checkpoint", base + ["--resume_from_checkpoint", str(incomplete)], "is incomplete"),
         ("unknown flag", base + ["--learning_rat", "1"], "unrecognized arguments"),
+        ("output_dir is a file", ["--recipe", "reference-int8", "--output_dir", write(tmp / "run.txt", "a file")], "is a file"),
+        ("max_steps below -1", base + ["--max_steps", "-5"], "max_steps=-5"),
     ]  # fmt: skip
 
 
 def test_train_bad_inputs(tiny, tmp_path, capsys):
     failures = []
     all_cases = cases(tiny, tmp_path)
-    assert len(all_cases) >= 15
+    assert len(all_cases) >= 18
     for name, argv, fragment in all_cases:
         out = tmp_path / f"out-{name.replace(' ', '_')}"
         if "--output_dir" not in argv:
@@ -87,6 +90,47 @@ def test_train_bad_inputs(tiny, tmp_path, capsys):
         after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
         if any(after.get(p) != t for p, t in before.items()):
             failures.append(f"{name}: changed an existing file")
+    assert not failures, "\n".join(failures)
+
+
+UNCACHED = "nor a Hub model in the Hugging Face cache"  # pipeline_folder.check_hub_id, offline
+
+
+def load_cases(tiny: Path, tmp: Path):
+    """Commands that load a pipeline, each through pipeline_folder: (id, argv, expected message fragment)."""
+    gen = ["generate", "--prompt", "hi", "--output", "x.png"]
+    not_sd = tmp / "not_sd"
+    not_sd.mkdir()
+    return [
+        ("generate: no such model", gen + ["--model", "nope"], UNCACHED),
+        ("generate: uncached Hub id", gen + ["--model", "someone/some-model"], UNCACHED),
+        ("generate: missing folder", gen + ["--model", str(tmp / "nope")], "does not exist"),
+        ("generate: not a pipeline", gen + ["--model", str(not_sd)], "no model_index.json"),
+        ("generate: steps 0", gen + ["--model", str(tiny), "--steps", "0"], "--steps must be at least 1"),
+        ("generate: height 0", gen + ["--model", str(tiny), "--height", "0"], "--height 0: must be a positive multiple of 8"),
+        ("generate: genai, missing folder", gen + ["--runtime", "genai", "--model", "nope"], "does not exist"),
+        ("generate --backend pytorch: no such model", gen + ["--backend", "pytorch", "--model", "nope"], UNCACHED),
+        ("ptq: no such model", ["ptq", "--model", "nope", "--mode", "hybrid", "--output", "o"], UNCACHED),
+        ("quality: no such model", ["quality", "--model", "nope"], UNCACHED),
+        ("quality --backend openvino: uncached Hub id", ["quality", "--backend", "openvino", "--model", "someone/some-model"], UNCACHED),
+        ("eval: missing reference", ["eval", "--reference", "nope", "--model", "nope", "--output", "e"], "does not exist"),
+        ("deepcache: not a diffusers folder", ["deepcache", "--fp32", "nope", "--model", "nope"], "is not a diffusers pipeline folder"),
+        ("export: missing checkpoint", ["export", "--checkpoint", "nope", "--output", "ex"], "does not exist"),
+    ]  # fmt: skip
+
+
+def test_load_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs (x.png, o, e, ex) would land here
+    failures = []
+    for name, argv, fragment in load_cases(tiny, tmp_path):
+        before = set(tmp_path.rglob("*"))
+        rc = cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        last = err[-1] if err else ""
+        if rc != 2 or not last.startswith("ov-sd: error:") or fragment not in last:
+            failures.append(f"{name}: rc={rc} last line={last!r}")
+        if set(tmp_path.rglob("*")) != before:
+            failures.append(f"{name}: wrote {sorted(map(str, set(tmp_path.rglob('*')) - before))}")
     assert not failures, "\n".join(failures)
 
 

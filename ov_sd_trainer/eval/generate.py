@@ -20,11 +20,12 @@ import torch
 from ..errors import UserError
 from ..pipeline_folder import (
     check_genai_folder,
+    check_image_size,
+    check_model_source,
     is_diffusers_folder,
     is_openvino_pipeline,
     load_ov_pipeline,
     load_pipeline,
-    looks_local,
     native_size,
     openvino_addon_pip_hint,
     pipeline_class_name,
@@ -77,15 +78,20 @@ def generate(
 
     `runtime` (backend openvino only): "optimum" (`OVStableDiffusionPipeline`) or "genai" (OpenVINO GenAI's
     `Text2ImagePipeline`; the folder must hold the tokenizer IRs, `pipeline_folder.check_genai_folder`)."""
-    if not Path(model).expanduser().exists() and looks_local(model):
-        raise UserError(f"model {model!r} does not exist; pass an OpenVINO or diffusers pipeline folder or a Hub id")
     out = Path(output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output {output!r} must end in .png or .jpg")
+    if out.is_dir():
+        raise UserError(f"--output {output!r} is a folder; pass an image file path")
     if backend not in BACKENDS:
         raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
     if runtime not in RUNTIMES:
         raise UserError(f"runtime {runtime!r} is unknown; use {' or '.join(RUNTIMES)}")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    check_image_size(height, width)
+    if runtime == "optimum":  # GenAI runs local OpenVINO folders only: `_generate_genai` checks those
+        check_model_source(model)
     if negative_prompt is not None and Path(model).expanduser().is_dir():
         if pipeline_class_name(Path(model).expanduser()) == "LatentConsistencyModelPipeline":
             raise UserError(

@@ -41,7 +41,9 @@ from ..outputs import atomic_output_dir, check_output_dir
 from ..pipeline_folder import (
     PTQ_INFO_FILE,
     UNET_XML,
-    check_pipeline_source,
+    check_image_size,
+    check_model_source,
+    hub_load_errors,
     is_openvino_folder,
     write_genai_files,
 )
@@ -74,9 +76,7 @@ def _check_args(calibration_prompts, num_samples, steps, height, width, guidance
         raise UserError(f"num_samples must be a positive integer (UNet calls to record), got {num_samples!r}")
     if not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
-            raise UserError(f"{name}={value!r}: must be a positive multiple of 8 (the VAE factor)")
+    check_image_size(height, width)
     if guidance_scale < 0:
         raise UserError(f"guidance_scale must be >= 0, got {guidance_scale}")
     if other_components not in OTHER_COMPONENTS:
@@ -89,16 +89,17 @@ def load_ov_pipeline_for_ptq(model: str | Path, ov_config: dict | None = None):
     (`OVDiffusionPipeline` picks it: `OVStableDiffusionPipeline`, `OVStableDiffusionXLPipeline`, ...): an OpenVINO
     folder as it is, a diffusers folder or Hub id exported by optimum-intel (FP32 IR: `load_in_8bit=False`, else
     optimum compresses the weights of a model over 1 B parameters, SDXL's UNet, to int8)."""
+    model = str(model)
+    check_model_source(model)  # missing folder, not a pipeline, uncached Hub id: one line before the slow load
     from optimum.intel import OVDiffusionPipeline
 
-    model = str(model)
     path = Path(model).expanduser()
     if is_openvino_folder(path):
         return OVDiffusionPipeline.from_pretrained(str(path.resolve()), compile=False, ov_config=ov_config)
-    check_pipeline_source(model)  # missing folder / not a pipeline: a one-line error before the slow export
     source = str(path.resolve()) if path.exists() else model  # a relative folder must not read as a Hub id
-    return OVDiffusionPipeline.from_pretrained(source, export=True, compile=False, ov_config=ov_config,
-                                               load_in_8bit=False)  # fmt: skip
+    with hub_load_errors(model):
+        return OVDiffusionPipeline.from_pretrained(source, export=True, compile=False, ov_config=ov_config,
+                                                   load_in_8bit=False)  # fmt: skip
 
 
 def default_calibration_size(pipe) -> tuple[int, int]:
@@ -190,6 +191,15 @@ def quantize_pipeline_int8(
     `other_components`: "fp32" (text encoder and VAE untouched) or "int8-weights" (optimum's pipeline default).
     `ov_config`: OpenVINO compile properties for the calibration runs (e.g. {"INFERENCE_NUM_THREADS": 1}).
     The settings, timings and sizes go to `ptq_info.json` in the folder. Returns the folder."""
+    prompts = _check_args(calibration_prompts, num_samples, steps, height, width, guidance_scale, other_components)
+    if mode not in MODES:
+        raise UserError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "hybrid" and smooth_quant_alpha is not None:
+        raise UserError("smooth_quant_alpha applies to mode=full only (hybrid keeps the linear layers' inputs float)")
+    if smooth_quant_alpha is not None and smooth_quant_alpha != -1 and not 0 <= smooth_quant_alpha <= 1:
+        raise UserError(f"smooth_quant_alpha={smooth_quant_alpha}: must be -1 (off) or between 0 and 1")
+    check_output_dir(output_dir, overwrite)  # fail before the slow imports, load and calibration
+    check_model_source(str(model))  # (the load checks it too; here before the imports)
     import nncf
     import openvino as ov
     from optimum.intel import (
@@ -201,14 +211,6 @@ def quantize_pipeline_int8(
     )
     from optimum.intel.openvino.quantization import OVCalibrationDataset
 
-    prompts = _check_args(calibration_prompts, num_samples, steps, height, width, guidance_scale, other_components)
-    if mode not in MODES:
-        raise UserError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "hybrid" and smooth_quant_alpha is not None:
-        raise UserError("smooth_quant_alpha applies to mode=full only (hybrid keeps the linear layers' inputs float)")
-    if smooth_quant_alpha is not None and smooth_quant_alpha != -1 and not 0 <= smooth_quant_alpha <= 1:
-        raise UserError(f"smooth_quant_alpha={smooth_quant_alpha}: must be -1 (off) or between 0 and 1")
-    check_output_dir(output_dir, overwrite)  # fail before the slow load and calibration
     t0 = time.perf_counter()
     pipe = load_ov_pipeline_for_ptq(model, ov_config)
     if "nncf" in pipe.unet.model.get_rt_info():
