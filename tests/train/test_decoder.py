@@ -1,0 +1,167 @@
+"""The distilled tiny VAE decoder: training beats an untrained decoder, resume is exact, the export is the folder's
+`vae_decoder` in optimum's and GenAI's pipelines (fed the right latent scale), switching works, recipes load, bad
+input is a one-line error."""
+
+import json
+import shutil
+
+import numpy as np
+import openvino_genai
+import pytest
+import torch
+
+from ov_sd_trainer.errors import UserError
+from ov_sd_trainer.export import tiny_decoder as export
+from ov_sd_trainer.pipeline_folder import load_ov_pipeline
+from ov_sd_trainer.train import decoder
+
+SIZE, STEPS, GUIDANCE, SEED = 64, 3, 7.5, 3
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+PROMPT = "a red circle on a blue background"
+# Trained 40 steps on the tiny test pipeline's (random) VAE, the held-out PSNR against it rose from 4.6 dB to 15.4 dB
+# (measured); an untrained decoder or a broken objective stays near the untrained value.
+MIN_GAIN_DB = 4.0
+# The same tiny IR fed by optimum and by GenAI (same UNet, scheduler, initial latents, f32): GenAI truncates to 8 bits
+# where diffusers rounds (~51 dB, tests/export/test_genai.py); a decoder fed the wrong latent scale is far below.
+MIN_RUNTIME_AGREEMENT_DB = 35.0
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / max(mse, 1e-12)))
+
+
+def train_args(base, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(base), "--dataset_name", "synthetic:48", "--output_dir", str(out),
+        "--held_out_samples", "8", "--per_device_train_batch_size", "8", "--decoder_width", "16", "--use_cpu", "true", "--disable_tqdm",
+        "true", "--logging_steps", "10", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-decoder") / "run"
+    cfg, recipe = decoder.parse_decoder_config(train_args(tiny_pipeline, out, "--max_steps", "40", "--save_steps",
+                                                          "20", "--learning_rate", "1e-3"))  # fmt: skip
+    decoder.run(cfg, recipe)
+    return out
+
+
+def test_trained_decoder_beats_an_untrained_one(trained):
+    info = json.loads((trained / "final" / decoder.TRAINING_INFO_FILE).read_text())
+    gain = info["held_out_trained"]["psnr"] - info["held_out_untrained"]["psnr"]
+    assert gain > MIN_GAIN_DB, info["held_out_untrained"] | {"trained": info["held_out_trained"]}
+    assert (trained / "loss.png").is_file()
+    assert (trained / "checkpoint-20" / "checkpoint_complete.json").is_file()
+    tiny = decoder.TinyDecoder.load(decoder.find_decoder_folder(trained))
+    assert tiny.config["num_blocks"] == [3, 3, 1]  # the tiny VAE's factor 4: two upsampling stages
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in tiny.modules())
+
+
+def test_resume_is_exact(tiny_pipeline, tmp_path):
+    """Stopped after checkpoint-2 and resumed: the same weights as one run of 4 steps (posterior draws, data order,
+    discriminator and EMA included)."""
+    extra = ["--max_steps", "4", "--save_steps", "2", "--adversarial_weight", "0.1", "--perceptual_weight", "0.1"]
+    cfg, _ = decoder.parse_decoder_config(train_args(tiny_pipeline, tmp_path / "a", *extra))
+    decoder.run(cfg)
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    cfg, _ = decoder.parse_decoder_config(
+        train_args(tiny_pipeline, tmp_path / "b", *extra, "--resume_from_checkpoint", "latest")
+    )
+    decoder.run(cfg)
+    a = decoder.TinyDecoder.load(tmp_path / "a" / "final" / "tiny_decoder").state_dict()
+    b = decoder.TinyDecoder.load(tmp_path / "b" / "final" / "tiny_decoder").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = decoder.TinyDecoder.load(tmp_path / "a" / "checkpoint-2" / "tiny_decoder").state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the control: two more steps changed the weights
+
+
+@pytest.fixture(scope="module")
+def folder(qat_run, trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-decoder-export") / "ov"
+    shutil.copytree(qat_run["ov"], out)
+    export.add_tiny_decoder(out, trained)
+    return out
+
+
+def optimum_image(pipe, output_type="pil"):
+    latents = torch.randn((1, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(SEED))
+    out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, latents=latents,
+               output_type=output_type)  # fmt: skip
+    return out.images[0] if output_type == "pil" else out.images
+
+
+def genai_image(folder):
+    pipe = openvino_genai.Text2ImagePipeline(str(folder), "CPU", **F32)
+    out = pipe.generate(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                        generator=openvino_genai.TorchGenerator(SEED))  # fmt: skip
+    return out.data[0]
+
+
+def test_export_both_decoders_in_optimum_and_genai(folder, trained):
+    record = json.loads((folder / export.RECORD_FILE).read_text())
+    assert record["active"] == "tiny" and (folder / "vae_decoder_full" / "openvino_model.xml").is_file()
+    assert "## VAE decoder" in (folder / "README.md").read_text()
+    pipe = load_ov_pipeline(folder, SIZE, SIZE, ov_config=F32)
+    tiny_image = np.array(optimum_image(pipe))
+    # The IR gets what optimum feeds it (latents / scaling_factor) and must give the torch decoder's image of the
+    # UNet's latents themselves.
+    latents = torch.from_numpy(np.asarray(optimum_image(pipe, "latent"))).float()
+    with torch.no_grad():
+        torch_tiny = decoder.TinyDecoder.load(decoder.find_decoder_folder(trained))(latents)[0]
+    torch_image = ((torch_tiny.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert psnr(tiny_image, torch_image) > 45
+    assert psnr(genai_image(folder), tiny_image) > MIN_RUNTIME_AGREEMENT_DB
+
+    export.activate_decoder(folder, "full")
+    assert export.active_decoder(folder) == "full" and (folder / "vae_decoder_tiny").is_dir()
+    assert "vae_decoder_tiny/" in (folder / "README.md").read_text()
+    full_image = np.array(optimum_image(load_ov_pipeline(folder, SIZE, SIZE, ov_config=F32)))
+    assert psnr(genai_image(folder), full_image) > MIN_RUNTIME_AGREEMENT_DB
+    assert psnr(full_image, tiny_image) < 40  # the control: the two decoders differ
+    export.activate_decoder(folder, "tiny")
+
+
+def test_int8_weights_export_keeps_the_image(folder, trained):
+    f32_psnr = json.loads((folder / export.RECORD_FILE).read_text())["tiny"]["held_out_psnr_vs_full_db"]
+    record = export.add_tiny_decoder(folder, trained, int8="weights")
+    assert record["active"] == "tiny" and record["tiny"]["int8"] == "weights"
+    assert abs(record["tiny"]["held_out_psnr_vs_full_db"] - f32_psnr) < 1.0
+
+
+@pytest.mark.parametrize("name", sorted(decoder.shipped_recipes()))
+def test_shipped_recipes_load(name, tmp_path):
+    cfg, recipe = decoder.parse_decoder_config(["--recipe", name, "--output_dir", str(tmp_path)])
+    assert recipe and all(getattr(cfg, k) == v for k, v in recipe.items() if k != "report_to")
+
+
+def test_bad_input(folder, trained, tmp_path, tiny_pipeline):
+    cases = [
+        (["--perceptual_weight", "-1"], "must be >= 0"),
+        (["--pixel_weight", "0"], "both 0"),
+        (["--held_out_samples", "0"], "held_out_samples"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(UserError, match=message):
+            decoder.parse_decoder_config(["--output_dir", str(tmp_path), *argv])
+    bad_recipe = tmp_path / "r.json"
+    bad_recipe.write_text(json.dumps({"perceptual_wieght": 1.0}))
+    with pytest.raises(UserError, match="unknown key"):
+        decoder.parse_decoder_config(["--recipe", str(bad_recipe), "--output_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="exists and is not empty"):
+        decoder.run(decoder.parse_decoder_config(train_args(tiny_pipeline, trained))[0])
+    with pytest.raises(UserError, match="not an OpenVINO pipeline folder"):
+        export.add_tiny_decoder(tiny_pipeline, trained)
+    with pytest.raises(UserError, match="no trained tiny decoder"):
+        export.add_tiny_decoder(folder, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(decoder.find_decoder_folder(trained), other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"scaling_factor": 2 * config["scaling_factor"]}))
+    with pytest.raises(UserError, match="trained for another VAE"):
+        export.add_tiny_decoder(folder, other)
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("vae_decoder_*", export.RECORD_FILE))
+    with pytest.raises(UserError, match="no tiny decoder"):
+        export.activate_decoder(bare, "tiny")
