@@ -517,6 +517,8 @@ def build(cfg: DecoderConfig):
     path = resolve_model_path(cfg.pretrained_model_name_or_path)
     pipe = load_pipeline(path, revision=cfg.revision)
     vae = pipe.vae.to(cfg.device)
+    if cfg.sampling_endpoints:  # the teacher samples on the training device too
+        pipe.to(cfg.device)
     if type(vae).__name__ != "AutoencoderKL":
         raise UserError(f"{path!r} has a {type(vae).__name__}; train-decoder distils an AutoencoderKL's decoder")
     factor = pipe.vae_scale_factor
@@ -543,6 +545,8 @@ def build(cfg: DecoderConfig):
         captions = [captions[i % len(captions)] for i in range(cfg.sampling_endpoints)]
         ends = sampling_endpoints(pipe, captions, cfg.endpoint_steps, cfg.endpoint_guidance_scale, resolution, cfg.seed)
         mean, std = torch.cat([mean, ends]), torch.cat([std, torch.zeros_like(ends)])
+        pipe.unet.to("cpu")  # only the VAE is needed from here on
+        pipe.text_encoder.to("cpu")
     logger.info("encoded %d training latents in %.1f s", len(mean), time.perf_counter() - t0)
     student = TinyDecoder(decoder_config(vae.config, cfg.decoder_width, cfg.decoder_blocks)).to(cfg.device)
     objective = DecoderDistillation(vae, student, cfg.pixel_weight, cfg.perceptual_weight, cfg.adversarial_weight)
