@@ -406,7 +406,7 @@ def few_step_gap(student, pipe, gap_set: GapSet, steps: int = GAP_STEPS,
                  num_ddim_timesteps: int = NUM_DDIM_TIMESTEPS) -> dict[str, float]:  # fmt: skip
     """The student's `steps`-step samples of `gap_set` against the teacher's ODE endpoints: `latent_mse` and
     `psnr` (dB, decoded images in [0, 1], pooled over the set). `pipe`: the teacher's pipeline (its VAE, scheduler)."""
-    from torchmetrics.functional import peak_signal_noise_ratio
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
     from .rollouts import decode, to_unit
 

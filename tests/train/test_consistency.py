@@ -158,3 +158,67 @@ def test_target_network_is_an_ema_of_the_student_and_resumes_exactly(tmp_path):
     assert any(not torch.equal(saved[k], v) for k, v in target.state_dict().items())
     target.load(tmp_path)
     assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
+
+
+def test_quantized_student_trains_its_quantizers_and_the_target_follows_them():
+    """QAT: the student is an NNCF-quantized copy of the consistency student; the loss reaches its quantizer ranges
+    and the target network is a quantized copy whose ranges are averaged too."""
+    from ov_sd_trainer.compress import quantize
+
+    nets, scheduler = _nets()
+    latents, cond, uncond = _batch()
+    extra = C.guidance_extra(torch.tensor([5.0, 9.0]), nets.student.config.time_cond_proj_dim)
+    calibration = [{"sample": latents, "timestep": torch.tensor([500, 20]), "encoder_hidden_states": cond, **extra}]
+    student = quantize.quantize_unet(nets.student, calibration)
+    nets.student, nets.consistency_target = student, C.ConsistencyTarget(student)
+    target = nets.consistency_target.net
+    assert quantize.count_quantizers(target) == quantize.count_quantizers(student) > 0
+
+    out = C.ConsistencyObjective(scheduler)(nets, latents, cond, uncond, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    ranges = quantize.quantizer_parameters(student)
+    assert all(p.grad is not None for _, p in ranges) and any(p.grad.abs().sum() > 0 for _, p in ranges)
+    with torch.no_grad():
+        for _, p in ranges:
+            p.add_(1.0)
+    nets.consistency_target.step()
+    for (_, p), (_, q) in zip(ranges, quantize.quantizer_parameters(target), strict=True):
+        torch.testing.assert_close(p - q, torch.full_like(p, C.TARGET_DECAY))  # the ranges' gap shrank to decay x 1
+
+
+def test_gap_samples_as_the_diffusers_pipelines_do(tiny_pipeline):
+    """The gap set's teacher endpoint is `StableDiffusionPipeline` with DDIM without clipping, and the student's few-step
+    sample is `LatentConsistencyModelPipeline` (what optimum-intel and GenAI run), from the same initial latents; the
+    teacher's endpoint is the one a clipping DDIM would not give."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    gap = C.build_gap_set(sd, prompts, seed=3, teacher_steps=5)
+
+    def teacher(clip: bool):
+        pipe = StableDiffusionPipeline(**{**sd.components, "scheduler": C.ode_scheduler(sd.scheduler.config)})
+        pipe.scheduler.register_to_config(clip_sample=clip)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompts, num_inference_steps=5, guidance_scale=gap.guidance_scale, latents=gap.noise,
+                    output_type="latent").images  # fmt: skip
+
+    torch.testing.assert_close(gap.teacher_latents, teacher(clip=False), rtol=1e-4, atol=1e-4)
+    assert (gap.teacher_latents - teacher(clip=True)).abs().max() > 1e-2
+
+    student = C.make_student_unet(sd.unet, 16)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.normal_(0, 0.1)  # the guidance embedding in use
+    lcm = LatentConsistencyModelPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=student, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False, scheduler=C.lcm_scheduler(sd.scheduler.config),
+    )  # fmt: skip
+    lcm.set_progress_bar_config(disable=True)
+    theirs = lcm(prompts, num_inference_steps=4, guidance_scale=gap.guidance_scale, latents=gap.noise,
+                 generator=torch.Generator().manual_seed(gap.seed), output_type="latent").images  # fmt: skip
+    ours = C.few_step_sample(student, sd.scheduler.config, gap.cond, gap.noise, gap.guidance_scale, 4, gap.seed)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    gap_of = C.few_step_gap(student, sd, gap, 4)
+    assert gap_of["latent_mse"] == pytest.approx(torch.nn.functional.mse_loss(theirs, gap.teacher_latents).item(),
+                                                 rel=1e-4)  # fmt: skip
