@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
@@ -17,6 +19,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow  # a benchmark script (6 rows, 4 quantized builds): CI runs it (make ci-test), `make test` does not
 def test_gpu_check_cpu_tiny_writes_every_row(tmp_path, capsys):
     gpu_check = _load()
     assert gpu_check.main(["--output", str(tmp_path), "--device", "cpu", "--size", "tiny"]) == 0

@@ -27,7 +27,9 @@ H, E, F, FH, G = "optimum-hybrid-ptq", "optimum-int8-ptq", "qat-int8", "qat-int8
 DC = variants.QAT_DEEPCACHE
 W = variants.W8TV  # the twin with int8 text encoder and VAE weights: H + W, ...
 ALL = [v.name for v in variants.VARIANTS]  # registry order
-IMAGE_STEPS = 10  # PNDM: 11 UNet calls (the default 50 steps make 51: test_image_composition)
+IMAGE_STEPS = (
+    5  # PNDM: 6 UNet calls (the default 50 steps make 51: test_image_composition); few: every variant times it
+)
 FAST = ["--threads", "1", "--repeats", "2", "--pipeline-repeats", "1", "--steps-pipeline", "2", "--warmup", "1"]
 FAST += ["--warmup-s", "0.1", "--image-steps", str(IMAGE_STEPS)]
 
@@ -45,26 +47,25 @@ def _rows(result):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, tiny_pipeline, fp32_export):
     """`ov-sd bench --model TINY --profile` with every variant but qat-int8-deepcache3+w8tv: all but the QAT ones
     apply (they need --qat/--qat-tome/...), and the step-caching one, given a folder with step-caching IRs (FP32
-    ones, `ov-sd deepcache --fp32` on optimum's export, which the bench then reuses from its work folder: the
-    measuring path is the same as for int8 IRs)."""
-    from ov_sd_trainer.eval.bench.prepare import export_openvino_fp32
+    ones, `ov-sd deepcache --fp32` on optimum's export: the measuring path is the same as for int8 IRs). The work
+    folder starts with the session's FP32 export of the same model, which the bench reuses as its openvino-fp32."""
     from ov_sd_trainer.export.deepcache import add_from_diffusers
 
     root = tmp_path_factory.mktemp("bench")
-    pipe, work, dc = root / "pipe", root / "work", root / "deepcache"
-    _tiny_sd15(pipe, seed=1)
-    export_openvino_fp32(str(pipe), work / "openvino-fp32")
-    shutil.copytree(work / "openvino-fp32", dc)
+    pipe, work, dc = tiny_pipeline, root / "work", root / "deepcache"
+    shutil.copytree(fp32_export, work / "openvino-fp32")
+    shutil.copytree(fp32_export, dc)
     add_from_diffusers(pipe, dc)
     argv = ["bench", "--model", str(pipe), "--output", str(root / "out"), "--work-dir", str(work)]
     argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1", "--qat-deepcache", str(dc)]
     argv += ["--variants", ",".join(n for n in ALL if n != DC + W)]
     assert cli.main(argv) == 0
     result = json.loads((root / "out" / "bench.json").read_text())
-    return {"root": root, "out": root / "out", "work": work, "deepcache": dc, "result": result}
+    assert result["preparation"]["openvino-fp32 export"] == {"reused": str(work / "openvino-fp32")}
+    return {"root": root, "pipe": pipe, "out": root / "out", "work": work, "deepcache": dc, "result": result}
 
 
 def check_rows(result, ids, extra_calls=1):
@@ -182,7 +183,7 @@ def test_given_folders_are_measured(local_run, capsys):
     built in the slow --arch test)."""
     work, out = local_run["work"], local_run["root"] / "given"
     ptq = next(work.glob("optimum-full-ptq-*"))
-    argv = ["bench", "--model", str(local_run["root"] / "pipe"), "--output", str(out), "--work-dir", str(work)]
+    argv = ["bench", "--model", str(local_run["pipe"]), "--output", str(out), "--work-dir", str(work)]
     argv += ["--variants", f"{A},{F},{G},{E}", "--qat", str(ptq), "--ptq", str(ptq)]
     assert cli.main(argv + FAST) == 0
     result = json.loads((out / "bench.json").read_text())
@@ -225,8 +226,8 @@ def test_int8_text_vae_twins(local_run):
 
 
 def test_step_caching_variant(local_run, tmp_path, capsys):
-    """qat-int8-deepcache3 (from the given folder): the full IR is the step, the shallow IR is timed too, 11 UNet
-    calls split 4 full + 7 shallow; a `--qat` folder holding the IRs serves it too; a folder without them is
+    """qat-int8-deepcache3 (from the given folder): the full IR is the step, the shallow IR is timed too, 6 UNet
+    calls split 2 full + 4 shallow; a `--qat` folder holding the IRs serves it too; a folder without them is
     refused in one line; its `+w8tv` twin keeps the IRs (hard links)."""
     from ov_sd_trainer.eval.bench import prepare, settings
     from ov_sd_trainer.export.deepcache import FULL_XML, SHALLOW_XML
@@ -234,13 +235,13 @@ def test_step_caching_variant(local_run, tmp_path, capsys):
     result, dc = local_run["result"], local_run["deepcache"]
     row = _rows(result)[DC]
     assert row["folder"] == str(dc) and result["preparation"]["qat-deepcache"] == {"given": str(dc)}
-    assert row["cache_interval"] == 3 and (row["unet_calls_full"], row["unet_calls_shallow"]) == (4, 7)  # 0,3,6,9
+    assert row["cache_interval"] == 3 and (row["unet_calls_full"], row["unet_calls_shallow"]) == (2, 4)  # calls 0, 3
     assert row["shallow_step_s"] > 0 and len(row["shallow_step_times_s"]) == 2
     assert row["profile"]["total_ms"] > 0  # the full IR's counters
     md = (local_run["out"] / "bench.md").read_text()
-    assert f"| {DC} | " in md and "| 4 + 7 |" in md and "UNet s/step is the full IR's call" in md
+    assert f"| {DC} | " in md and "| 2 + 4 |" in md and "UNet s/step is the full IR's call" in md
 
-    prep = prepare.prepare([DC], settings.BenchSettings(), local_run["work"], model=str(local_run["root"] / "pipe"),
+    prep = prepare.prepare([DC], settings.BenchSettings(), local_run["work"], model=str(local_run["pipe"]),
                            given={"qat": dc}, progress=False)  # fmt: skip
     assert prep.folders["qat-deepcache"] == dc and prep.log["qat-deepcache"] == {"given": str(dc)}
     twin = tmp_path / "twin"
@@ -251,7 +252,7 @@ def test_step_caching_variant(local_run, tmp_path, capsys):
         assert os.path.samefile(dc / xml, twin / xml) and os.path.samefile(
             dc / xml.with_suffix(".bin"), twin / xml.with_suffix(".bin")
         )
-    argv = ["bench", "--model", str(local_run["root"] / "pipe"), "--output", str(tmp_path / "o")]
+    argv = ["bench", "--model", str(local_run["pipe"]), "--output", str(tmp_path / "o")]
     assert cli.main(argv + ["--qat-deepcache", str(local_run["work"] / "openvino-fp32")]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no step-caching IRs" in err and "ov-sd deepcache --run" in err and "\n" not in err
@@ -311,7 +312,7 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
             assert rows[n]["profile"]["by_precision_ms"].get("i8", 0) > 0, n
         assert rows[name + W]["text_vae_bytes"] < 0.5 * rows[name]["text_vae_bytes"], name
     assert result["settings"]["measure_image"] is False  # sd15: composed only, by default
-    assert rows[DC]["shallow_step_s"] > 0 and rows[DC]["unet_calls_full"] == 4
+    assert rows[DC]["shallow_step_s"] > 0 and rows[DC]["unet_calls_full"] == 2
     deepcache = result["preparation"]["qat-deepcache"]["deepcache"]
     assert deepcache["full_vs_unet_relative_l2"] < 1e-3  # the full IR is the plain QAT UNet
     assert deepcache["irs"]["shallow.xml"]["fake_quantize_ops"] > 0
@@ -451,9 +452,8 @@ def test_bad_input_one_line_errors(tmp_path, capsys, monkeypatch, extra, message
     assert not out.exists()
 
 
-def test_bad_folders_fail_before_any_work(tmp_path, capsys):
-    pipe = tmp_path / "pipe"
-    _tiny_sd15(pipe)
+def test_bad_folders_fail_before_any_work(tmp_path, capsys, tiny_pipeline):
+    pipe = tiny_pipeline
     not_ov = tmp_path / "not_ov"
     not_ov.mkdir()
     for flag in ("--qat", "--qat-hybrid", "--qat-tome", "--qat-deepcache", "--ptq", "--ptq-hybrid"):

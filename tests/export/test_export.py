@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,12 +57,13 @@ def test_optimum_pipeline_loads_reshapes_and_generates(trained):
     assert image.size == (64, 64)
 
 
-def test_parity_ov_unet_vs_pytorch_student_and_teacher(trained):
-    """The exported int8 UNet reproduces the fake-quant PyTorch student; optimum's FP32 export the teacher."""
+def test_parity_ov_unet_vs_pytorch_student_and_teacher(trained, fp32_export):
+    """The exported int8 UNet reproduces the fake-quant PyTorch student; optimum's FP32 export (the session's, of the
+    same base model) the teacher."""
     import openvino as ov
-    from optimum.intel import OVStableDiffusionPipeline
 
     student, _, base, _ = load_student_from_checkpoint(trained["out"] / FINAL_DIR)
+    assert base == str(trained["base"])  # the model fp32_export was made from
     student.eval()
     inputs = convert.unet_example_inputs(student, batch=2, height=16, width=16)
     inputs["timestep"] = inputs["timestep"][:1]  # one timestep for the batch, as optimum's IR ([1]) takes it
@@ -74,12 +76,10 @@ def test_parity_ov_unet_vs_pytorch_student_and_teacher(trained):
     got = compiled({k: v.numpy() for k, v in inputs.items()})[0]
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
 
-    fp32 = trained["root"] / "fp32"
-    OVStableDiffusionPipeline.from_pretrained(base, export=True, compile=False).save_pretrained(fp32)
     teacher = load_pipe_unet(base)
     with torch.no_grad():
         ref_t = teacher(**inputs, return_dict=False)[0].numpy()
-    got_t = core.compile_model(fp32 / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+    got_t = core.compile_model(fp32_export / "unet" / "openvino_model.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
         {k: v.numpy() for k, v in inputs.items()}
     )[0]
     assert np.abs(got_t - ref_t).max() < 1e-4 * max(1.0, np.abs(ref_t).max())
@@ -163,10 +163,17 @@ def test_export_is_atomic(trained, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--overwrite"):
         export_openvino_pipeline(base, student, target)
 
-    def boom(*a, **k):
-        raise OSError(28, "No space left on device")
+    class DiskFull:
+        """optimum's pipeline whose save runs out of disk after its first file: a failure inside the export's
+        temporary folder, with something already written there (without paying for optimum's real export)."""
 
-    monkeypatch.setattr("ov_sd_trainer.export.openvino.convert_unet_to_openvino", boom)
+        def save_pretrained(self, folder):
+            (Path(folder) / "model_index.json").write_text("{}")
+            raise OSError(28, "No space left on device")
+
+    from optimum.intel import OVDiffusionPipeline
+
+    monkeypatch.setattr(OVDiffusionPipeline, "from_pretrained", lambda *a, **k: DiskFull())
     with pytest.raises(OSError, match="No space left"):
         export_openvino_pipeline(base, student, target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ov"]  # no temporary folder left behind
