@@ -222,9 +222,8 @@ class ConsistencyObjective:
     def teacher_step(self, nets, sample, t, index, cond, uncond, w):
         """The teacher's guided DDIM step z_{t_{n+k}} -> z_{t_n} [B,C,h,w]: x0 and noise each guided as
         cond + w (cond - uncond) (LCM's CFG form: scale w + 1), one UNet call on the [cond, uncond] batch."""
-        b = len(sample)
-        out = nets.unet(nets.teacher, torch.cat([sample, sample]), torch.cat([t, t]), torch.cat([cond, uncond]))
-        out, x2, t2 = out.float(), torch.cat([sample, sample]), torch.cat([t, t])
+        b, x2, t2 = len(sample), torch.cat([sample, sample]), torch.cat([t, t])
+        out = nets.unet(nets.teacher, x2, t2, torch.cat([cond, uncond])).float()
         x0 = predicted_original(out, t2, x2, self.prediction_type, self.alphas_cumprod)
         eps = predicted_noise(out, t2, x2, self.prediction_type, self.alphas_cumprod)
         w = w.reshape(-1, 1, 1, 1)
@@ -273,9 +272,11 @@ class ConsistencyTarget(TrainerCallback):
             raise UserError(f"the target network's EMA decay must be in [0, 1), got {decay}")
         self.student, self.decay = student, decay
         self.net = copy.deepcopy(student).requires_grad_(False).eval()
-        pairs = zip(student.named_parameters(), self.net.named_parameters(), strict=True)
+        pairs = list(zip(student.named_parameters(), self.net.named_parameters(), strict=True))
+        if any(n != m for (n, _), (m, _) in pairs):
+            raise RuntimeError("the target network's parameters do not line up with the student's")
         # floating-point parameters only: NNCF keeps integer state (bit widths, signedness) in Parameters too
-        self._pairs = [(p, q) for (n, p), (m, q) in pairs if n == m and p.is_floating_point()]
+        self._pairs = [(p, q) for (_, p), (_, q) in pairs if p.is_floating_point()]
 
     @torch.no_grad()
     def step(self):
@@ -296,19 +297,20 @@ class ConsistencyTarget(TrainerCallback):
         self.net.load_state_dict(state)
 
     def save(self, directory):
+        """Write the target network to `directory`/`TARGET_FILE` (safetensors' `save_model`: an NNCF model may hold
+        one tensor under several names)."""
         from pathlib import Path
 
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(Path(directory) / TARGET_FILE), metadata={"decay": str(self.decay)})
+        save_model(self.net, str(Path(directory) / TARGET_FILE), metadata={"decay": str(self.decay)})
 
     def load(self, directory):
         from pathlib import Path
 
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model
 
-        self.load_state_dict(load_file(str(Path(directory) / TARGET_FILE)))
+        load_model(self.net, str(Path(directory) / TARGET_FILE), device=str(next(self.net.parameters()).device))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -160,9 +160,9 @@ def test_target_network_is_an_ema_of_the_student_and_resumes_exactly(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
 
 
-def test_quantized_student_trains_its_quantizers_and_the_target_follows_them():
+def test_quantized_student_trains_its_quantizers_and_the_target_follows_them(tmp_path):
     """QAT: the student is an NNCF-quantized copy of the consistency student; the loss reaches its quantizer ranges
-    and the target network is a quantized copy whose ranges are averaged too."""
+    and the target network is a quantized copy whose ranges are averaged too, saved and restored exactly."""
     from ov_sd_trainer.compress import quantize
 
     nets, scheduler = _nets()
@@ -184,6 +184,11 @@ def test_quantized_student_trains_its_quantizers_and_the_target_follows_them():
     nets.consistency_target.step()
     for (_, p), (_, q) in zip(ranges, quantize.quantizer_parameters(target), strict=True):
         torch.testing.assert_close(p - q, torch.full_like(p, C.TARGET_DECAY))  # the ranges' gap shrank to decay x 1
+    nets.consistency_target.save(tmp_path)
+    saved = {k: v.clone() for k, v in target.state_dict().items()}
+    nets.consistency_target.step()
+    nets.consistency_target.load(tmp_path)
+    assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
 
 
 def test_gap_samples_as_the_diffusers_pipelines_do(tiny_pipeline):
