@@ -48,3 +48,16 @@ def test_generate_is_quiet_unless_verbose(tiny_pipeline, tmp_path):
     assert out["quiet"][0].strip().splitlines() == [out["quiet"][0].strip()]
     others = [line for line in out["quiet"][1].splitlines() if line.strip() and "/2 [" not in line]
     assert others == []
+
+
+def test_verbose_is_a_global_flag_before_or_after_the_command():
+    from ov_sd_trainer import cli
+
+    base = ["--model", "m", "--prompt", "p", "--output", "o.png"]
+    for argv, verbose in ((["--verbose", "generate", *base], True), (["generate", *base, "--verbose"], True),
+                          (["generate", *base], False)):  # fmt: skip
+        args, extra = cli.build_parser("generate").parse_known_args(argv)
+        assert (args.verbose, extra) == (verbose, [])
+    # train passes unknown flags on to its own parser: --verbose must not reach it
+    args, extra = cli.build_parser("train").parse_known_args(["train", "--recipe", "r", "--verbose"])
+    assert (args.verbose, extra) == (True, ["--recipe", "r"])
