@@ -18,6 +18,8 @@ plain `make demo` printed, around 200 lines of it):
 - the progress bars of library internals: transformers' "Loading weights", diffusers' "Loading pipeline components",
   Hub downloads.
 
+With `--verbose` OpenVINO's converter also prints its conversion report (it looks for `--verbose` in `sys.argv` itself).
+
 Kept: errors of every library, the project's own warnings and progress bars, the Trainer's progress bar and logged
 metrics, NNCF's calibration progress (the longest step of a run) and a pipeline's denoising bar.
 
@@ -99,7 +101,7 @@ def configure(verbose: bool = False) -> None:
 def after_import(name: str, apply: Callable) -> None:
     """`apply(module)` now if module `name` is imported, else right after its import runs (once)."""
     if name in sys.modules:
-        apply(sys.modules[name])
+        _apply(name, apply, sys.modules[name])
         return
     finder = next((f for f in sys.meta_path if isinstance(f, _AfterImport)), None)
     if finder is None:
@@ -133,7 +135,14 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_apply(module):
             exec_module(module)
-            apply(module)
+            _apply(fullname, apply, module)
 
         spec.loader.exec_module = exec_then_apply  # this spec's own loader instance: only this import is affected
         return spec
+
+
+def _apply(name: str, apply: Callable, module) -> None:
+    try:
+        apply(module)
+    except Exception as e:  # a library that changed its switches: say so, but never fail the command or the import
+        logging.getLogger(__name__).warning("could not quiet %s (%s); --verbose shows everything anyway", name, e)

@@ -19,7 +19,6 @@ NOISE = (
     "You have disabled the safety checker",
     "loss_type=None",
     "Loading pipeline components",
-    "Model Conversion arguments",  # OpenVINO's convert_model report
 )
 ALWAYS_QUIET = ("Multiple distributions found for package", "Failed to load CPU gemm_4bit_forward", "INFO:nncf")
 
@@ -61,3 +60,17 @@ def test_verbose_is_a_global_flag_before_or_after_the_command():
     # train passes unknown flags on to its own parser: --verbose must not reach it
     args, extra = cli.build_parser("train").parse_known_args(["train", "--recipe", "r", "--verbose"])
     assert (args.verbose, extra) == (True, ["--recipe", "r"])
+
+
+def test_a_failing_quiet_setting_never_breaks_the_import(caplog, monkeypatch):
+    import importlib
+
+    from ov_sd_trainer import logs
+
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)  # a small stdlib module, imported afresh
+    seen = []
+    logs.after_import("colorsys", lambda module: seen.append(module.__name__) or 1 / 0)
+    with caplog.at_level("WARNING", logger=logs.__name__):
+        module = importlib.import_module("colorsys")
+    assert module.rgb_to_hsv(1, 0, 0) == (0, 1, 1) and seen == ["colorsys"]
+    assert "could not quiet colorsys (division by zero)" in caplog.text
