@@ -4,8 +4,10 @@
     accelerate launch -m ov_sd_trainer.train --recipe sd15-pokemon-int8 --output_dir outputs/pokemon
     accelerate launch --config_file ov_sd_trainer/recipes/accelerate/fsdp-full-shard.yaml -m ov_sd_trainer.train ...
 
-`run(config)` is the whole job; each stage is a function so tests can drive them alone. What the output folder
-holds is `run_folder`'s contract.
+`run(config)` is the whole job: `build_trainer` (everything up to training: checks, model, data, calibration
+(`train.calibration`), held-out set, sharding, EMA, the Trainer), `trainer.train()`, then `finish` (save, report
+(`train.report`), export, push). Tests build their Trainer with `build_trainer` too, so they run the wiring
+`ov-sd train` runs. What the output folder holds is `run_folder`'s contract.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +34,6 @@ from ..pipeline_folder import load_pipeline
 from ..run_folder import (
     CONFIG_FILE,
     FINAL_DIR,
-    HANDOVER_DIR,
     LOSS_PLOT,
     OPENVINO_DIR,
     RECIPE_FILE,
@@ -42,6 +43,7 @@ from ..run_folder import (
     is_complete,
 )
 from . import fsdp
+from .calibration import calibrate_once, calibration_calls
 from .config import QATConfig, parse_config
 from .data import (
     INDEX_COLUMN,
@@ -54,10 +56,9 @@ from .data import (
 )
 from .ema import EMACallback
 from .losses import QATModel
-from .rollouts import RolloutPrompts, make_rollout, rollout_gap_set
+from .report import plot_losses, quantizer_digest, training_info
 from .teacher_gap import build_teacher_gap_set
 from .trainer import QATTrainer
-from .unet_inputs import collect_calibration_inputs, collect_trajectory_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def build(cfg: QATConfig):
     tome = TomeConfig.from_training_config(cfg)
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
     device = cfg.device
-    calls = trajectory_calls(cfg, pipe, train_ds)
+    calls = calibration_calls(cfg, pipe, train_ds)
     teacher = model.teacher
     # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
     # attention; the teacher stays exact. (quantize_unet / load_quantized copy it again: this copy is freed below.)
@@ -156,123 +157,6 @@ def build(cfg: QATConfig):
     return model, train_ds, augmentation
 
 
-def trajectory_calls(cfg: QATConfig, pipe, train_ds) -> list[dict] | None:
-    """With `calibration_source: trajectories`, the teacher's `num_calibration_samples` UNet calls sampling the
-    training captions (else None). Deterministic, so every rank of a multi-process run collects the same calls."""
-    if cfg.calibration_source != "trajectories":
-        return None
-    captions = list(train_ds.with_format(None)[cfg.caption_column])
-    return collect_trajectory_inputs(pipe, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.calibration_steps,
-                                     guidance_scale=cfg.calibration_guidance_scale)  # fmt: skip
-
-
-def calibrate_once(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls=None):
-    """NNCF calibration on the main process only; the other ranks load its result.
-
-    So every rank starts from the same quantizer ranges, and a multi-process run pays for
-    calibration once. The hand-over folder is removed once all ranks have loaded it.
-    `fp32_student`: the FP32 UNet to quantize, left unchanged (the teacher itself, or with token
-    merging a merged copy of it); the other ranks load the saved student onto their own such UNet,
-    so that NNCF's op names (and hence the quantizers) match."""
-    import shutil
-
-    from accelerate import PartialState
-
-    state = PartialState()
-    handover = Path(cfg.output_dir) / HANDOVER_DIR
-    if state.num_processes == 1:
-        return _calibrate(cfg, model, fp32_student, train_ds, device, calls)
-    with state.main_process_first():
-        if state.is_main_process:
-            student = _calibrate(cfg, model, fp32_student, train_ds, device, calls)
-            quantize.save_quantized(student, handover)
-        else:
-            student = quantize.load_quantized(fp32_student, handover).to(device)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        shutil.rmtree(handover, ignore_errors=True)
-    return student
-
-
-DRAW_SEED_STRIDE = 1000  # calibration draw k samples its inputs from seed + k x this
-SELECTION_SEED_OFFSET = 10_000  # the draws' held-out rollouts: captions and seeds apart from the teacher-gap set's
-
-
-def _calibrate(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls=None):
-    """One calibration, or with `calibration_draws` N > 1 the best of N on held-out rollouts: each draw's student
-    samples `teacher_gap_samples` held-out captions from held-out seeds, and the one whose decoded images are closest
-    to the teacher's (PSNR, pooled) is kept. The scores go to `model.calibration_scores` (training_info.json)."""
-    if cfg.calibration_draws == 1:
-        return _calibrate_draw(cfg, model, fp32_student, train_ds, device, calls, cfg.seed)
-    rollout = make_rollout(model.pipeline, cfg.resolution, cfg.calibration_steps)
-    held_out = rollout_gap_set(
-        model.tokenizer, cfg.teacher_gap_samples, cfg.seed + SELECTION_SEED_OFFSET, cfg.resolution, cfg.dataset_name,
-        cfg.caption_column, cfg.image_column,
-    )  # fmt: skip
-    best, scores = None, []
-    for k in range(cfg.calibration_draws):
-        seed = cfg.seed + k * DRAW_SEED_STRIDE
-        draw_calls = calls
-        if k and cfg.calibration_source == "trajectories":
-            draw_calls = collect_trajectory_inputs(
-                model.pipeline, list(train_ds.with_format(None)[cfg.caption_column]), cfg.num_calibration_samples,
-                cfg.resolution, seed, steps=cfg.calibration_steps, guidance_scale=cfg.calibration_guidance_scale,
-            )  # fmt: skip
-        student = _calibrate_draw(cfg, model, fp32_student, train_ds, device, draw_calls, seed)
-        psnr = rollout_psnr(rollout, model, student, held_out, device)
-        logger.info("calibration draw %d (seed %d): held-out rollout PSNR %.3f dB", k, seed, psnr)
-        scores.append({"draw": k, "seed": seed, "rollout_psnr": psnr})
-        if best is None or psnr > best[0]:
-            best = (psnr, student)
-        del student
-    chosen = max(scores, key=lambda s: s["rollout_psnr"])
-    model.calibration_scores = {"draws": scores, "chosen": chosen["draw"], "held_out": len(held_out)}
-    return best[1]
-
-
-@torch.no_grad()
-def rollout_psnr(rollout, model: QATModel, student, held_out: RolloutPrompts, device, batch: int = 8) -> float:
-    """PSNR (pooled over `held_out`) of `student`'s decoded rollouts against the teacher's."""
-    placeholder, model.student = model.student, student.eval()
-    try:
-        sums = 0.0
-        for i in range(0, len(held_out), batch):
-            rows = collate([held_out[j] for j in range(i, min(i + batch, len(held_out)))])
-            out = rollout.gap(model, rows["prompt_ids"].to(device), rows["noise_seed"])
-            sums += out["rollout_image_mse"].item() * len(rows["prompt_ids"])
-    finally:
-        model.student = placeholder
-    return -10 * math.log10(max(sums / len(held_out), 1e-12))
-
-
-def _calibrate_draw(cfg: QATConfig, model: QATModel, fp32_student, train_ds, device, calls, seed: int):
-    if cfg.calibration_source == "trajectories":
-        calib = calls[: cfg.num_calibration_samples]
-    else:
-        calib = collect_calibration_inputs(model, train_ds, cfg.num_calibration_samples, seed, device)
-    t0 = time.perf_counter()
-    student = quantize.quantize_unet(
-        fp32_student,
-        calib,
-        preset=cfg.quantization_preset,
-        overflow_fix=cfg.overflow_fix,
-        ignored_scope=cfg.ignored_scope,
-        scheme=cfg.quantization_scheme,
-    )
-    logger.info("NNCF quantization of the student took %.1f s", time.perf_counter() - t0)
-    return student
-
-
-def quantizer_digest(student) -> str:
-    """sha256 of the quantizer parameters: equal digests mean identical quantizers on every rank."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for _, p in quantize.quantizer_parameters(student):  # sharded: gathered one at a time (a collective)
-        h.update(fsdp.full(p.detach()).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _noise_scheduler(path: str, revision: str | None):
     """The training scheduler: DDPM with the pipeline's noise schedule and prediction type."""
     from diffusers import DDPMScheduler
@@ -280,8 +164,8 @@ def _noise_scheduler(path: str, revision: str | None):
     return DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
 
 
-def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
-    """Train and save; returns the output folder."""
+def check_output_dir(cfg: QATConfig) -> None:
+    """A run writes into a new or empty folder, or resumes from a complete checkpoint in it (`latest` resolved)."""
     out = Path(cfg.output_dir)
     if cfg.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(
@@ -298,15 +182,35 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         if not is_complete(ckpt):
             what = "does not exist" if not ckpt.exists() else "is incomplete or not a training checkpoint"
             raise UserError(f"resume_from_checkpoint {str(ckpt)!r} {what}; pass a checkpoint-N folder or latest")
+
+
+@dataclass
+class Training:
+    """What `build_trainer` sets up: the Trainer and what `run` (and tests) need around it."""
+
+    trainer: QATTrainer
+    model: QATModel
+    ema: EMACallback | None
+    sharded: fsdp.ShardedStudent | None  # the student's FSDP shards under an FSDP launch, else None
+    sharding: dict | None  # the per-rank sharding record for training_info
+    eval_dataset: object | None  # the held-out teacher-gap set, when the run evaluates
+    start_digests: list[str]  # every rank's quantizer digest after calibration
+    started: float  # time.perf_counter() at the start of the build
+
+
+def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
+    """Everything `ov-sd train` does before `trainer.train()`: check the output folder and resume point, load and
+    calibrate the model, build the training and held-out sets, cast the teacher, shard the student (FSDP), set up the
+    EMA and the Trainer, and write the recipe into the output folder."""
+    check_output_dir(cfg)
     cfg.remove_unused_columns = False  # the transform needs the raw image and caption columns
     if cfg.push_openvino and not cfg.export:
         raise UserError("push_to_hub needs export=true: the OpenVINO folder is what gets uploaded")
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
-    evaluates = cfg.eval_strategy != "no" or cfg.eval_on_start  # eval_on_start alone: the calibrated student's gap
-    if evaluates:
+    if cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap
         eval_ds = build_teacher_gap_set(
             model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
@@ -325,53 +229,55 @@ def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
         augmentation=augmentation, fsdp=sharded,
     )  # fmt: skip
     if trainer.is_world_process_zero():
+        out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2))
-    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    return Training(trainer, model, ema, sharded, sharding, eval_ds, start_digests, started)
+
+
+def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
+    """Train and save; returns the output folder."""
+    training = build_trainer(cfg, recipe)
+    result = training.trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    finish(cfg, recipe, training, result)
+    return Path(cfg.output_dir)
+
+
+def finish(cfg: QATConfig, recipe: dict | None, training: Training, result) -> None:
+    """After training: the EMA into the student, the final student, training_info.json, the loss plot, the OpenVINO
+    export and the Hub push (the main process writes; every rank takes part in gathering a sharded student)."""
+    from accelerate.utils import gather_object
+
+    trainer, model, ema, sharded = training.trainer, training.model, training.ema, training.sharded
+    out = Path(cfg.output_dir)
     end_digests = gather_object([quantizer_digest(model.student)])  # before EMA: the trained replicas
     if ema is not None:
         ema.copy_to(model.student)  # the exported model is the EMA model
     student = sharded.gathered(model.student) if sharded is not None else model.student  # a collective
-    if trainer.is_world_process_zero():
-        final = out / FINAL_DIR
-        quantize.save_quantized(student, final / STUDENT_DIR)
-        info = {
-            "base_model": cfg.pretrained_model_name_or_path,
-            "resolved_model_path": resolve_model_path(cfg.pretrained_model_name_or_path),
-            "recipe": recipe or {},
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "total_runtime_s": time.perf_counter() - t0,
-            "global_step": trainer.state.global_step,
-            "world_size": cfg.world_size,
-            "quantizer_digests_at_start": start_digests,  # one per rank
-            "quantizer_digests_at_end": end_digests,
-            "sharding": sharding,  # FSDP: what each rank held of the student; None when it is replicated
-            "teacher_gap": teacher_gap_history(trainer.state.log_history),
-            "teacher_gap_samples": cfg.teacher_gap_samples if eval_ds is not None else None,
-            "calibration_draws": getattr(model, "calibration_scores", None),
-            "best_checkpoint": trainer.state.best_model_checkpoint,
-            "best_metric": trainer.state.best_metric,
-            "log_history": trainer.state.log_history,
-        }
-        (final / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        (final / CONFIG_FILE).write_text(cfg.to_json_string())
-        plot_losses(trainer.state.log_history, out / LOSS_PLOT)
-        if cfg.export:
-            export_openvino_pipeline(
-                resolve_model_path(cfg.pretrained_model_name_or_path),
-                student,
-                out / OPENVINO_DIR,
-                overwrite=True,  # this run's own export; the run already owns output_dir
-                recipe=recipe or {},
-                training_info=info,
-                sample_prompts=[model.sample_prompt],
-                resolution=cfg.resolution,
-            )
-        if cfg.push_openvino:
-            from ..export.hub import push_to_hub
+    if not trainer.is_world_process_zero():
+        return
+    final = out / FINAL_DIR
+    quantize.save_quantized(student, final / STUDENT_DIR)
+    info = training_info(cfg, recipe, trainer, result, time.perf_counter() - training.started, training.start_digests,
+                         end_digests, training.sharding, training.eval_dataset is not None, model)  # fmt: skip
+    (final / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    (final / CONFIG_FILE).write_text(cfg.to_json_string())
+    plot_losses(trainer.state.log_history, out / LOSS_PLOT)
+    if cfg.export:
+        export_openvino_pipeline(
+            resolve_model_path(cfg.pretrained_model_name_or_path),
+            student,
+            out / OPENVINO_DIR,
+            overwrite=True,  # this run's own export; the run already owns output_dir
+            recipe=recipe or {},
+            training_info=info,
+            sample_prompts=[model.sample_prompt],
+            resolution=cfg.resolution,
+        )
+    if cfg.push_openvino:
+        from ..export.hub import push_to_hub
 
-            push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
-    return out
+        push_to_hub(out / OPENVINO_DIR, cfg.hub_model_id, token=cfg.hub_token, private=bool(cfg.hub_private_repo))
 
 
 def shard_student(cfg: QATConfig, model: QATModel):
@@ -387,45 +293,6 @@ def shard_student(cfg: QATConfig, model: QATModel):
 
     sharded = fsdp.ShardedStudent(model.student, cfg.device)
     return sharded, {**sharded.info, "student_params_local": gather_object([sharded.info["student_params_local"]])}
-
-
-def teacher_gap_history(log_history: list[dict]) -> list[dict]:
-    """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
-    keys = QATTrainer.EVAL_METRICS
-    return [
-        {"step": h["step"], **{k: h.get(f"eval_{k}") for k in keys}}
-        for h in log_history
-        if any(f"eval_{k}" in h for k in keys)
-    ]
-
-
-def plot_losses(log_history: list[dict], path: Path) -> Path | None:
-    """Task, distillation and total loss against the step (matplotlib, headless)."""
-    rows = [h for h in log_history if "loss" in h]
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    steps = [h["step"] for h in rows]
-    for key, label in (("loss", "total"), ("task_loss", "task (vs target)"), ("distillation_loss", "distillation")):
-        if all(key in h for h in rows):
-            ax.plot(steps, [h[key] for h in rows], label=label)
-    points = [(g["step"], g["teacher_mse"]) for g in teacher_gap_history(log_history) if g["teacher_mse"] is not None]
-    if points:
-        ax.plot(*zip(*points, strict=True), "o-", label="held-out student vs teacher")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MSE")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------
