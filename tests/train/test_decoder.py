@@ -18,8 +18,8 @@ from ov_sd_trainer.train import decoder
 SIZE, STEPS, GUIDANCE, SEED = 64, 3, 7.5, 3
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 PROMPT = "a red circle on a blue background"
-# Trained 40 steps on the tiny test pipeline's (random) VAE, the held-out PSNR against it rose from 4.6 dB to 15.4 dB
-# (measured); an untrained decoder or a broken objective stays near the untrained value.
+# Trained 40 steps (width 16, lr 1e-3) on the tiny test pipeline's random VAE, the held-out PSNR against it rose from
+# 4.9 dB to 15.8 dB (measured); with lr 0 (the control: nothing learnt) it stays at 4.9 dB and the test fails.
 MIN_GAIN_DB = 4.0
 # The same tiny IR fed by optimum and by GenAI (same UNet, scheduler, initial latents, f32): GenAI truncates to 8 bits
 # where diffusers rounds (~51 dB, tests/export/test_genai.py); a decoder fed the wrong latent scale is far below.
