@@ -3,8 +3,8 @@
 
 `configure` is the one place that sets warnings and logging up, for every command: `cli.main` calls it before the
 command's module is even imported (some libraries speak while they import), and `train.py`, `python -m
-ov_sd_trainer.train` and `accelerate launch` go through `cli.main` too. Silenced unless `--verbose` (each is what a
-plain `make demo` printed, around 200 lines of it):
+ov_sd_trainer.train` and `accelerate launch` go through `cli.main` too. Silenced unless `--verbose` (`ov-sd demo`
+printed 86 lines with them, 17 without):
 
 - torch's `TracerWarning`s while optimum-intel and OpenVINO trace the models for export (a dozen, two lines each);
 - transformers' and diffusers' warnings: `loss_type=None`, deprecations of arguments their own code passes, "Multiple
