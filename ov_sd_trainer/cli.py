@@ -40,8 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("ov_sd_trainer.assets.builders", "write a randomly initialised tiny SD pipeline (offline)"),
     "make-dataset": ("ov_sd_trainer.assets.synthetic", "write the synthetic captioned dataset as an imagefolder"),
     "make-reference": ("ov_sd_trainer.assets.reference_training", "train the bundled reference model from scratch"),
-    "make-judge": ("ov_sd_trainer.assets.judge_training", "train the prompt-fidelity judge"),
-    "judge": ("ov_sd_trainer.assets.judge_training", "held-out accuracy of the judge"),
+    "make-judge": ("ov_sd_trainer.eval.judge_training", "train the prompt-fidelity judge"),
+    "judge": ("ov_sd_trainer.eval.judge_training", "held-out accuracy of the judge"),
 }
 # Commands whose module exposes other names than add_arguments / main (two commands in one module).
 ENTRY_POINTS = {
