@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the CLI / accelerate subprocesses
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -28,26 +30,79 @@ def tiny_pipeline(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def qat_run(tmp_path_factory, tiny_pipeline):
-    """One finished tiny QAT run (3 steps, export at the end, a recorded Hub push): its run folder and export.
+def tiny_run_argv(base, out, *extra) -> list[str]:
+    """The flags of the shared tiny QAT runs (`qat_run`, `hybrid_run`, `family_run`): 4 steps of batch 2 at a constant
+    learning rate (so a shorter run of the same flags trains its first steps exactly alike), a loss logged every step,
+    checkpoints every 2 steps; `extra` flags override."""
+    return [
+        "--pretrained_model_name_or_path", str(base), "--dataset_name", "synthetic:12", "--output_dir", str(out),
+        "--max_steps", "4", "--per_device_train_batch_size", "2", "--num_calibration_samples", "4",
+        "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--report_to", "none",
+        "--use_cpu", "true", "--disable_tqdm", "true", "--learning_rate", "1e-4", "--lr_scheduler_type", "constant",
+        "--weight_decay", "0.01", "--seed", "0", *extra,
+    ]  # fmt: skip
 
-    Shared by the export, model-card, push, CLI and bad-input tests; they read it and write elsewhere."""
+
+def train_tiny(argv: list[str], recipe: dict | None = None) -> dict:
+    """`ov-sd train` with `argv` through `train.run`'s own wiring (`build_trainer`, `trainer.train()`, `finish`), keeping
+    what tests look at: the `Training` (trainer, model, EMA, ...), the student's parameters before training, the run
+    folder and its export."""
     from ov_sd_trainer.run_folder import OPENVINO_DIR
     from ov_sd_trainer.train.config import parse_config
-    from ov_sd_trainer.train.run import run
+    from ov_sd_trainer.train.run import build_trainer, finish
 
+    cfg, parsed = parse_config(argv)
+    recipe = parsed if recipe is None else recipe
+    training = build_trainer(cfg, recipe)
+    before = {n: p.detach().clone() for n, p in training.model.student.named_parameters()}
+    result = training.trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    finish(cfg, recipe, training, result)
+    out = Path(cfg.output_dir)
+    return {"training": training, "before": before, "cfg": cfg, "out": out, "ov": out / OPENVINO_DIR}
+
+
+@pytest.fixture(scope="session")
+def qat_run(tmp_path_factory, tiny_pipeline):
+    """The shared plain tiny QAT run (full scheme, the default losses and calibration, `tiny_run_argv`: 4 steps, export
+    at the end, a recorded Hub push): its run folder, export, Trainer and student before training.
+
+    Shared by the trainer, export, model-card, push, CLI and bad-input tests; they read it and write elsewhere."""
     root = tmp_path_factory.mktemp("qat-run")
-    argv = [
-        "--pretrained_model_name_or_path", str(tiny_pipeline), "--dataset_name", "synthetic:12",
-        "--output_dir", str(root / "run"), "--max_steps", "3", "--per_device_train_batch_size", "2",
-        "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
-        "--disable_tqdm", "true", "--learning_rate", "1e-4",
-    ]  # fmt: skip
-    argv += ["--push_to_hub", "true", "--hub_model_id", "me/tiny-int8", "--hub_token", "t0k"]
-    cfg, recipe = parse_config(argv)
+    argv = tiny_run_argv(tiny_pipeline, root / "run", "--push_to_hub", "true", "--hub_model_id", "me/tiny-int8",
+                         "--hub_token", "t0k")  # fmt: skip
     pushed = []
     with pytest.MonkeyPatch.context() as mp:  # the recipe's push goes through export.hub.push_to_hub: record it
         mp.setattr("ov_sd_trainer.export.hub.push_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo, kw)))
-        out = run(cfg, {"pretrained_model_name_or_path": str(tiny_pipeline), "max_steps": 3})
-    return {"base": tiny_pipeline, "out": out, "ov": out / OPENVINO_DIR, "root": root, "pushed": pushed}
+        run = train_tiny(argv, {"pretrained_model_name_or_path": str(tiny_pipeline), "max_steps": 4})
+    return {**run, "base": tiny_pipeline, "root": root, "pushed": pushed, "argv": argv}
+
+
+@pytest.fixture(scope="session")
+def hybrid_run(tmp_path_factory, tiny_pipeline):
+    """The shared tiny QAT run of the hybrid scheme (2 steps, no checkpoints, export at the end)."""
+    root = tmp_path_factory.mktemp("hybrid-run")
+    argv = tiny_run_argv(tiny_pipeline, root / "run", "--quantization_scheme", "hybrid", "--max_steps", "2",
+                         "--save_strategy", "no")  # fmt: skip
+    return {**train_tiny(argv), "base": tiny_pipeline, "root": root}
+
+
+@pytest.fixture(scope="session")
+def family_run(tmp_path_factory):
+    """family -> its shared tiny QAT run (3 steps, teacher-gap evaluation at the end, export), made on first use."""
+    from ov_sd_trainer.assets.builders import TinySDConfig, build_tiny_pipeline
+
+    done = {}
+
+    def get(family):
+        if family not in done:
+            root = tmp_path_factory.mktemp(f"family-{family}")
+            build_tiny_pipeline(root / "base", TinySDConfig(family=family))
+            # calibration on the family's own short (4-step) trajectories; the held-out teacher gap (an LCM's inputs
+            # carry a guidance embedding too)
+            argv = tiny_run_argv(root / "base", root / "run", "--max_steps", "3", "--save_strategy", "no",
+                                 "--calibration_steps", "4", "--eval_strategy", "steps", "--eval_steps", "3",
+                                 "--teacher_gap_samples", "4")  # fmt: skip
+            done[family] = {**train_tiny(argv, {"family": family}), "base": root / "base", "root": root}
+        return done[family]
+
+    return get

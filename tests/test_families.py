@@ -19,7 +19,6 @@ from ov_sd_trainer.compress.convert import convert_unet_to_openvino, unet_exampl
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.eval.generate import generate, load_genai_pipeline
 from ov_sd_trainer.pipeline_folder import SCHEDULER_CONFIG, UNET_XML, load_ov_pipeline, load_pipeline
-from ov_sd_trainer.run_folder import OPENVINO_DIR
 
 SIZE = 64
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # both runtimes in f32: this CPU's default may be bf16
@@ -148,15 +147,10 @@ def test_trajectories_record_the_lcm_pipelines_guidance_embedding():
                                                        "timestep_cond", "teacher_pred"}  # fmt: skip
 
 
-def test_sd2_training_target_is_the_velocity(tmp_path):
-    from ov_sd_trainer.train.config import parse_config
-    from ov_sd_trainer.train.run import build_model
-
-    build_tiny_pipeline(tmp_path / "sd2", TinySDConfig(family="sd2"))
-    cfg, _ = parse_config(["--pretrained_model_name_or_path", str(tmp_path / "sd2"), "--output_dir",
-                           str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none"])  # fmt: skip
-    model, pipe = build_model(cfg)
-    assert type(pipe).__name__ == "StableDiffusionPipeline" and model.prediction_type == "v_prediction"
+def test_sd2_training_target_is_the_velocity(family_run):
+    training = family_run("sd2")["training"]
+    model = training.model
+    assert type(model.pipeline).__name__ == "StableDiffusionPipeline" and model.prediction_type == "v_prediction"
     latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     t = torch.tensor([10, 900])
     v = model.target(latents, noise, t)
@@ -196,49 +190,21 @@ def test_unsupported_pipeline_class_is_a_one_line_error(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """family -> its tiny QAT run (3 steps, teacher-gap evaluation, export at the end), made on first use."""
-    from ov_sd_trainer.train.config import parse_config
-    from ov_sd_trainer.train.run import run
-
-    done = {}
-
-    def get(family):
-        if family not in done:
-            root = tmp_path_factory.mktemp(f"family-{family}")
-            build_tiny_pipeline(root / "base", TinySDConfig(family=family))
-            argv = [
-                "--pretrained_model_name_or_path", str(root / "base"), "--dataset_name", "synthetic:12",
-                "--output_dir", str(root / "run"), "--max_steps", "3", "--per_device_train_batch_size", "2",
-                "--num_calibration_samples", "4", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
-                "--disable_tqdm", "true", "--learning_rate", "1e-4",
-            ]  # fmt: skip
-            if family == "lcm":  # distillation only; calibration on the LCM's own (4-step) trajectories; the held-out
-                # teacher gap (its inputs carry a guidance embedding too)
-                argv += ["--task_weight", "0", "--calibration_source", "trajectories", "--calibration_steps", "4",
-                         "--eval_strategy", "steps", "--eval_steps", "3", "--teacher_gap_samples", "4"]  # fmt: skip
-            cfg, _ = parse_config(argv)
-            out = run(cfg, {"family": family})
-            done[family] = {"base": root / "base", "out": out, "ov": out / OPENVINO_DIR, "root": root}
-        return done[family]
-
-    return get
-
-
 @pytest.mark.parametrize("family", ["sd2", "lcm"])
-def test_family_trains_exports_loads_and_generates(runs, family, tmp_path):
+def test_family_trains_exports_loads_and_generates(family_run, family, tmp_path):
     import openvino as ov
 
-    r = runs(family)
+    r = family_run(family)
     ov_class, steps, guidance, scheduler = FAMILY[family]
     info = json.loads((r["out"] / "final" / "training_info.json").read_text())
     assert info["global_step"] == 3
     assert np.isfinite(info["log_history"][-1]["train_loss"])
+    (gap,) = info["teacher_gap"]
+    assert np.isfinite(gap["teacher_mse"]) and gap["teacher_mse"] > 0  # a quantized student is not its teacher
     if family == "lcm":
-        (gap,) = info["teacher_gap"]
-        assert np.isfinite(gap["teacher_mse"]) and gap["teacher_mse"] > 0  # a quantized student is not its teacher
         assert gap["task_loss"] is None  # an LCM has no noise-prediction target
+    else:
+        assert np.isfinite(gap["task_loss"]) and gap["task_loss"] > 0
     index = json.loads((r["ov"] / "model_index.json").read_text())
     base_index = json.loads((r["base"] / "model_index.json").read_text())
     assert index["_class_name"] == base_index["_class_name"]  # GenAI and optimum dispatch on it
@@ -259,8 +225,8 @@ def test_family_trains_exports_loads_and_generates(runs, family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd2", "lcm"])
-def test_genai_matches_optimum(runs, family, tmp_path):
-    r = runs(family)
+def test_genai_matches_optimum(family_run, family, tmp_path):
+    r = family_run(family)
     _, steps, guidance, _ = FAMILY[family]
     optimum = load_ov_pipeline(r["ov"], SIZE, SIZE, ov_config=F32)
 
@@ -293,9 +259,9 @@ def test_genai_matches_optimum(runs, family, tmp_path):
         assert psnr(want, image) < MEDIAN_MIN_PSNR_DB - 5, name
 
 
-def test_sd2_export_runs_without_cfg_as_sd_turbo_does(runs, tmp_path):
+def test_sd2_export_runs_without_cfg_as_sd_turbo_does(family_run, tmp_path):
     """SD-Turbo samples at guidance 0: the statically reshaped UNet then takes the prompt batch itself."""
-    r = runs("sd2")
+    r = family_run("sd2")
     pipe = load_ov_pipeline(r["ov"], SIZE, SIZE, guidance_scale=0.0)
     assert pipe.unet.model.inputs[0].get_partial_shape()[0].get_length() == 1
     image = pipe(PROMPTS[0], num_inference_steps=1, guidance_scale=0.0, height=SIZE, width=SIZE).images[0]
@@ -304,9 +270,9 @@ def test_sd2_export_runs_without_cfg_as_sd_turbo_does(runs, tmp_path):
     assert info["steps"] == 1
 
 
-def test_lcm_negative_prompt_is_a_one_line_error(runs, tmp_path):
+def test_lcm_negative_prompt_is_a_one_line_error(family_run, tmp_path):
     with pytest.raises(UserError, match="takes no negative prompt") as e:
-        generate(str(runs("lcm")["ov"]), PROMPTS[0], str(tmp_path / "x.png"), negative_prompt="blurry")
+        generate(str(family_run("lcm")["ov"]), PROMPTS[0], str(tmp_path / "x.png"), negative_prompt="blurry")
     assert "\n" not in str(e.value)
 
 
@@ -319,10 +285,10 @@ EVAL_MIN_PSNR_DB = {"sd2": 20.0, "lcm": 27.0}
 
 
 @pytest.mark.parametrize("family", ["sd2", "lcm"])
-def test_eval_against_the_fp32_teacher(runs, family, tmp_path):
+def test_eval_against_the_fp32_teacher(family_run, family, tmp_path):
     from ov_sd_trainer import cli
 
-    r = runs(family)
+    r = family_run(family)
     _, steps, guidance, scheduler = FAMILY[family]
     argv = ["eval", "--reference", str(r["base"]), "--model", f"qat={r['ov']}", "--output", str(tmp_path / "eval"),
             "--steps", str(steps), "--guidance-scale", str(guidance), "--seeds", "1", "--subset", "4",

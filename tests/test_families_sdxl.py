@@ -145,7 +145,7 @@ def test_sdxl_trains_on_images_with_both_encoders_and_time_ids(tmp_path):
     train_text_to_image_sdxl.py builds them); calibration on training images carries them too; the loss trains."""
     from ov_sd_trainer.train.config import parse_config
     from ov_sd_trainer.train.data import collate
-    from ov_sd_trainer.train.run import build
+    from ov_sd_trainer.train.run import build_trainer
 
     build_tiny_pipeline(tmp_path / "base", TinySDConfig(family="sdxl"))
     argv = [
@@ -153,9 +153,11 @@ def test_sdxl_trains_on_images_with_both_encoders_and_time_ids(tmp_path):
         "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--per_device_train_batch_size", "2",
         "--num_calibration_samples", "2", "--calibration_source", "training", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "true", "--export", "false", "--random_flip", "false",
+        "--task_weight", "1",
     ]  # fmt: skip
     cfg, _ = parse_config(argv)
-    model, ds, _ = build(cfg)
+    training = build_trainer(cfg)
+    model, ds = training.model, training.trainer.train_dataset
     batch = collate([ds[0], ds[1]])
     assert batch["input_ids_2"].shape == (2, 77)
     assert batch["original_size"].tolist() == [[64, 64]] * 2 and batch["crop_top_left"].tolist() == [[0, 0]] * 2

@@ -114,16 +114,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path, caplog):
     assert find_resumable_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
-def test_same_seed_same_losses(recipe, tmp_path):
-    logs = []
-    for name in ("a", "b"):
-        argv = ["--recipe", str(recipe), "--output_dir", str(tmp_path / name), "--max_steps", "3",
-                "--save_strategy", "no"]  # fmt: skip
-        cfg, raw = parse_config(argv)
-        out = run(cfg, raw)
-        info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
-        logs.append([(h["loss"], h["task_loss"], h["distillation_loss"]) for h in info["log_history"] if "loss" in h])
-    assert len(logs[0]) == 3 and logs[0] == logs[1]
+# Same seed, same losses: tests/train/test_trainer.py (a 2-step run of the shared run's flags logs its losses exactly).
 
 
 def test_two_processes_gloo(recipe, tmp_path):
