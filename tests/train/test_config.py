@@ -158,3 +158,20 @@ def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(e.value)
     cfg, _ = parse_config(["--output_dir", str(tmp_path / "new"), "--max_steps", "-1"])  # a new folder; -1: epochs
     assert cfg.max_steps == -1
+
+
+def test_every_tome_field_reaches_the_token_merging_config():
+    """The tomesd parity knobs (`tome_sx`, `tome_sy`, `tome_merge_*`, `tome_max_downsample`) are what the student's
+    token merging is built from (`TomeConfig.from_training_config`), each from its own field, none left at its
+    default."""
+    from ov_sd_trainer.compress.tome_config import TomeConfig
+
+    argv = ["--output_dir", "x", "--tome_ratio", "0.3", "--tome_mode", "todo", "--tome_max_downsample", "2",
+            "--tome_sx", "4", "--tome_sy", "1", "--tome_merge_attn", "false", "--tome_merge_crossattn", "true",
+            "--tome_merge_mlp", "true"]  # fmt: skip
+    cfg, _ = parse_config(argv)
+    want = dict(ratio=0.3, mode="todo", max_downsample=2, sx=4, sy=1, merge_attn=False, merge_crossattn=True,
+                merge_mlp=True)  # fmt: skip
+    tome = TomeConfig.from_training_config(cfg)
+    assert {k: getattr(tome, k) for k in want} == want
+    assert all(getattr(TomeConfig(), k) != v for k, v in want.items())  # each value differs from its default

@@ -56,6 +56,25 @@ def test_same_as_diffusers_emamodel_and_copy_to():
         assert torch.equal(a, s)
 
 
+def test_warmup_and_power_updates_as_diffusers_emamodel():
+    """`ema_use_warmup` / `ema_power`: the callback's shadow follows diffusers' EMAModel with the same warm-up."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    ours = EMACallback(m, decay=0.999, use_warmup=True, power=0.75)
+    ref = EMAModel(m.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
+    plain = EMACallback(m, decay=0.999)
+    for _ in range(20):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ours.step()
+        ref.step(m.parameters())
+        plain.step()
+    for s_ours, s_ref in zip(ours.shadow.values(), ref.shadow_params, strict=True):
+        assert torch.allclose(s_ours, s_ref, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(ours.shadow.values(), plain.shadow.values()))
+
+
 def test_only_trainable_parameters_and_save_load(tmp_path):
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
     m[0].requires_grad_(False)
