@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("ov_sd_trainer.eval.fidelity", "fidelity of OpenVINO variants to the FP32 teacher (PSNR/SSIM/MSE/judge)"),
     "quality": ("ov_sd_trainer.eval.accuracy", "prompt accuracy of a pipeline on the fixed prompt set (the judge)"),
     "bench": ("ov_sd_trainer.eval.bench.run", "latency, size and memory of every variant side by side"),
-    "regression": ("ov_sd_trainer.eval.regression", "short QAT + PTQ + eval + bench of the reference model, checked"),
+    "regression": ("ov_sd_trainer.eval.regression", "short QAT + PTQ + eval of the reference model, checked"),
     # assets
     "make-tiny": ("ov_sd_trainer.assets.builders", "write a randomly initialised tiny SD pipeline (offline)"),
     "make-dataset": ("ov_sd_trainer.assets.synthetic", "write the synthetic captioned dataset as an imagefolder"),
