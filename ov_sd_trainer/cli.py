@@ -20,10 +20,18 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     # train
     "train": ("ov_sd_trainer.train.run", "quantization-aware training of the UNet (--recipe NAME, QATConfig flags)"),
+    "train-decoder": (
+        "ov_sd_trainer.train.decoder",
+        "distil a tiny conv-only VAE decoder (TAESD architecture) from the pipeline's VAE",
+    ),
     "demo": ("ov_sd_trainer.demo", "the main job offline on the bundled model: short QAT, export, one image"),
     # export
     "export": ("ov_sd_trainer.export.openvino", "export a training checkpoint to an OpenVINO pipeline folder"),
     "deepcache": ("ov_sd_trainer.export.deepcache", "add step-caching (DeepCache) UNet IRs to an OpenVINO folder"),
+    "tiny-decoder": (
+        "ov_sd_trainer.export.tiny_decoder",
+        "put a trained tiny VAE decoder into an OpenVINO folder, or switch between its decoders",
+    ),
     "push": ("ov_sd_trainer.export.hub", "upload an exported OpenVINO folder to the Hugging Face Hub"),
     "prepare-genai": (
         "ov_sd_trainer.export.openvino",

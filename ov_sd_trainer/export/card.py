@@ -192,7 +192,7 @@ def _split_card(text: str) -> tuple[dict, str]:
     return {}, text
 
 
-def _replace_section(
+def replace_section(
     body: str, heading: str, section: str, before: tuple[str, ...] = ("## Samples", "## Usage")
 ) -> str:
     """Replace the `heading` section of a markdown body (up to the next `## `), or insert it before the first of
@@ -220,7 +220,7 @@ def update_model_card(folder: str | Path, *, model_name: str, rows: list[dict], 
         raise UserError(f"{str(folder)!r} has no model card ({CARD_FILE}) to update")
     meta, body = _split_card(card.read_text())
     meta["model-index"] = eval_model_index(model_name, metrics, dataset_name)
-    text = f"---\n{_yaml(meta)}\n---\n\n" + _replace_section(body, FIDELITY_HEADING, fidelity_section(rows, note))
+    text = f"---\n{_yaml(meta)}\n---\n\n" + replace_section(body, FIDELITY_HEADING, fidelity_section(rows, note))
     tmp = card.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)

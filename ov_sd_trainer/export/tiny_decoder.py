@@ -234,12 +234,12 @@ def card_section(record: dict) -> str:
 
 def _update_card(folder: Path, record: dict) -> None:
     """Add or replace the model card's "VAE decoder" section (a folder without a card is left without one)."""
-    from .card import CARD_FILE, _replace_section
+    from .card import CARD_FILE, replace_section
 
     card = folder / CARD_FILE
     if not card.is_file():
         return
-    text = _replace_section(card.read_text(), CARD_HEADING, card_section(record))
+    text = replace_section(card.read_text(), CARD_HEADING, card_section(record))
     tmp = card.with_name(f".{CARD_FILE}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, card)
