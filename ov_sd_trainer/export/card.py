@@ -192,9 +192,7 @@ def _split_card(text: str) -> tuple[dict, str]:
     return {}, text
 
 
-def replace_section(
-    body: str, heading: str, section: str, before: tuple[str, ...] = ("## Samples", "## Usage")
-) -> str:
+def replace_section(body: str, heading: str, section: str, before: tuple[str, ...] = ("## Samples", "## Usage")) -> str:
     """Replace the `heading` section of a markdown body (up to the next `## `), or insert it before the first of
     `before` found, or append it."""
     lines = body.rstrip("\n").split("\n")
