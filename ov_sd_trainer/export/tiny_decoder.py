@@ -32,7 +32,7 @@ import torch
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..pipeline_folder import check_openvino_folder
-from ..train.decoder import HELD_OUT_FILE, TinyDecoder, find_decoder_folder
+from ..tiny_decoder import HELD_OUT_FILE, TinyDecoder, find_decoder_folder
 
 ACTIVE_DIR = "vae_decoder"  # what optimum and GenAI load
 STORED_DIR = {"full": "vae_decoder_full", "tiny": "vae_decoder_tiny"}  # the inactive decoder's folder

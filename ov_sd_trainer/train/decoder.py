@@ -46,99 +46,23 @@ from ..assets import REFERENCE, resolve_model_path
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..run_folder import COMPLETE_MARKER, EMA_FILE, FINAL_DIR, LOSS_PLOT, find_resumable_checkpoint, mark_complete
+from ..tiny_decoder import (
+    DECODER_DIR,
+    DEFAULT_BLOCKS,
+    DEFAULT_WIDTH,
+    HELD_OUT_FILE,
+    WEIGHTS_FILE,
+    TinyDecoder,
+    decoder_config,
+)
 from .ema import EMACallback
 
 logger = logging.getLogger(__name__)
 
-DECODER_DIR = "tiny_decoder"  # in final/: the student, EMA applied
-WEIGHTS_FILE = "model.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"  # in checkpoint-N/
-HELD_OUT_FILE = "held_out_latents.safetensors"  # in final/: scaled latents of held-out images
 TRAINING_INFO_FILE = "training_info.json"
-FORMAT = "ov-sd-trainer/tiny-decoder"
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "decoder"
-DEFAULT_WIDTH = 64  # TAESD's channel width
-DEFAULT_BLOCKS = 3  # TAESD's AutoencoderTinyBlocks per upsampling stage
 NOISE_STRIDE = 1_000_003  # per-step seeds of the posterior draws: seed x this + micro-batch index
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The student
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def decoder_config(vae_config, width: int = DEFAULT_WIDTH, blocks: int = DEFAULT_BLOCKS) -> dict:
-    """The tiny decoder's config for a VAE: its latent channels, one upsampling stage per factor doubling, and the
-    latent scale (scaling / shift factor) the export puts in front of it."""
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    stages = int(math.log2(factor))
-    return {
-        "format": FORMAT,
-        "latent_channels": int(vae_config["latent_channels"]),
-        "out_channels": int(vae_config.get("out_channels", 3)),
-        "block_out_channels": [width] * (stages + 1),
-        "num_blocks": [blocks] * stages + [1],  # TAESD: (3, 3, 3, 1)
-        "vae_scale_factor": factor,
-        "scaling_factor": float(vae_config["scaling_factor"]),
-        "shift_factor": float(vae_config.get("shift_factor") or 0.0),
-    }
-
-
-class TinyDecoder(nn.Module):
-    """diffusers' `DecoderTiny`: scaled latents (the UNet's space) -> image in [-1, 1]."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        from diffusers.models.autoencoders.vae import DecoderTiny
-
-        self.config = dict(config)
-        self.decoder = DecoderTiny(
-            in_channels=config["latent_channels"],
-            out_channels=config["out_channels"],
-            num_blocks=tuple(config["num_blocks"]),
-            block_out_channels=tuple(config["block_out_channels"]),
-            upsampling_scaling_factor=2,
-            act_fn="relu",
-            upsample_fn="nearest",
-        )
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents)
-
-    def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config, indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> TinyDecoder:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"{str(folder)!r} holds no tiny decoder (config.json: {e}); pass a train-decoder output"
-            ) from None
-        if config.get("format") != FORMAT:
-            raise UserError(f"{str(folder)!r}: config.json is not a tiny decoder's (format {config.get('format')!r})")
-        model = cls(config)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        return model.eval()
-
-
-def find_decoder_folder(path: str | Path) -> Path:
-    """The tiny decoder folder inside a train-decoder output (run folder, final/, or the decoder folder itself)."""
-    path = Path(path).expanduser()
-    for candidate in (path, path / DECODER_DIR, path / FINAL_DIR / DECODER_DIR):
-        if (candidate / "config.json").is_file() and (candidate / WEIGHTS_FILE).is_file():
-            return candidate
-    raise UserError(f"{str(path)!r} holds no trained tiny decoder; pass a `ov-sd train-decoder` output_dir")
 
 
 # --------------------------------------------------------------------------------------------------------------------

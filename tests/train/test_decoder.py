@@ -10,6 +10,7 @@ import openvino_genai
 import pytest
 import torch
 
+from ov_sd_trainer import tiny_decoder
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.export import tiny_decoder as export
 from ov_sd_trainer.pipeline_folder import load_ov_pipeline
@@ -54,7 +55,7 @@ def test_trained_decoder_beats_an_untrained_one(trained):
     assert gain > MIN_GAIN_DB, info["held_out_untrained"] | {"trained": info["held_out_trained"]}
     assert (trained / "loss.png").is_file()
     assert (trained / "checkpoint-20" / "checkpoint_complete.json").is_file()
-    tiny = decoder.TinyDecoder.load(decoder.find_decoder_folder(trained))
+    tiny = tiny_decoder.TinyDecoder.load(tiny_decoder.find_decoder_folder(trained))
     assert tiny.config["num_blocks"] == [3, 3, 1]  # the tiny VAE's factor 4: two upsampling stages
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in tiny.modules())
 
@@ -70,10 +71,10 @@ def test_resume_is_exact(tiny_pipeline, tmp_path):
         train_args(tiny_pipeline, tmp_path / "b", *extra, "--resume_from_checkpoint", "latest")
     )
     decoder.run(cfg)
-    a = decoder.TinyDecoder.load(tmp_path / "a" / "final" / "tiny_decoder").state_dict()
-    b = decoder.TinyDecoder.load(tmp_path / "b" / "final" / "tiny_decoder").state_dict()
+    a = tiny_decoder.TinyDecoder.load(tmp_path / "a" / "final" / "tiny_decoder").state_dict()
+    b = tiny_decoder.TinyDecoder.load(tmp_path / "b" / "final" / "tiny_decoder").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = decoder.TinyDecoder.load(tmp_path / "a" / "checkpoint-2" / "tiny_decoder").state_dict()
+    c = tiny_decoder.TinyDecoder.load(tmp_path / "a" / "checkpoint-2" / "tiny_decoder").state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the control: two more steps changed the weights
 
 
@@ -109,7 +110,7 @@ def test_export_both_decoders_in_optimum_and_genai(folder, trained):
     # UNet's latents themselves.
     latents = torch.from_numpy(np.asarray(optimum_image(pipe, "latent"))).float()
     with torch.no_grad():
-        torch_tiny = decoder.TinyDecoder.load(decoder.find_decoder_folder(trained))(latents)[0]
+        torch_tiny = tiny_decoder.TinyDecoder.load(tiny_decoder.find_decoder_folder(trained))(latents)[0]
     torch_image = ((torch_tiny.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
     assert psnr(tiny_image, torch_image) > 45
     assert psnr(genai_image(folder), tiny_image) > MIN_RUNTIME_AGREEMENT_DB
@@ -156,7 +157,7 @@ def test_bad_input(folder, trained, tmp_path, tiny_pipeline):
     with pytest.raises(UserError, match="no trained tiny decoder"):
         export.add_tiny_decoder(folder, tmp_path)
     other = tmp_path / "other"
-    shutil.copytree(decoder.find_decoder_folder(trained), other)
+    shutil.copytree(tiny_decoder.find_decoder_folder(trained), other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(config | {"scaling_factor": 2 * config["scaling_factor"]}))
     with pytest.raises(UserError, match="trained for another VAE"):
