@@ -116,6 +116,10 @@ def load_cases(tiny: Path, tmp: Path):
         ("eval: missing reference", ["eval", "--reference", "nope", "--model", "nope", "--output", "e"], "does not exist"),
         ("deepcache: not a diffusers folder", ["deepcache", "--fp32", "nope", "--model", "nope"], "is not a diffusers pipeline folder"),
         ("export: missing checkpoint", ["export", "--checkpoint", "nope", "--output", "ex"], "does not exist"),
+        ("bench: no such model", ["bench", "--model", "nope", "--output", "b"], UNCACHED),
+        ("bench: uncached Hub id", ["bench", "--model", "someone/some-model", "--output", "b"], UNCACHED),
+        ("push --dry-run: missing folder", ["push", "--model", "nope", "--repo-id", "a/b", "--dry-run"], "does not exist"),
+        ("push --dry-run: not an OpenVINO folder", ["push", "--model", str(not_sd), "--repo-id", "a/b", "--dry-run"], "is not an OpenVINO pipeline folder"),
     ]  # fmt: skip
 
 

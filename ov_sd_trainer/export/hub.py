@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..pipeline_folder import UNET_XML
+from ..pipeline_folder import UNET_XML, check_openvino_folder
 
 # Never uploaded: torch training state that can sit next to an export by accident.
 EXCLUDE = ["*.pt", "*.pth", "*.safetensors", "checkpoint-*/**", "student/**", ".*"]
@@ -64,6 +64,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    check_openvino_folder(args.model, "--model")  # else a missing folder is an empty plan and exit 0
     files = upload_plan(args.model)
     if args.dry_run:
         print("\n".join(files))

@@ -16,6 +16,7 @@ from ...pipeline_folder import (
     UNET_XML,
     check_pipeline_source,
     geometry,
+    hub_load_errors,
     is_openvino_folder,
     unet_rt_info,
     write_genai_files,
@@ -264,10 +265,8 @@ def prepare(
         else:  # a Hub id: diffusers' own download (its cache), so that configs and weights are local folders
             from diffusers import StableDiffusionPipeline
 
-            try:
+            with hub_load_errors(model):  # no such repo, gated, no network: one line, not a traceback
                 prep.diffusers_dir = Path(StableDiffusionPipeline.download(model))
-            except Exception as e:  # offline, unknown repo, gated: one line, not a traceback
-                raise UserError(f"cannot get pipeline {model!r} from the Hub: {str(e).splitlines()[0]}") from e
     bar.update()
     if prep.diffusers_dir is not None:
         prep.folders["diffusers"] = prep.diffusers_dir

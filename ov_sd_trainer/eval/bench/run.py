@@ -49,7 +49,7 @@ from ... import families
 from ...assets import resolve_model_path
 from ...errors import UserError
 from ...outputs import atomic_output_dir, check_output_dir
-from ...pipeline_folder import check_openvino_folder, geometry, looks_local
+from ...pipeline_folder import check_model_source, check_openvino_folder, geometry
 from .measure import measure_variant, unet_config, unet_inputs
 from .monitor import free_memory
 from .prepare import prepare
@@ -114,9 +114,9 @@ def run_bench(
         model = resolve_model_path(model)  # 'reference': the bundled model
     explicit = variants is not None
     names = variants or [v.name for v in VARIANTS]
+    if model is not None:  # a missing folder or an uncached Hub id offline: one line now, not after optimum's load
+        check_model_source(model)
     check_output_dir(output, overwrite)
-    if model is not None and not Path(model).expanduser().exists() and (looks_local(model) or model.count("/") > 1):
-        raise UserError(f"model path {model!r} does not exist; pass a pipeline folder or a Hub id")
     by_flag = {v.flag: v.source for v in VARIANTS if v.flag}
     folders = {by_flag[flag]: check_openvino_folder(path, flag) for flag, path in (given or {}).items() if path}
     if "qat-deepcache" in folders:
