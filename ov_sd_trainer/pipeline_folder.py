@@ -238,6 +238,36 @@ def pipeline_class_name(folder: str | Path) -> str:
     return families.pipeline_class_name(index)
 
 
+FEW_STEP_KEY = "few_step"  # in a consistency student's results.json: the steps and guidance it was trained for
+LCM_CLASS = "LatentConsistencyModelPipeline"
+
+
+def trained_sampling(name_or_path: str | Path) -> dict | None:
+    """The steps and guidance scale a local folder's model is meant to sample with, or None (use the usual ones).
+
+    A consistency student's export records what it was trained for (results.json `few_step`); any other latent
+    consistency folder gets its family's steps (`families.SAMPLING_STEPS`) and diffusers' LCM pipeline's default
+    guidance scale."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        return None
+    try:
+        few_step = json.loads((folder / RESULTS_FILE).read_text()).get(FEW_STEP_KEY)
+    except (OSError, ValueError):
+        few_step = None
+    if few_step:
+        return {"steps": int(few_step["steps"]), "guidance_scale": float(few_step["guidance_scale"]),
+                "source": f"{RESULTS_FILE} {FEW_STEP_KEY}"}  # fmt: skip
+    if pipeline_class_name(folder) != LCM_CLASS:
+        return None
+    import inspect
+
+    from diffusers import LatentConsistencyModelPipeline
+
+    guidance = inspect.signature(LatentConsistencyModelPipeline.__call__).parameters["guidance_scale"].default
+    return {"steps": families.SAMPLING_STEPS[LCM_CLASS], "guidance_scale": float(guidance), "source": LCM_CLASS}
+
+
 def check_openvino_folder(path: str, flag: str) -> Path:
     """An existing OpenVINO pipeline folder given with `flag`, resolved."""
     p = Path(path).expanduser()

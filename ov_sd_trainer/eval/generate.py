@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..export.tiny_decoder import DECODERS, decoder_view
 from ..pipeline_folder import (
     check_genai_folder,
     check_image_size,
@@ -30,6 +31,7 @@ from ..pipeline_folder import (
     openvino_addon_pip_hint,
     pipeline_class_name,
     static_batch,
+    trained_sampling,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,19 +67,24 @@ def generate(
     model: str,
     prompt: str,
     output: str,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
-    guidance_scale: float = DEFAULT_GUIDANCE,
+    guidance_scale: float | None = None,
     backend: str = "openvino",
     negative_prompt: str | None = None,
     runtime: str = "optimum",
+    decoder: str | None = None,
 ):
     """Generate one image and save it as PNG. Returns a dict with timings.
 
+    `steps` / `guidance_scale` None: what the folder was trained for (`pipeline_folder.trained_sampling`: a
+    consistency student's export, an LCM folder), else DEFAULT_STEPS / DEFAULT_GUIDANCE.
     `runtime` (backend openvino only): "optimum" (`OVStableDiffusionPipeline`) or "genai" (OpenVINO GenAI's
-    `Text2ImagePipeline`; the folder must hold the tokenizer IRs, `pipeline_folder.check_genai_folder`)."""
+    `Text2ImagePipeline`; the folder must hold the tokenizer IRs, `pipeline_folder.check_genai_folder`).
+    `decoder` (an OpenVINO folder with a tiny decoder, `ov-sd tiny-decoder`): 'tiny' or 'full' for this image,
+    the folder left as it is (`export.tiny_decoder.decoder_view`); None: the folder's active one."""
     out = Path(output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--output {output!r} must end in .png or .jpg")
@@ -87,11 +94,21 @@ def generate(
         raise UserError(f"backend {backend!r} is unknown; use openvino or pytorch")
     if runtime not in RUNTIMES:
         raise UserError(f"runtime {runtime!r} is unknown; use {' or '.join(RUNTIMES)}")
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
     check_image_size(height, width)
     if runtime == "optimum":  # GenAI runs local OpenVINO folders only: `_generate_genai` checks those
         check_model_source(model)
+    trained = trained_sampling(model) or {}
+    steps = trained.get("steps", DEFAULT_STEPS) if steps is None else steps
+    guidance_scale = trained.get("guidance_scale", DEFAULT_GUIDANCE) if guidance_scale is None else guidance_scale
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if decoder is not None:
+        if backend != "openvino":
+            raise UserError("--decoder chooses an OpenVINO folder's VAE decoder; drop --backend pytorch")
+        with decoder_view(model, decoder) as view:
+            info = generate(str(view), prompt, output, steps, seed, height, width, guidance_scale, backend,
+                            negative_prompt, runtime)  # fmt: skip
+        return {**info, "decoder": decoder}
     if negative_prompt is not None and Path(model).expanduser().is_dir():
         if pipeline_class_name(Path(model).expanduser()) == "LatentConsistencyModelPipeline":
             raise UserError(
@@ -133,7 +150,7 @@ def generate(
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return dict(load_s=load_s, total_s=total_s, step_s=timer.mean_step_s, steps=steps, height=height, width=width,
-                runtime=runtime if backend == "openvino" else backend)  # fmt: skip
+                guidance_scale=guidance_scale, runtime=runtime if backend == "openvino" else backend)  # fmt: skip
 
 
 def load_genai_pipeline(folder: str | Path, height: int, width: int, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -197,7 +214,7 @@ def _generate_genai(model, prompt, out: Path, steps, seed, height, width, guidan
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image.data[0]).save(out)
     return dict(load_s=load_s, total_s=total_s, step_s=timer.mean_step_s, steps=steps, height=height, width=width,
-                runtime="genai")  # fmt: skip
+                guidance_scale=guidance_scale, runtime="genai")  # fmt: skip
 
 
 def _warn_long_prompts(folder: Path, prompts: list[str]) -> None:
@@ -287,11 +304,16 @@ def add_arguments(s) -> None:
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--output", required=True, help="PNG path")
-    s.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    s.add_argument("--steps", type=int, default=None,
+                   help=f"default: what the folder was trained for (an LCM student's), else {DEFAULT_STEPS}")  # fmt: skip
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--height", type=int, default=None, help="default: the size the model was trained at")
     s.add_argument("--width", type=int, default=None)
-    s.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
+    s.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"default: what the folder was trained for (an LCM student's), else {DEFAULT_GUIDANCE}")  # fmt: skip
+    s.add_argument("--decoder", choices=DECODERS, default=None,
+                   help="an OpenVINO folder with a tiny decoder (`ov-sd tiny-decoder`): decode with this one; "
+                   "default: the folder's active decoder. The folder is not changed")  # fmt: skip
     s.add_argument("--backend", choices=BACKENDS, default="openvino")
     s.add_argument(
         "--runtime",
@@ -314,9 +336,12 @@ def main(args) -> int:
         backend=args.backend,
         negative_prompt=args.negative_prompt,
         runtime=args.runtime,
+        decoder=args.decoder,
     )
+    decoder = f", {info['decoder']} decoder" if info.get("decoder") else ""
     print(
-        f"saved {args.output} ({info['width']}x{info['height']}, {info['steps']} steps, {info['runtime']}): "
+        f"saved {args.output} ({info['width']}x{info['height']}, {info['steps']} steps, guidance "
+        f"{info['guidance_scale']:g}, {info['runtime']}{decoder}): "
         f"{info['step_s'] * 1000:.1f} ms/step, {info['total_s']:.2f} s generation, {info['load_s']:.1f} s load+compile"
     )
     return 0

@@ -21,9 +21,11 @@ docs/tiny-decoder.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,52 @@ def activate_decoder(folder: str | Path, which: str) -> Path:
     _write_json(folder / RECORD_FILE, record)
     _update_card(folder, record)
     return folder
+
+
+def decoder_dir(folder: str | Path, which: str) -> Path:
+    """The folder's IR folder of the `which` decoder ('tiny' or 'full'), wherever it lives now."""
+    folder = Path(folder)
+    if which not in DECODERS:
+        raise UserError(f"--decoder {which!r}: use one of {DECODERS}")
+    record = _record(folder)
+    path = folder / (ACTIVE_DIR if record["active"] == which else STORED_DIR[which])
+    if not (path / DECODER_XML).is_file():
+        raise UserError(
+            f"{str(folder)!r} has no {which} decoder ({STORED_DIR[which]}/); add one with `ov-sd tiny-decoder`"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def decoder_view(folder: str | Path, which: str | None):
+    """The pipeline folder as the pipelines would see it with `which` decoder active, leaving the folder itself as it
+    is: the folder when that decoder is already active (or `which` is None), else a temporary folder of symbolic
+    links to its parts with `vae_decoder/` pointing at the other decoder (copies where links cannot be made).
+    A view and not `activate_decoder`: a generation must not change the user's folder, nor race another process
+    that reads it; the links cost nothing and optimum and GenAI load them as they load the folder."""
+    folder = check_openvino_folder(str(folder), "--model")
+    if which is None or _record(folder)["active"] == which:
+        if which is not None:
+            decoder_dir(folder, which)  # an unknown decoder name is an error here too
+        yield folder
+        return
+    chosen = decoder_dir(folder, which)
+    with tempfile.TemporaryDirectory(prefix="ov-sd-decoder-view-") as tmp:
+        view = Path(tmp) / folder.name
+        view.mkdir()
+        for entry in folder.iterdir():
+            if entry.name in (ACTIVE_DIR, *STORED_DIR.values()):
+                continue
+            _link(entry, view / entry.name)
+        _link(chosen, view / ACTIVE_DIR)
+        yield view
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+    except OSError:  # no symlinks (some Windows accounts): copy
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import numpy as np
 import openvino_genai
 import pytest
 import torch
+from PIL import Image
 
 from ov_sd_trainer import tiny_decoder
 from ov_sd_trainer.errors import UserError
@@ -166,3 +167,33 @@ def test_bad_input(folder, trained, tmp_path, tiny_pipeline):
     shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("vae_decoder_*", export.RECORD_FILE))
     with pytest.raises(UserError, match="no tiny decoder"):
         export.activate_decoder(bare, "tiny")
+
+
+def test_generate_chooses_the_decoder_without_changing_the_folder(folder, tmp_path):
+    from ov_sd_trainer.eval.generate import generate
+
+    assert export.active_decoder(folder) == "tiny"
+    before = sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    kw = dict(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, guidance_scale=GUIDANCE)
+
+    def image(name, **extra):
+        info = generate(str(folder), PROMPT, str(tmp_path / f"{name}.png"), **kw, **extra)
+        return info, np.array(Image.open(tmp_path / f"{name}.png"))
+
+    info, full = image("full", decoder="full")
+    assert info["decoder"] == "full"
+    _, tiny = image("tiny", decoder="tiny")
+    _, default = image("default")
+    _, genai_full = image("genai-full", decoder="full", runtime="genai")
+    assert sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
+    assert np.array_equal(tiny, default)  # the active decoder is the tiny one
+    assert psnr(full, tiny) < 40  # the control: --decoder full decoded with the other IR
+    assert psnr(genai_full, full) > MIN_RUNTIME_AGREEMENT_DB
+    export.activate_decoder(folder, "full")
+    try:
+        _, activated = image("activated")
+    finally:
+        export.activate_decoder(folder, "tiny")
+    assert np.array_equal(full, activated)  # --decoder full is what the folder gives with the full decoder active
+    with pytest.raises(UserError, match="drop --backend pytorch"):
+        generate(str(folder), PROMPT, str(tmp_path / "x.png"), backend="pytorch", decoder="tiny")
