@@ -106,3 +106,21 @@ def family_run(tmp_path_factory):
         return done[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lcm_run(tmp_path_factory, tiny_pipeline):
+    """The shared tiny consistency-distillation QAT run (`objective consistency`, full int8 from the start) on
+    `tiny_pipeline`: 4 steps, checkpoints every 2, the few-step gap evaluated at the start and the end, export to an
+    LCM OpenVINO folder."""
+    root = tmp_path_factory.mktemp("lcm-run")
+    argv = lcm_run_argv(tiny_pipeline, root / "run")
+    return {**train_tiny(argv), "base": tiny_pipeline, "root": root, "argv": argv}
+
+
+def lcm_run_argv(base, out, *extra) -> list[str]:
+    """`tiny_run_argv` for a consistency run: a small guidance embedding, calibration on the student's own 4-step
+    sampling, the held-out few-step gap on 2 prompts at the start and every 4 steps."""
+    return tiny_run_argv(base, out, "--objective", "consistency", "--time_cond_proj_dim", "8",
+                         "--num_ddim_timesteps", "10", "--eval_strategy", "steps", "--eval_steps", "4",
+                         "--eval_on_start", "true", "--teacher_gap_samples", "2", *extra)  # fmt: skip

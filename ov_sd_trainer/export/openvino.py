@@ -9,6 +9,11 @@ trained NNCF student converted with `openvino.convert_model`, keeping its FakeQu
 written out). The folder is written to a temporary sibling and renamed on success: a failed export leaves any
 previous one untouched.
 
+A consistency student (`objective: consistency`, `few_step`) is exported as an LCM folder from its SD base
+(`lcm_base_folder`: model_index `LatentConsistencyModelPipeline`, an `LCMScheduler`, the UNet config with
+`time_cond_proj_dim`), which `OVLatentConsistencyModelPipeline` loads and GenAI runs with its LCM scheduler;
+results.json `few_step` records the steps and guidance it was trained for.
+
 `ov-sd prepare-genai --model DIR` does the same to an OpenVINO folder written before (or by optimum-intel).
 """
 
@@ -58,24 +63,31 @@ def export_openvino_pipeline(
     sample_prompts: list[str] | None = None,
     sample_steps: int = DEFAULT_SAMPLE_STEPS,
     resolution: int | None = None,
+    few_step: dict | None = None,
 ) -> Path:
-    """Write the OpenVINO pipeline folder. `student` is the quantized UNet (EMA already applied).
+    """Write the OpenVINO pipeline folder. `student` is the quantized UNet (EMA already applied), or with `few_step`
+    (a consistency student: `train.run.few_step_record`) the quantized or float LCM student of the SD `base_model`.
 
     Returns the folder. Results (sizes, FakeQuantize count, timings) go to results.json."""
+    import tempfile
+
     import openvino as ov
     from optimum.intel import OVDiffusionPipeline
 
     from .card import write_model_card
 
-    if not quantize.is_quantized(student):
+    if few_step is None and not quantize.is_quantized(student):
         raise UserError("the student UNet is not quantized; export needs a checkpoint written by QAT training")
     if Path(base_model).is_dir():
         pipeline_class_name(base_model)  # a supported family, before the slow export
     t0 = time.perf_counter()
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as lcm_tmp:
+        source = base_model
+        if few_step is not None:
+            source = lcm_base_folder(base_model, Path(lcm_tmp) / "lcm", few_step)
         logger.info("exporting text encoder, VAE, tokenizer and scheduler with optimum-intel")
         # optimum-intel's pipeline class of the base model's family (model_index.json `_class_name`)
-        pipe = OVDiffusionPipeline.from_pretrained(base_model, export=True, compile=False)
+        pipe = OVDiffusionPipeline.from_pretrained(source, export=True, compile=False)
         pipe.save_pretrained(tmp)
         del pipe
         write_genai_files(tmp)  # OpenVINO GenAI: the tokenizer as IRs, diffusers' betas in the scheduler config
@@ -97,11 +109,14 @@ def export_openvino_pipeline(
             "total_bytes": sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()),
             "export_s": None,
         }
+        if few_step is not None:
+            results["few_step"] = few_step
         if training_info:
             results["training"] = {k: v for k, v in training_info.items() if k != "log_history"}
         samples = []
         if sample_prompts:
-            samples = _render_samples(tmp, sample_prompts, sample_steps, resolution)
+            steps, guidance = (few_step["steps"], few_step["guidance_scale"]) if few_step else (sample_steps, None)
+            samples = _render_samples(tmp, sample_prompts, steps, resolution, guidance)
         results["export_s"] = round(time.perf_counter() - t0, 1)
         (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe or {}, indent=2, default=str))
@@ -110,16 +125,39 @@ def export_openvino_pipeline(
     return Path(output_dir)
 
 
-def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: int | None) -> list[dict]:
+def lcm_base_folder(base_model: str, dest: Path, few_step: dict) -> Path:
+    """A diffusers `LatentConsistencyModelPipeline` folder at `dest` from the SD `base_model`: its text encoder,
+    tokenizer and VAE, a float UNet of the student's architecture (the teacher plus the zero-initialised guidance
+    embedding: optimum exports the folder's UNet, which the trained student then replaces) and diffusers'
+    `LCMScheduler` from the base scheduler's config with the training's solver steps, never clipping."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from ..pipeline_folder import load_pipeline
+    from ..train.consistency import lcm_scheduler, make_student_unet
+
+    base = load_pipeline(base_model)
+    lcm = LatentConsistencyModelPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        unet=make_student_unet(base.unet, few_step["time_cond_proj_dim"]),
+        scheduler=lcm_scheduler(base.scheduler.config, few_step["num_ddim_timesteps"]), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    lcm.save_pretrained(dest)
+    return dest
+
+
+def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: int | None,
+                    guidance_scale: float | None = None) -> list[dict]:  # fmt: skip
     """Generate sample images with the exported folder itself: proves it loads and runs."""
     import numpy as np
 
     h, w = (resolution, resolution) if resolution else native_size(folder)
-    pipe = load_ov_pipeline(folder, h, w)
+    pipe = load_ov_pipeline(folder, h, w, guidance_scale=guidance_scale)
     (folder / "samples").mkdir(exist_ok=True)
     out = []
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     for i, prompt in enumerate(prompts):
-        image = pipe(prompt, num_inference_steps=steps, generator=np.random.RandomState(i)).images[0]
+        image = pipe(prompt, num_inference_steps=steps, generator=np.random.RandomState(i), **kwargs).images[0]
         name = f"samples/sample_{i}.png"
         image.save(folder / name)
         out.append({"prompt": prompt, "file": name, "seed": i, "steps": steps})

@@ -21,6 +21,7 @@ from ..compress.kernels import MODES as KERNEL_MODES
 from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
 from ..compress.tome_config import MAX_RATIO, TomeConfig
 from ..errors import UserError
+from . import consistency as lcd
 from .unet_inputs import DEFAULT_STEPS as CALIBRATION_STEPS
 from .unet_inputs import GUIDANCE as CALIBRATION_GUIDANCE
 from .unet_inputs import SOURCES as CALIBRATION_SOURCES
@@ -28,6 +29,8 @@ from .unet_inputs import SOURCES as CALIBRATION_SOURCES
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")  # auto: the pipeline's dtype
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+OBJECTIVES = ("distillation", "consistency")  # docs/training.md, docs/few-step.md
+NO_QUANTIZATION = "none"  # quantization_scheme of a float consistency student (the PTQ peers' start)
 QUANTIZE_KERNELS = KERNEL_MODES  # auto | extension | reference (compress.kernels)
 
 
@@ -133,6 +136,42 @@ class QATConfig(TrainingArguments):
     )
     snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR loss weighting gamma (5.0 is common)"})
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset (0 = off)"})
+    # --- objective ----------------------------------------------------------------------------
+    objective: str = field(
+        default=OBJECTIVES[0],
+        metadata={
+            "help": f"{' | '.join(OBJECTIVES)}: distillation = the student copies the FP32 teacher's noise prediction "
+            "(same steps); consistency = latent consistency distillation (LCM): a few-step student with the guidance "
+            "distilled in (docs/few-step.md)"
+        },
+    )
+    time_cond_proj_dim: int = field(
+        default=lcd.TIME_COND_PROJ_DIM, metadata={"help": "consistency: width of the student's guidance embedding"}
+    )
+    num_ddim_timesteps: int = field(
+        default=lcd.NUM_DDIM_TIMESTEPS,
+        metadata={"help": "consistency: DDIM solver steps over the teacher's schedule (skipping step T / N)"},
+    )
+    w_min: float = field(default=lcd.W_MIN, metadata={"help": "consistency: lowest guidance w drawn (CFG scale w+1)"})
+    w_max: float = field(default=lcd.W_MAX, metadata={"help": "consistency: highest guidance w drawn"})
+    consistency_loss_type: str = field(
+        default=lcd.DEFAULT_LOSS_TYPE, metadata={"help": f"consistency: {' | '.join(lcd.LOSS_TYPES)}"}
+    )
+    huber_c: float = field(default=lcd.HUBER_C, metadata={"help": "consistency: pseudo-Huber c"})
+    target_decay: float = field(
+        default=lcd.TARGET_DECAY, metadata={"help": "consistency: EMA decay of the target network"}
+    )
+    few_step_steps: int = field(
+        default=lcd.GAP_STEPS,
+        metadata={
+            "help": "consistency: the student's sampling steps: its calibration trajectories, the held-out eval and "
+            "the exported folder's default"
+        },
+    )
+    few_step_guidance_scale: float = field(
+        default=lcd.GAP_GUIDANCE,
+        metadata={"help": "consistency: the guidance scale of calibration, eval and the exported folder's default"},
+    )
     # --- EMA ---------------------------------------------------------------------------------
     use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the student's trainable parameters"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay ceiling"})
@@ -193,8 +232,12 @@ class QATConfig(TrainingArguments):
             raise UserError(f"num_calibration_samples={self.num_calibration_samples}: must be >= 1")
         if self.resolution < 8 or self.resolution % 8:
             raise UserError(f"resolution={self.resolution}: must be a multiple of 8 (the VAE factor of SD)")
-        if self.quantization_scheme not in SCHEMES:
-            raise UserError(f"quantization_scheme={self.quantization_scheme!r}: use one of {SCHEMES}")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective={self.objective!r}: use one of {OBJECTIVES}")
+        schemes = SCHEMES + ((NO_QUANTIZATION,) if self.objective == "consistency" else ())
+        if self.quantization_scheme not in schemes:
+            raise UserError(f"quantization_scheme={self.quantization_scheme!r}: use one of {schemes}")
+        self._check_consistency()
         if self.distillation_weight < 0 or self.task_weight < 0:
             raise UserError(
                 f"distillation_weight={self.distillation_weight}, task_weight={self.task_weight}: must be >= 0"
@@ -217,6 +260,43 @@ class QATConfig(TrainingArguments):
             raise UserError(f"output_dir {self.output_dir!r} is a file; pass a folder (new or empty) for the run")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserError(f"max_train_samples={self.max_train_samples}: must be >= 1 or unset")
+
+    def _check_consistency(self):
+        """The consistency fields: one-line errors that name the field."""
+        if self.time_cond_proj_dim < 1:
+            raise UserError(f"time_cond_proj_dim={self.time_cond_proj_dim}: must be >= 1")
+        if self.num_ddim_timesteps < 1:
+            raise UserError(f"num_ddim_timesteps={self.num_ddim_timesteps}: must be >= 1")
+        if not 0 <= self.w_min <= self.w_max:
+            raise UserError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
+        if self.consistency_loss_type not in lcd.LOSS_TYPES:
+            raise UserError(f"consistency_loss_type={self.consistency_loss_type!r}: use one of {lcd.LOSS_TYPES}")
+        if self.huber_c <= 0:
+            raise UserError(f"huber_c={self.huber_c}: must be > 0")
+        if not 0 <= self.target_decay < 1:
+            raise UserError(f"target_decay={self.target_decay}: must be in [0, 1)")
+        if self.few_step_steps < 1:
+            raise UserError(f"few_step_steps={self.few_step_steps}: must be >= 1")
+        if self.few_step_guidance_scale < 1:
+            raise UserError(f"few_step_guidance_scale={self.few_step_guidance_scale}: must be >= 1 (w = scale - 1)")
+        if self.objective != "consistency":
+            return
+        if self.calibration_source != "trajectories":
+            raise UserError(
+                f"calibration_source={self.calibration_source!r}: a consistency student calibrates on its own "
+                "few-step sampling (trajectories)"
+            )
+        if self.calibration_draws != 1:
+            raise UserError(f"calibration_draws={self.calibration_draws}: a consistency run calibrates once; set 1")
+        if self.tome_ratio:
+            raise UserError(f"tome_ratio={self.tome_ratio}: token merging is not wired into consistency runs; set 0")
+        if self.task_weight:
+            raise UserError(f"task_weight={self.task_weight}: the consistency loss is the only loss; set 0")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the student is quantized (QAT), i.e. not a float consistency student."""
+        return self.quantization_scheme != NO_QUANTIZATION
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`QATModel`: the student, the frozen FP32 teacher, VAE, text encoder and noise schedule, and the losses.
 
 loss = `task_weight` x task MSE against the scheduler's target (epsilon / v / sample, optionally Min-SNR
-weighted) + `distillation_weight` x MSE(student, teacher); `task_weight` 0 is pure distillation. Everything the
+weighted) + `distillation_weight` x MSE(student, teacher); `task_weight` 0 is pure distillation. With a
+`consistency` objective (`train.consistency.ConsistencyObjective`, `objective: consistency`) the loss is latent
+consistency distillation instead. Everything the
 Trainer moves, wraps in DDP and calls lives here: `forward(pixel_values, input_ids)` returns the losses, and going
 through the wrapped model's forward is what makes DDP synchronise the student's gradients.
 """
@@ -36,6 +38,13 @@ class QATModel(nn.Module):
         self.noise_offset = noise_offset
         self.generator: torch.Generator | None = None
         self.unet_extra = None  # (batch_size, device) -> extra UNet inputs of a training batch (`families`)
+        # Latent consistency distillation (`objective: consistency`): the objective, its target network (a
+        # `ConsistencyTarget` callback: a plain attribute, not a submodule, so DDP and the optimizer never see it) and
+        # the empty prompt's text states (the teacher's unconditional CFG half). None for plain distillation.
+        self.consistency = None
+        self.consistency_target = None
+        self.uncond_states: torch.Tensor | None = None
+        self.time_cond_proj_dim: int | None = None  # the consistency student's guidance embedding width
 
     @staticmethod
     def unet(net, sample, timestep, encoder_hidden_states, extra: dict | None = None):
@@ -59,6 +68,15 @@ class QATModel(nn.Module):
         global RNG, so a run resumed from a checkpoint draws exactly what an uninterrupted run would."""
         device = next(self.student.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + stream) * 1_000_033) + index)
+
+    def fp32_student_base(self):
+        """A fresh FP32 UNet of the student's architecture, what a saved student is rebuilt on: the teacher itself,
+        or for a consistency student the teacher plus its guidance embedding (`make_student_unet`)."""
+        if self.time_cond_proj_dim is None:
+            return self.teacher
+        from .consistency import make_student_unet
+
+        return make_student_unet(self.teacher, self.time_cond_proj_dim)
 
     def _frozen(self):
         return [m for m in (self.teacher, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
@@ -131,6 +149,9 @@ class QATModel(nn.Module):
         inputs (`sample`, `timestep`, `encoder_hidden_states`, a family's extra inputs, `target`)."""
         if evaluate:
             return self.teacher_gap(**unet_inputs)
+        if self.consistency is not None:
+            latents, states, _ = self.encode(pixel_values, input_ids)
+            return self.consistency(self, latents, states, self.uncond_states, self.generator)
         latents, states, pooled = self.encode(pixel_values, input_ids, input_ids_2)
         noisy, noise, t = self.noisy_inputs(latents)
         extra = self.image_extra(latents, pooled, original_size, crop_top_left, pixel_values.shape[-2:])

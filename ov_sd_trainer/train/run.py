@@ -42,6 +42,7 @@ from ..run_folder import (
     find_resumable_checkpoint,
     is_complete,
 )
+from . import consistency as lcd
 from . import fsdp
 from .calibration import calibrate_once, calibration_calls
 from .config import QATConfig, parse_config
@@ -58,7 +59,7 @@ from .ema import EMACallback
 from .losses import QATModel
 from .report import plot_losses, quantizer_digest, training_info
 from .teacher_gap import build_teacher_gap_set
-from .trainer import QATTrainer
+from .trainer import QATTrainer, save_student
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ def build(cfg: QATConfig):
     tome = TomeConfig.from_training_config(cfg)
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
     device = cfg.device
+    if cfg.objective == "consistency":
+        return build_consistency(cfg, model, pipe, train_ds, device), train_ds, augmentation
     calls = calibration_calls(cfg, pipe, train_ds)
     teacher = model.teacher
     # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
@@ -155,6 +158,84 @@ def build(cfg: QATConfig):
     model.student = student
     model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]  # the export's sample image (idem)
     return model, train_ds, augmentation
+
+
+# NNCF node names of the guidance embedding's projection, kept out of quantization: `make_student_unet`
+# zero-initialises its weight, so NNCF would calibrate its weight quantizer on all-zero weights (the minimal range)
+# and QAT could then never grow it. It is one [time_embed_dim x time_cond_proj_dim] matmul on a [B, 256] vector per
+# step: int8 there would save nothing measurable, so it stays float (also in the hybrid scheme's weight compression).
+COND_PROJ_SCOPE = r".*cond_proj.*"
+
+
+def consistency_calibration_calls(cfg: QATConfig, pipe, float_student, train_ds) -> list[dict]:
+    """The float consistency student's own UNet calls sampling the training captions with diffusers'
+    `LatentConsistencyModelPipeline` (`LCMScheduler`, `few_step_steps` steps, `few_step_guidance_scale` embedded as
+    timestep_cond), as optimum-intel and GenAI will run it: what its quantizer ranges must fit."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from .unet_inputs import collect_trajectory_inputs
+
+    lcm = LatentConsistencyModelPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=float_student,
+        scheduler=lcd.lcm_scheduler(pipe.scheduler.config, cfg.num_ddim_timesteps), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    captions = list(train_ds.with_format(None)[cfg.caption_column])
+    return collect_trajectory_inputs(
+        lcm, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.few_step_steps,
+        guidance_scale=cfg.few_step_guidance_scale, desc="student few-step trajectories",
+    )  # fmt: skip
+
+
+def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -> QATModel:
+    """`objective: consistency`: the student is the teacher plus the guidance embedding (`make_student_unet`),
+    calibrated on its own few-step sampling and quantized (or left float with `quantization_scheme none`); the loss
+    is `ConsistencyObjective`. The target network (`ConsistencyTarget`) is made in `build_trainer`, after the
+    student is final."""
+    if fsdp.requested():
+        raise UserError("objective consistency does not support FSDP sharding yet (its target network is whole); "
+                        "launch with DDP")  # fmt: skip
+    float_student = lcd.make_student_unet(model.teacher, cfg.time_cond_proj_dim)
+    model.time_cond_proj_dim = cfg.time_cond_proj_dim
+    if cfg.quantized:
+        select_quantize_kernels(cfg.quantize_kernels, device)
+        calls = consistency_calibration_calls(cfg, pipe, float_student, train_ds)
+        scoped = copy.copy(cfg)  # the cond_proj exclusion joins the user's ignored_scope for this calibration only
+        scoped.ignored_scope = [*(cfg.ignored_scope or []), COND_PROJ_SCOPE]
+        student = calibrate_once(scoped, model, float_student, train_ds, device, calls)
+        del float_student
+    else:
+        student = float_student
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(p.is_floating_point())
+    if cfg.tune_quantizers_only:
+        for _, p in quantize.weight_parameters(student):
+            p.requires_grad_(False)
+    model.student = student
+    model.consistency = lcd.ConsistencyObjective(
+        model.noise_scheduler, cfg.num_ddim_timesteps, cfg.w_min, cfg.w_max, cfg.consistency_loss_type, cfg.huber_c
+    )
+    model.uncond_states = lcd.empty_prompt_states(pipe.tokenizer, pipe.text_encoder)
+    model.few_step = (cfg.few_step_steps, cfg.num_ddim_timesteps)
+    model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]
+    return model
+
+
+def few_step_record(cfg: QATConfig) -> dict | None:
+    """What a consistency student was trained for, written into the export (results.json `few_step`, the card)
+    and read by `ov-sd generate` / `ov-sd demo` as their defaults; None for plain distillation."""
+    if cfg.objective != "consistency":
+        return None
+    return {
+        "steps": cfg.few_step_steps,
+        "guidance_scale": cfg.few_step_guidance_scale,
+        "scheduler": "LCMScheduler",
+        "num_ddim_timesteps": cfg.num_ddim_timesteps,
+        "w_range": [cfg.w_min, cfg.w_max],
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
+        "quantization_scheme": cfg.quantization_scheme,
+    }
 
 
 def _noise_scheduler(path: str, revision: str | None):
@@ -210,7 +291,18 @@ def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
     started = time.perf_counter()
     model, train_ds, augmentation = build(cfg)
     eval_ds = None
-    if cfg.eval_strategy != "no" or cfg.eval_on_start:  # eval_on_start alone: the calibrated student's gap
+    model.gap_set = None
+    evaluates = cfg.eval_strategy != "no" or cfg.eval_on_start  # eval_on_start alone: the calibrated student's gap
+    if evaluates and cfg.objective == "consistency":
+        from .teacher_gap import heldout_rows
+
+        rows = heldout_rows(cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
+                            cfg.image_column)  # fmt: skip
+        model.gap_set = eval_ds = lcd.build_gap_set(
+            model.pipeline, list(rows[cfg.caption_column]), cfg.seed, cfg.few_step_guidance_scale,
+            resolution=cfg.resolution,
+        )  # fmt: skip (the Trainer only checks it is set: `QATTrainer.evaluate` reads model.gap_set)
+    elif evaluates:
         eval_ds = build_teacher_gap_set(
             model, model.tokenizer, cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name,
             cfg.caption_column, cfg.image_column,
@@ -228,6 +320,9 @@ def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
         model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collate, ema=ema,
         augmentation=augmentation, fsdp=sharded,
     )  # fmt: skip
+    if model.consistency is not None:  # the target network starts as the final (calibrated) student
+        model.consistency_target = lcd.ConsistencyTarget(model.student, cfg.target_decay)
+        trainer.add_callback(model.consistency_target)
     if trainer.is_world_process_zero():
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +352,7 @@ def finish(cfg: QATConfig, recipe: dict | None, training: Training, result) -> N
     if not trainer.is_world_process_zero():
         return
     final = out / FINAL_DIR
-    quantize.save_quantized(student, final / STUDENT_DIR)
+    save_student(student, final / STUDENT_DIR)
     info = training_info(cfg, recipe, trainer, result, time.perf_counter() - training.started, training.start_digests,
                          end_digests, training.sharding, training.eval_dataset is not None, model)  # fmt: skip
     (final / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
@@ -273,6 +368,7 @@ def finish(cfg: QATConfig, recipe: dict | None, training: Training, result) -> N
             training_info=info,
             sample_prompts=[model.sample_prompt],
             resolution=cfg.resolution,
+            few_step=few_step_record(cfg),
         )
     if cfg.push_openvino:
         from ..export.hub import push_to_hub

@@ -75,7 +75,7 @@ class QATTrainer(Trainer):
         index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * self.args.world_size
         self._qat(model).set_noise_seed(self.args.seed, 0, index + self.args.process_index)
         out = model(**inputs)  # images (pixel_values, input_ids)
-        for key in ("task_loss", "distillation_loss"):
+        for key in ("task_loss", "distillation_loss", "consistency_loss"):
             if key in out:
                 self._metrics[key].append(out[key].item())
         return (out["loss"], out) if return_outputs else out["loss"]
@@ -132,6 +132,23 @@ class QATTrainer(Trainer):
                 output.metrics[f"{metric_key_prefix}_{metric}"] = float(sums[2 * i] / sums[2 * i + 1])
         return output
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """A consistency run's evaluation: the student's (EMA applied) few-step samples of the held-out prompts
+        against the teacher's ODE endpoints (`consistency.few_step_gap`): `eval_few_step_psnr` (dB, decoded images)
+        and `eval_few_step_mse` (latents). Deterministic, so every rank of a multi-process run computes the same."""
+        qat = self._qat()
+        if getattr(qat, "gap_set", None) is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from .consistency import few_step_gap
+
+        steps, num_ddim = qat.few_step
+        with self.ema.applied(qat.student) if self.ema is not None else contextlib.nullcontext():
+            gap = few_step_gap(qat.student, qat.pipeline, qat.gap_set, steps, num_ddim)
+        metrics = {f"{metric_key_prefix}_few_step_psnr": gap["psnr"], f"{metric_key_prefix}_few_step_mse": gap["latent_mse"]}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def _load_best_model(self):
         """The best checkpoint by `metric_for_best_model` (e.g. teacher_mse): student and EMA, as a resume loads them."""
         self._load_from_checkpoint(self.state.best_model_checkpoint)
@@ -168,9 +185,11 @@ class QATTrainer(Trainer):
         """A checkpoint that restores the quantized student exactly: NNCF config + state dict."""
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        quantize.save_quantized(student if student is not None else self._qat().student, output_dir / STUDENT_DIR)
+        save_student(student if student is not None else self._qat().student, output_dir / STUDENT_DIR)
         if self.ema is not None:
             self.ema.save(output_dir, ema)
+        if self._qat().consistency_target is not None:
+            self._qat().consistency_target.save(output_dir)
         (output_dir / CONFIG_FILE).write_text(self.args.to_json_string())
 
     def _save_optimizer_and_scheduler(self, output_dir: str):
@@ -197,7 +216,7 @@ class QATTrainer(Trainer):
         model = self._qat(model)
         src = Path(resume_from_checkpoint)
         # Rebuild from the saved NNCF config on the teacher (a copy), then take its exact state.
-        loaded = quantize.load_quantized(model.teacher, src / STUDENT_DIR)
+        loaded = load_student(model.fp32_student_base(), src / STUDENT_DIR)
         if self.fsdp is not None:
             self.fsdp.load_from(model.student, loaded)  # each rank keeps its shards
         else:
@@ -205,3 +224,35 @@ class QATTrainer(Trainer):
         del loaded
         if self.ema is not None and (src / EMA_FILE).is_file():
             self.ema.load(src)
+        if model.consistency_target is not None:
+            model.consistency_target.load(src)
+
+
+FLOAT_STUDENT_FILE = "unet.safetensors"  # a float (not quantized) student's weights in STUDENT_DIR
+
+
+def save_student(student, directory) -> None:
+    """The student to `directory`: NNCF config + state dict (`quantize.save_quantized`), or a float consistency
+    student's weights (`FLOAT_STUDENT_FILE`)."""
+    if quantize.is_quantized(student):
+        quantize.save_quantized(student, directory)
+        return
+    from safetensors.torch import save_model
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    save_model(student, str(Path(directory) / FLOAT_STUDENT_FILE))
+
+
+def load_student(fp32_unet, directory, inplace: bool = False):
+    """The student `save_student` wrote, rebuilt on `fp32_unet` (an FP32 UNet of its architecture; copied unless
+    `inplace`)."""
+    directory = Path(directory)
+    if not (directory / FLOAT_STUDENT_FILE).is_file():
+        return quantize.load_quantized(fp32_unet, directory, inplace=inplace)
+    import copy
+
+    from safetensors.torch import load_model
+
+    model = fp32_unet if inplace else copy.deepcopy(fp32_unet)
+    load_model(model, str(directory / FLOAT_STUDENT_FILE), device=str(next(model.parameters()).device))
+    return model
