@@ -299,7 +299,10 @@ def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
         rows = heldout_rows(cfg.teacher_gap_samples, cfg.seed, cfg.resolution, cfg.dataset_name, cfg.caption_column,
                             cfg.image_column)  # fmt: skip
         model.gap_set = eval_ds = lcd.build_gap_set(
-            model.pipeline, list(rows[cfg.caption_column]), cfg.seed, cfg.few_step_guidance_scale,
+            model.pipeline,
+            list(rows[cfg.caption_column]),
+            cfg.seed,
+            cfg.few_step_guidance_scale,
             resolution=cfg.resolution,
         )  # fmt: skip (the Trainer only checks it is set: `QATTrainer.evaluate` reads model.gap_set)
     elif evaluates:

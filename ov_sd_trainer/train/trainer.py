@@ -144,7 +144,10 @@ class QATTrainer(Trainer):
         steps, num_ddim = qat.few_step
         with self.ema.applied(qat.student) if self.ema is not None else contextlib.nullcontext():
             gap = few_step_gap(qat.student, qat.pipeline, qat.gap_set, steps, num_ddim)
-        metrics = {f"{metric_key_prefix}_few_step_psnr": gap["psnr"], f"{metric_key_prefix}_few_step_mse": gap["latent_mse"]}
+        metrics = {
+            f"{metric_key_prefix}_few_step_psnr": gap["psnr"],
+            f"{metric_key_prefix}_few_step_mse": gap["latent_mse"],
+        }
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

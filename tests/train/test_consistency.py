@@ -277,3 +277,89 @@ def test_training_brings_four_step_samples_closer_to_the_teachers_ode_endpoints(
     after = C.few_step_gap(student, pipe, gap, 4)
     assert after["latent_mse"] < 0.8 * before["latent_mse"], (before, after)
     assert after["psnr"] > before["psnr"] + 0.75, (before, after)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The objective in `ov-sd train` (`objective consistency`), on the shared tiny run (`lcm_run`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _history(trainer, key):
+    return [(h["step"], h[key]) for h in trainer.state.log_history if key in h]
+
+
+def test_consistency_run_trains_closer_to_the_teachers_ode_endpoints(lcm_run):
+    """`ov-sd train --objective consistency`: the student is the teacher plus the guidance embedding, int8 from the
+    start (cond_proj kept float), trained on the consistency loss alone; its held-out 4-step samples (EMA applied)
+    end closer to the teacher's ODE endpoints than the calibrated, untrained student's (eval_on_start). With lr 0
+    the two evaluations are equal and this fails (checked by hand: nothing moves)."""
+    from ov_sd_trainer.compress import quantize
+
+    training = lcm_run["training"]
+    model, trainer = training.model, training.trainer
+    assert model.student.config.time_cond_proj_dim == 8 and quantize.is_quantized(model.student)
+    names = [n for n, _ in quantize.quantizer_parameters(model.student)]
+    assert names and not any("cond_proj" in n for n in names)  # the zero-initialised embedding stays float
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4 and all(h["consistency_loss"] > 0 and "distillation_loss" not in h for h in logged)
+    psnr, mse = _history(trainer, "eval_few_step_psnr"), _history(trainer, "eval_few_step_mse")
+    assert [s for s, _ in psnr] == [0, 4] and [s for s, _ in mse] == [0, 4]
+    assert psnr[1][1] > psnr[0][1] and mse[1][1] < mse[0][1], (psnr, mse)
+    moved = [n for n, p in model.student.named_parameters() if not torch.equal(p, lcm_run["before"][n])]
+    assert any("cond_proj" in n for n in moved)  # the guidance embedding is learnt
+    target = model.consistency_target.net  # the target network followed the student
+    assert not torch.equal(target.time_embedding.cond_proj.weight, lcm_run["before"]["time_embedding.cond_proj.weight"])
+
+
+def test_consistency_export_is_an_lcm_folder_that_optimum_and_genai_run(lcm_run):
+    """The export: model_index LatentConsistencyModelPipeline, LCMScheduler without clipping, a UNet with
+    time_cond_proj_dim and int8 weights, results.json `few_step` (4 steps, guidance 7.5): optimum-intel's
+    `OVLatentConsistencyModelPipeline` loads it unchanged, OpenVINO GenAI's `Text2ImagePipeline` runs it."""
+    import json
+
+    import numpy as np
+    import openvino_genai
+    from optimum.intel import OVLatentConsistencyModelPipeline
+
+    ov = lcm_run["ov"]
+    assert json.loads((ov / "model_index.json").read_text())["_class_name"] == "LatentConsistencyModelPipeline"
+    sched = json.loads((ov / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "LCMScheduler" and sched["clip_sample"] is False
+    assert sched["original_inference_steps"] == 10
+    assert json.loads((ov / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 8
+    results = json.loads((ov / "results.json").read_text())
+    assert results["few_step"]["steps"] == 4 and results["few_step"]["guidance_scale"] == 7.5
+    assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.5
+    assert "4" in (ov / "README.md").read_text()
+
+    pipe = OVLatentConsistencyModelPipeline.from_pretrained(ov, compile=True)
+    image = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+                 generator=np.random.RandomState(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+    genai = openvino_genai.Text2ImagePipeline(str(ov), "CPU", INFERENCE_PRECISION_HINT="f32")
+    tensor = genai.generate("a red circle", num_inference_steps=4, guidance_scale=7.5, width=64, height=64)
+    assert tensor.data.shape == (1, 64, 64, 3) and tensor.data.std() > 0
+
+
+def test_consistency_resume_restores_the_target_network_exactly(lcm_run, tmp_path):
+    """A 2-step run of the shared run's flags resumed from its checkpoint-2 to 4 steps ends at the shared run's
+    student and target network (the target is saved in every checkpoint and loaded on resume)."""
+    from conftest import lcm_run_argv, train_tiny
+    from safetensors.torch import load_file
+
+    from ov_sd_trainer.compress import quantize
+    from ov_sd_trainer.train.config import parse_config
+    from ov_sd_trainer.train.run import run
+
+    base, quick = lcm_run["base"], ("--export", "false", "--eval_strategy", "no", "--eval_on_start", "false")
+    part = train_tiny(lcm_run_argv(base, tmp_path / "part", "--max_steps", "2", *quick))
+    assert (tmp_path / "part" / "checkpoint-2" / C.TARGET_FILE).is_file()
+    first = [h["loss"] for h in lcm_run["training"].trainer.state.log_history if "loss" in h][:2]
+    assert [h["loss"] for h in part["training"].trainer.state.log_history if "loss" in h] == first
+    cfg, _ = parse_config(lcm_run_argv(base, tmp_path / "part", "--resume_from_checkpoint", "latest", *quick))
+    resumed = run(cfg)
+    for name in (f"checkpoint-4/{C.TARGET_FILE}", f"checkpoint-4/student/{quantize.STATE_SAFETENSORS}"):
+        a, b = load_file(str(lcm_run["out"] / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
