@@ -61,6 +61,31 @@ def test_sd15_recipes_follow_the_published_workflow():
     assert cfg.distillation_weight > 0 and cfg.dataset_name == "lambdalabs/pokemon-blip-captions"
 
 
+def test_consistency_recipes_follow_the_measurements_and_the_diffusers_example():
+    """reference-lcm-int8: the bundled model, full int8 from the start, lr 3e-5 (measured: 1e-4 and above make the
+    4-step gap worse), best checkpoint by the few-step PSNR; sd15-pokemon-lcm-int8: the diffusers LCM example's
+    settings (batch 12, lr 1e-6, Huber, 50 DDIM steps, w 5..15, target decay 0.95, checkpointing, 8-bit Adam)."""
+    ref, _ = parse_config(["--recipe", "reference-lcm-int8"])
+    assert ref.objective == "consistency" and ref.quantization_scheme == "full" and ref.learning_rate == 3e-5
+    assert ref.pretrained_model_name_or_path == "reference" and ref.use_cpu and ref.max_steps <= 300
+    assert ref.metric_for_best_model == "few_step_psnr" and ref.greater_is_better
+    sd, _ = parse_config(["--recipe", "sd15-pokemon-lcm-int8"])
+    assert sd.objective == "consistency" and sd.per_device_train_batch_size == 12 and sd.learning_rate == 1e-6
+    assert sd.consistency_loss_type == "huber" and sd.num_ddim_timesteps == 50 and (sd.w_min, sd.w_max) == (5, 15)
+    assert sd.target_decay == 0.95 and sd.gradient_checkpointing and sd.optim == "adamw_bnb_8bit"
+
+
+def test_consistency_defaults_are_the_cores_constants_and_float_mode_is_consistency_only():
+    from ov_sd_trainer.train import consistency as C
+
+    cfg, _ = parse_config(["--output_dir", "x", "--objective", "consistency", "--quantization_scheme", "none"])
+    assert not cfg.quantized
+    assert (cfg.time_cond_proj_dim, cfg.num_ddim_timesteps, cfg.w_min, cfg.w_max, cfg.consistency_loss_type,
+            cfg.huber_c, cfg.target_decay, cfg.few_step_steps) == (C.TIME_COND_PROJ_DIM, C.NUM_DDIM_TIMESTEPS,
+            C.W_MIN, C.W_MAX, C.DEFAULT_LOSS_TYPE, C.HUBER_C, C.TARGET_DECAY, C.GAP_STEPS)  # fmt: skip
+    assert parse_config(["--output_dir", "x"])[0].objective == "distillation"
+
+
 def test_flags_override_recipe():
     cfg, _ = parse_config(["--recipe", "recipes/reference-int8.json", "--max_steps", "7", "--ema_decay", "0.5"])
     assert cfg.max_steps == 7 and cfg.ema_decay == 0.5
@@ -106,6 +131,19 @@ def test_missing_recipe_file():
         (["--max_steps", "0"], r"max_steps=0: must be >= 1, or -1 to train num_train_epochs"),
         (["--max_steps", "-5"], r"max_steps=-5: must be >= 1, or -1"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
+        (["--objective", "lcm"], r"objective='lcm': use one of \('distillation', 'consistency'\)"),
+        (["--quantization_scheme", "none"], r"quantization_scheme='none': use one of \('full', 'hybrid'\)"),
+        (["--objective", "consistency", "--w_min", "9", "--w_max", "5"], "w_min=9.0, w_max=5.0: need 0 <= w_min"),
+        (["--objective", "consistency", "--consistency_loss_type", "l1"], "consistency_loss_type='l1': use one of"),
+        (["--objective", "consistency", "--target_decay", "1"], r"target_decay=1.0: must be in \[0, 1\)"),
+        (["--objective", "consistency", "--huber_c", "0"], "huber_c=0.0: must be > 0"),
+        (["--objective", "consistency", "--num_ddim_timesteps", "0"], "num_ddim_timesteps=0: must be >= 1"),
+        (["--objective", "consistency", "--time_cond_proj_dim", "0"], "time_cond_proj_dim=0: must be >= 1"),
+        (["--objective", "consistency", "--few_step_steps", "0"], "few_step_steps=0: must be >= 1"),
+        (["--objective", "consistency", "--few_step_guidance_scale", "0.5"], "few_step_guidance_scale=0.5"),
+        (["--objective", "consistency", "--calibration_source", "training"], "calibration_source='training': a"),
+        (["--objective", "consistency", "--calibration_draws", "2"], "calibration_draws=2: a consistency run"),
+        (["--objective", "consistency", "--task_weight", "1"], "task_weight=1.0: the consistency loss is the only"),
     ],
 )
 def test_cli_value_errors(argv, message):
