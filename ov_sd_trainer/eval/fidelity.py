@@ -50,6 +50,16 @@ from ..pipeline_folder import (
     written_by,
 )
 from .accuracy import load_for_quality
+from .fewstep import (
+    FLOOR_SEED_OFFSET,
+    ODE_STEPS,
+    decoder_comparison,
+    frechet_distance,
+    has_tiny_decoder,
+    ode_scheduler,
+    parse_per_variant,
+    variant_sampling,
+)
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate_set, initial_latents
 from .metrics import (
     ACCURACY_KEYS,
@@ -202,7 +212,8 @@ def load_variant(path: Path, batch_size: int, ov_config: dict, scheduler, cache_
     else:
         pipe = load_ov_pipeline(path, *size, batch_size=batch_size, ov_config=ov_config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = type(scheduler).from_config(scheduler.config)
+    if scheduler is not None:  # None: the folder's own (an LCM folder's LCMScheduler)
+        pipe.scheduler = type(scheduler).from_config(scheduler.config)
     return pipe
 
 
@@ -228,15 +239,20 @@ def evaluate_fidelity(
     judge=None,
     progress: bool = True,
     cache_intervals: dict[str, int] | None = None,
+    variant_steps: dict[str, int] | None = None,
+    variant_guidance: dict[str, float] | None = None,
 ) -> tuple[dict, list[list]]:
     """Run the evaluation. Returns (result dict as written to eval.json, grid rows of PIL images).
 
     `models`: (name, OpenVINO folder) pairs; `cache_intervals`: name -> step-caching interval for those variants
-    (their UNet noise MSE stays the plain IR's, one call). Raises UserError for bad input before any slow work."""
+    (their UNet noise MSE stays the plain IR's, one call); `variant_steps` / `variant_guidance`: name -> that
+    variant's own steps / guidance, making it a few-step variant (`fewstep`; an LCM folder is one anyway). Raises
+    UserError for bad input before any slow work."""
     cache_intervals = cache_intervals or {}
+    variant_steps, variant_guidance = variant_steps or {}, variant_guidance or {}
     from .judge import load_judge
 
-    if steps < 1 or seeds < 1 or batch_size < 1 or unet_samples < 1 or grid_samples < 1:
+    if min([steps, seeds, batch_size, unet_samples, grid_samples, *variant_steps.values()]) < 1:
         raise UserError("--steps, --seeds, --batch-size, --unet-samples and --grid-samples must be >= 1")
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
@@ -250,6 +266,8 @@ def evaluate_fidelity(
         seen.add(name)
         checked.append((name, check_variant(name, Path(path).expanduser(), ref_path)))
         check_cache_folder(name, checked[-1][1], cache_intervals.get(name))
+    sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale)
+                for name, path in checked}  # fmt: skip
     scorer = clip_scorer(clip_model) if clip_model else None
     if threads:
         torch.set_num_threads(threads)
@@ -274,6 +292,8 @@ def evaluate_fidelity(
     inputs = unet_inputs(teacher, jobs, ref_final, unet_samples)
     ref_noise = teacher_noise(teacher, inputs)
     scheduler = teacher.scheduler
+    ode = teacher_ode_sets(teacher, judge, jobs, latents, shape, gen,
+                           {s["guidance_scale"] for s in sampling.values() if s}, progress)  # fmt: skip
     ref_judge = judge_accuracy(judge, ref_images, jobs)
     variants = [
         dict(
@@ -289,22 +309,28 @@ def evaluate_fidelity(
             per_image=dict(correct=ref_judge["correct"]),
         )
     ]
-    grid_rows = [[ref_images[i] for i in cols]]
+    grid_rows, grid_names = [[ref_images[i] for i in cols]], [REFERENCE_NAME]
     del teacher
     gc.collect()
 
     for name, path in checked:
         t0 = time.perf_counter()
         interval = cache_intervals.get(name)
-        pipe = load_variant(path, batch_size, ov_config, scheduler, interval)
-        images, final = generate_set(pipe, jobs, latents, desc=f"generate {name}", progress=progress, **gen)
+        own = sampling[name]
+        pipe = load_variant(path, batch_size, ov_config, None if own and own["own_scheduler"] else scheduler, interval)
+        variant_gen = {**gen, "steps": own["steps"], "guidance_scale": own["guidance_scale"]} if own else gen
+        images, final = generate_set(pipe, jobs, latents, desc=f"generate {name}", progress=progress, **variant_gen)
         gen_s = time.perf_counter() - t0
+        variant_scheduler = type(pipe.scheduler).__name__
         del pipe
         gc.collect()
         u8 = images_to_uint8(images)
         fid = image_fidelity(ref_u8, u8)
         lat_per = ((final.double() - ref_final.double()) ** 2).flatten(1).mean(1)
-        noise = noise_fidelity(ref_noise, ov_unet_noise(path, inputs, ov_config))
+        if unet_config(path).get("time_cond_proj_dim"):  # an LCM UNet predicts no teacher noise: nothing to compare
+            noise = dict.fromkeys(("noise_pred_mse", "noise_pred_rel_l2", "per_sample_noise_mse"))
+        else:
+            noise = noise_fidelity(ref_noise, ov_unet_noise(path, inputs, ov_config))
         jud = judge_accuracy(judge, images, jobs)
         variants.append(
             dict(
@@ -334,6 +360,16 @@ def evaluate_fidelity(
             )
         )
         grid_rows.append([images[i] for i in cols])
+        grid_names.append(name)
+        if own:
+            variants[-1]["few_step"] = few_step_metrics(
+                own, variant_scheduler, ode[own["guidance_scale"]], images, judge
+            )
+        if has_tiny_decoder(path):
+            variants[-1]["decoders"], decoded = decoder_comparison(path, final, jobs, judge, ov_config)
+            for which in ("full", "tiny"):
+                grid_rows.append([decoded[which][i] for i in cols])
+                grid_names.append(f"{name}: {which} decode")
 
     import openvino as ov
 
@@ -363,7 +399,7 @@ def evaluate_fidelity(
         variants=variants,
         grid=dict(
             file=GRID_FILE,
-            rows=[v["name"] for v in variants],
+            rows=grid_names,
             columns=[dict(prompt=jobs[i]["prompt"], seed=jobs[i]["seed"]) for i in cols],
             cell=[width, height],
         ),
@@ -371,6 +407,42 @@ def evaluate_fidelity(
         time_s=round(time.perf_counter() - t_start, 1),
     )
     return result, grid_rows
+
+
+def teacher_ode_sets(teacher, judge, jobs, latents, shape, gen: dict, guidances: set, progress: bool) -> dict:
+    """For each guidance scale of a few-step variant: the teacher's ODE endpoints (DDIM without clipping) from the
+    same initial latents at each of ODE_STEPS, and the noise floor of the Fréchet distance (the teacher's images at
+    other seeds against the most-steps endpoints)."""
+    if not guidances:
+        return {}
+    saved, out = teacher.scheduler, {}
+    teacher.scheduler = ode_scheduler(saved.config)
+    other = [{**j, "seed": j["seed"] + FLOOR_SEED_OFFSET} for j in jobs]
+    try:
+        for g in sorted(guidances):
+            run = {**gen, "guidance_scale": g, "progress": progress}
+            sets = {n: generate_set(teacher, jobs, latents, **{**run, "steps": n}, desc=f"teacher DDIM {n}, w {g}")[0]
+                    for n in ODE_STEPS}  # fmt: skip
+            floor = generate_set(teacher, other, initial_latents(other, shape), **{**run, "steps": max(ODE_STEPS)},
+                                 desc=f"teacher DDIM {max(ODE_STEPS)}, other seeds")[0]  # fmt: skip
+            out[g] = {"sets": sets, "fid_floor": frechet_distance(judge, sets[max(ODE_STEPS)], floor)}
+    finally:
+        teacher.scheduler = saved
+    return out
+
+
+def few_step_metrics(own: dict, scheduler_name: str, ode: dict, images, judge) -> dict:
+    """A few-step variant against the teacher's ODE endpoints at its guidance: PSNR/SSIM per teacher step count,
+    the Fréchet distance in the judge's features to the most-steps endpoints and its teacher-vs-teacher floor."""
+    u8 = images_to_uint8(images)
+    against = {}
+    for n, ref in ode["sets"].items():
+        fid = image_fidelity(images_to_uint8(ref), u8)
+        against[f"ddim{n}"] = {"psnr": fid["psnr"], "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"]}
+    fd = frechet_distance(judge, ode["sets"][max(ODE_STEPS)], images)
+    return {"steps": own["steps"], "guidance_scale": own["guidance_scale"], "scheduler": scheduler_name,
+            "ode": against, "frechet_distance": fd, "frechet_floor": ode["fid_floor"],
+            "frechet_vs_floor": fd / ode["fid_floor"] if ode["fid_floor"] > 0 else None}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,8 +460,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="an OpenVINO pipeline folder to evaluate (repeatable); NAME labels its row")  # fmt: skip
     parser.add_argument("--output", required=True, help="output folder (eval.json, eval.md, grid.png, evaluate/)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--steps", action="append", default=[], metavar="[NAME=]N",
+                        help=f"denoising steps (default {DEFAULT_STEPS}); NAME=N: that --model's own steps, which "
+                        "makes it a few-step variant (scored against the teacher's ODE endpoints too); an LCM folder "
+                        "is one with the steps it was trained for (repeatable)")  # fmt: skip
+    parser.add_argument("--guidance-scale", action="append", default=[], metavar="[NAME=]W",
+                        help=f"guidance scale (default {DEFAULT_GUIDANCE}); NAME=W: that --model's own (repeatable)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
     parser.add_argument("--subset", type=int, default=None, help="N evenly spaced prompts of the 132 (default all)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
@@ -436,12 +512,16 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--compare {spec!r}: give two --model names as A,B (names: {', '.join(names)})")
         pairs.append(pair)
     intervals = dict(parse_cache_interval(spec, names) for spec in args.cache_interval)
+    steps, variant_steps = parse_per_variant(args.steps, "--steps", int, names)
+    guidance, variant_guidance = parse_per_variant(args.guidance_scale, "--guidance-scale", float, names)
     result, grid_rows = evaluate_fidelity(
         args.reference,
         models,
         cache_intervals=intervals,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        steps=DEFAULT_STEPS if steps is None else steps,
+        guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
+        variant_steps=variant_steps,
+        variant_guidance=variant_guidance,
         seeds=args.seeds,
         subset=args.subset,
         batch_size=args.batch_size,

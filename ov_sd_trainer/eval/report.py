@@ -99,11 +99,50 @@ def markdown_report(result: dict) -> str:
             f"`{GRID_FILE}`: rows {', '.join(grid['rows'])}; columns {cols}.",
             "",
         ]
+        + few_step_markdown(result)
+        + decoders_markdown(result)
         + [
             f"## {key}\n\n{comparison_markdown(rows, *key.split(' vs '))}\n"
             for key, rows in result.get("comparisons", {}).items()
         ]
     )
+
+
+def few_step_markdown(result: dict) -> list[str]:
+    """The few-step variants against the teacher's ODE endpoints (`fewstep`), as lines of eval.md."""
+    rows = [v for v in result["variants"] if v.get("few_step")]
+    if not rows:
+        return []
+    ode_keys = list(rows[0]["few_step"]["ode"])
+    head = ["variant", "steps", "guidance", "scheduler", *(f"PSNR / SSIM vs teacher {k}" for k in ode_keys),
+            "Fréchet distance (judge features)", "teacher floor", "x floor", "all three"]  # fmt: skip
+    lines = ["## Few-step variants against the teacher's ODE endpoints", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for v in rows:
+        f = v["few_step"]
+        cells = [v["name"], f["steps"], f"{f['guidance_scale']:g}", f["scheduler"],
+                 *(f"{f['ode'][k]['psnr']:.2f} / {f['ode'][k]['ssim']:.4f}" for k in ode_keys),
+                 f"{f['frechet_distance']:.4g}", f"{f['frechet_floor']:.4g}",
+                 _fmt(f["frechet_vs_floor"], "{:.2f}"), f"{v['accuracy']['all']:.1%}"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Teacher: the same initial latents at the variant's guidance, deterministic DDIM without clipping. "
+              "Floor: the teacher's images at other seeds against its own, in the same features.", ""]  # fmt: skip
+    return lines
+
+
+def decoders_markdown(result: dict) -> list[str]:
+    """Tiny against full VAE decode of the same latents (`fewstep.decoder_comparison`), as lines of eval.md."""
+    rows = [v for v in result["variants"] if v.get("decoders")]
+    if not rows:
+        return []
+    lines = ["## Tiny VAE decoder against the full one (same final latents)", "",
+             "| variant | active | PSNR (dB) | SSIM | all three, full decode | all three, tiny decode |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for v in rows:
+        d = v["decoders"]
+        lines.append(f"| {v['name']} | {d['active']} | {d['psnr']:.2f} | {d['ssim']:.4f} | "
+                     f"{d['accuracy']['full']['all']:.1%} | {d['accuracy']['tiny']['all']:.1%} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _jsonable(obj):

@@ -25,8 +25,8 @@ def paired_comparison(result: dict, a: str, b: str, n_boot: int = 2000, seed: in
         raise UserError(f"compare two evaluated --model variants by name, got {a!r} and {b!r}")
     rng = np.random.default_rng(seed)
 
-    def mse_from_psnr(v):
-        return 10.0 ** (-np.array([_num(x) for x in v["per_image"]["psnr"]]) / 10.0)  # data range 1
+    def mse_from_psnr(values):
+        return 10.0 ** (-np.array([_num(x) for x in values]) / 10.0)  # data range 1
 
     def pooled_psnr(mse):
         m = mse.mean(-1)
@@ -37,11 +37,18 @@ def paired_comparison(result: dict, a: str, b: str, n_boot: int = 2000, seed: in
 
     per = {}
     for key, _, _, higher_better in FIDELITY_METRICS:
+        if va["per_image"].get(key) is None or vb["per_image"].get(key) is None:
+            continue  # not measured for one of them (an LCM UNet's noise MSE)
         if key == "psnr":  # recomputed as the result computes it: PSNR of the pooled per-image MSE
-            xa, xb, stat = mse_from_psnr(va), mse_from_psnr(vb), pooled_psnr
+            xa, xb, stat = mse_from_psnr(va["per_image"]["psnr"]), mse_from_psnr(vb["per_image"]["psnr"]), pooled_psnr
         else:
             xa, xb, stat = np.array(va["per_image"][key], float), np.array(vb["per_image"][key], float), mean
         per[key] = (xa, xb, stat, 1 if higher_better else -1)
+    fa, fb = va.get("few_step"), vb.get("few_step")
+    for k in (fa or {}).get("ode", {}) if fb else ():  # few-step variants: PSNR against the teacher's ODE endpoints
+        if k in fb["ode"]:
+            xa, xb = (mse_from_psnr(f["ode"][k]["per_image_psnr"]) for f in (fa, fb))
+            per[f"psnr_vs_teacher_{k}"] = (xa, xb, pooled_psnr, 1)
     for k in ACCURACY_KEYS:
         per[f"accuracy_{k}"] = (
             np.array(va["per_image"]["correct"][k], float),

@@ -197,3 +197,17 @@ def test_generate_chooses_the_decoder_without_changing_the_folder(folder, tmp_pa
     assert np.array_equal(full, activated)  # --decoder full is what the folder gives with the full decoder active
     with pytest.raises(UserError, match="drop --backend pytorch"):
         generate(str(folder), PROMPT, str(tmp_path / "x.png"), backend="pytorch", decoder="tiny")
+
+
+def test_eval_compares_tiny_and_full_decode_of_the_same_latents(folder, tiny_pipeline):
+    from ov_sd_trainer.eval.fidelity import evaluate_fidelity
+
+    result, grid = evaluate_fidelity(tiny_pipeline, [("tq", folder)], steps=STEPS, seeds=1, subset=3, batch_size=3,
+                                     unet_samples=2, grid_samples=2, progress=False)  # fmt: skip
+    variant = result["variants"][1]
+    d = variant["decoders"]
+    assert d["active"] == "tiny" and set(d["accuracy"]) == {"full", "tiny"}
+    assert result["grid"]["rows"] == ["fp32", "tq", "tq: full decode", "tq: tiny decode"] and len(grid) == 4
+    # the folder's own images come from its active (tiny) decoder: the tiny decode of the same final latents is them
+    assert all(psnr(a, b) > 40 for a, b in zip(grid[1], grid[3]))
+    assert d["psnr"] < 40 and max(psnr(a, b) for a, b in zip(grid[1], grid[2])) < 40  # the control: full differs

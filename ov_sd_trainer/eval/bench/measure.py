@@ -56,7 +56,7 @@ def extra_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("sample", "timestep", "encoder_hidden_states")}
 
 
-def _time_calls(fn, warmup: int, repeats: int, desc: str, progress: bool, warmup_s: float = 0.0) -> list[float]:
+def time_calls(fn, warmup: int, repeats: int, desc: str, progress: bool, warmup_s: float = 0.0) -> list[float]:
     """`repeats` timed calls of `fn` after untimed ones: at least `warmup` calls and `warmup_s` seconds (the first
     calls after a compile run slow for a while: on a small model ~10 calls of twice the steady time)."""
     from tqdm.auto import tqdm
@@ -137,18 +137,18 @@ def _time_parts(pipe, step, shallow, settings: BenchSettings, inputs: dict, run,
         pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * images)
 
     def timed(fn, desc):
-        return _time_calls(within(fn), settings.warmup, settings.repeats, desc, progress, settings.warmup_s)
+        return time_calls(within(fn), settings.warmup, settings.repeats, desc, progress, settings.warmup_s)
 
     out = {"unet_times": timed(step, "UNet steps")}
     out["shallow_times"] = timed(shallow, "shallow UNet steps") if shallow else []
     out["text_times"] = timed(text, "text encoder")
     out["vae_times"] = timed(vae, "VAE decode")
-    out["pipeline_times"] = _time_calls(
+    out["pipeline_times"] = time_calls(
         within(lambda: run(settings.steps_pipeline)), 0, settings.pipeline_repeats, "pipeline runs", progress
     )
     out["image_times"] = []
     if settings.measure_image:
-        out["image_times"] = _time_calls(
+        out["image_times"] = time_calls(
             within(lambda: run(settings.image_steps)), 0, settings.pipeline_repeats, "image runs", progress
         )
     out["calls_pipeline"] = unet_calls(pipe.scheduler, settings.steps_pipeline)
@@ -311,7 +311,7 @@ def summarize_profile(profiling_info) -> dict[str, Any]:
     }
 
 
-def _ov_config_for(variant: Variant, settings: BenchSettings) -> dict[str, Any]:
+def ov_config_for(variant: Variant, settings: BenchSettings) -> dict[str, Any]:
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}  # optimum-intel's default for its models
     if settings.threads:
         config["INFERENCE_NUM_THREADS"] = settings.threads
@@ -323,7 +323,7 @@ def _ov_config_for(variant: Variant, settings: BenchSettings) -> dict[str, Any]:
     return config
 
 
-def _median(times: list[float]) -> float | None:
+def median_or_none(times: list[float]) -> float | None:
     return statistics.median(times) if times else None
 
 
@@ -332,18 +332,18 @@ def measure_variant(variant: Variant, folder: Path, settings: BenchSettings, inp
         if variant.is_pytorch:
             raw = measure_pytorch(folder, settings, inputs, height, width, bf16=variant.bf16, progress=progress)
         else:
-            config = _ov_config_for(variant, settings)
+            config = ov_config_for(variant, settings)
             raw = measure_openvino(folder, settings, config, inputs, height, width, progress, variant.cache_interval)
         free_memory()
     parts = {
-        "text_encoder_s": _median(raw["text_times"]),
-        "unet_step_s": _median(raw["unet_times"]),
-        "shallow_step_s": _median(raw["shallow_times"]),
-        "vae_decode_s": _median(raw["vae_times"]),
+        "text_encoder_s": median_or_none(raw["text_times"]),
+        "unet_step_s": median_or_none(raw["unet_times"]),
+        "shallow_step_s": median_or_none(raw["shallow_times"]),
+        "vae_decode_s": median_or_none(raw["vae_times"]),
     }
     interval = variant.cache_interval
     full, shallow = split_calls(raw["calls_image"], interval)
-    pipeline_s, image_measured_s = _median(raw["pipeline_times"]), _median(raw["image_times"])
+    pipeline_s, image_measured_s = median_or_none(raw["pipeline_times"]), median_or_none(raw["image_times"])
     pipeline_composed_s = compose(parts, raw["calls_pipeline"], interval)
     image_s = compose(parts, raw["calls_image"], interval)
     row = {

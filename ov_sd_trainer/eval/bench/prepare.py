@@ -44,7 +44,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _cached(path: Path, build, what: str, prep_log: dict) -> Path:
+def cached(path: Path, build, what: str, prep_log: dict) -> Path:
     """Build `path` with `build(tmp_folder)` unless a complete one exists (folders are written atomically)."""
     if path.is_dir() and any(path.iterdir()):
         prep_log[what] = {"reused": str(path)}
@@ -247,7 +247,7 @@ def prepare(
     # the source pipeline
     if arch is not None:  # the random-weight architecture, looked up when called (tests swap in a tiny one)
         build = {"sd15": "build_sd15_pipeline", "sdxl": "build_sdxl_pipeline"}[arch]
-        prep.diffusers_dir = _cached(
+        prep.diffusers_dir = cached(
             work_dir / f"{arch}-diffusers",
             lambda d: getattr(builders, build)(d, seed=0),
             f"{arch}-diffusers",
@@ -276,7 +276,7 @@ def prepare(
     if need_ov:
         if prep.ov_fp32_dir is None:
             bar.set_description("bench: optimum-intel FP32 export")
-            prep.ov_fp32_dir = _cached(
+            prep.ov_fp32_dir = cached(
                 work_dir / "openvino-fp32",
                 lambda d: export_openvino_fp32(str(prep.diffusers_dir), d),
                 "openvino-fp32 export",
@@ -300,7 +300,7 @@ def prepare(
         elif source in PTQ_MODES:
             mode = PTQ_MODES[source]
             bar.set_description(f"bench: optimum-intel {mode} PTQ")
-            prep.folders[source] = _cached(
+            prep.folders[source] = cached(
                 work_dir / f"optimum-{mode}-ptq-{height}x{width}-n{settings.ptq_samples}-s{settings.ptq_steps}",
                 lambda d, mode=mode: ptq_module.quantize_pipeline_int8(
                     prep.ov_fp32_dir,
@@ -343,7 +343,7 @@ def prepare(
                     )  # fmt: skip
                 )
 
-            prep.folders[source] = _cached(work_dir / name, build, source, prep.log)
+            prep.folders[source] = cached(work_dir / name, build, source, prep.log)
             prep.log[source].update(info)
         else:
             flag = next(v.flag for v in VARIANTS if v.source == source and v.flag)
@@ -365,7 +365,7 @@ def prepare(
             def build_twin(d, base=base, info=info):
                 info.update(int8_text_vae_folder(base, d))
 
-            prep.folders[key] = _cached(_twin_path(work_dir, source, base), build_twin, key, prep.log)
+            prep.folders[key] = cached(_twin_path(work_dir, source, base), build_twin, key, prep.log)
             prep.log[key].update(info)
         bar.update()
     bar.close()

@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from .fewstep import few_step_section
 from .variants import BY_NAME, OPENVINO_FP32, OPTIMUM_HYBRID, OPTIMUM_INT8, PYTORCH_FP32, QAT, QAT_TOME, W8TV, forms
 
 # The published anchors for SD 1.5 at 512 px, batch 2 (the 2023 NNCF/Optimum blog: QAT int8 3.9x PyTorch with a
@@ -240,6 +241,7 @@ def markdown_report(result: dict) -> str:
                 share = t["ms"] / p["total_ms"] if p["total_ms"] else 0
                 lines.append(f"| {t['node_type']} | {t['ms'] / 1000:.3f} | {share:.1%} | {t['count']} | {precs} |")
             lines.append("")
+    lines += few_step_section(result)
     m = result["machine"]
     lines += [
         "",

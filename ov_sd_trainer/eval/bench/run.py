@@ -50,6 +50,7 @@ from ...assets import resolve_model_path
 from ...errors import UserError
 from ...outputs import atomic_output_dir, check_output_dir
 from ...pipeline_folder import check_model_source, check_openvino_folder, geometry
+from .fewstep import add_few_step_ratios, add_tiny_image_latency, run_few_step
 from .measure import measure_variant, unet_config, unet_inputs
 from .monitor import free_memory
 from .prepare import prepare
@@ -157,10 +158,19 @@ def run_bench(
             rows.append(measure_variant(variant, folder, settings, inputs, height, width, progress))
             free_memory()
         bar.close()
+        few_step = tiny = None
+        if settings.few_step and prep.diffusers_dir is None:
+            skipped["few-step"] = "omitted: --model is an OpenVINO folder (the LCM student is built from diffusers)"
+        elif settings.few_step:
+            few_step, tiny = run_few_step(prep.diffusers_dir, work, settings, height, width, prep.log, progress)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     add_ratios(rows)
+    if tiny and settings.batch_size == 2:  # one image per pipeline call, as the tiny decoder was timed
+        add_tiny_image_latency(rows, tiny["decode"])
+    if few_step:
+        add_few_step_ratios(few_step, rows)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     resolved = asdict(settings) | {"height": height, "width": width}
     notes = []
@@ -173,6 +183,11 @@ def run_bench(
         notes.append(
             "SDXL: the UNet step's fixed inputs add text_embeds and time_ids (added conditioning, passed to the "
             "PyTorch UNet as added_cond_kwargs); the text encoder part is both text encoders (encode_prompt)."
+        )
+    if few_step:
+        notes.append(
+            "few-step rows: a random-weight LCM student (the UNet + time_cond_proj_dim 256) with the project's full int8 "
+            "UNet graph (random calibration) and a random-weight tiny decoder: latency does not depend on the weights."
         )
     if settings.profile:
         notes.append("timed with PERF_COUNT on (OpenVINO variants): per-node counters add a little overhead.")
@@ -189,7 +204,9 @@ def run_bench(
         "variants": rows,
         "image_baselines": image_baselines(rows),
         "int8_text_vae": text_vae_pairs(rows),
-        "skipped": {n: skipped[n] for n in names if n in skipped},
+        "few_step": few_step,
+        "tiny_decoder": tiny,
+        "skipped": {n: skipped[n] for n in [*names, "few-step"] if n in skipped},
         "targets": check_targets(rows),
         "notes": notes,
         "preparation": prep.log,
@@ -246,6 +263,9 @@ def add_arguments(p) -> None:
     p.add_argument("--measure-image", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the whole --image-steps pipeline directly (default: yes; --arch: no, minutes "
                    "per variant)")  # fmt: skip
+    p.add_argument("--few-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the few-step int8 student (LCM, random weights) at 2/4/8 steps and a tiny VAE decoder "
+                   "beside the VAE decode (default: --arch sd15 yes, otherwise no; needs a diffusers pipeline)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads and OpenVINO INFERENCE_NUM_THREADS")
     p.add_argument("--dynamic-shapes", action="store_true", help="do not reshape OpenVINO pipelines to static")
     p.add_argument("--ov-config", action="append", default=None, metavar="KEY=VALUE", help="OpenVINO property")
@@ -280,6 +300,7 @@ def settings_from_args(args) -> BenchSettings:
         warmup_s=args.warmup_s,
         image_steps=args.image_steps,
         measure_image=pick("measure_image"),
+        few_step=pick("few_step"),
         threads=args.threads,
         static_shapes=not args.dynamic_shapes,
         ov_config=parse_ov_config(args.ov_config),

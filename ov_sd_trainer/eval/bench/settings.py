@@ -24,7 +24,7 @@ from ...errors import UserError
 # hold two copies of it for a while (estimated > 20 GB): run it where ~32 GB are free.
 ARCHS = ("sd15", "sdxl")
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sd15": {"steps_pipeline": 2, "repeats": 3, "pipeline_repeats": 1, "measure_image": False},
+    "sd15": {"steps_pipeline": 2, "repeats": 3, "pipeline_repeats": 1, "measure_image": False, "few_step": True},
     "sdxl": {"steps_pipeline": 2, "repeats": 3, "pipeline_repeats": 1, "measure_image": False, "height": 512,
              "width": 512, "tome_max_downsample": 2},
 }  # fmt: skip
@@ -47,6 +47,8 @@ class BenchSettings:
     warmup_s: float = 0.5  # ... and untimed calls until this many seconds have passed (small models: ~10 slow calls)
     image_steps: int = 50  # the image whose latency is composed: text encoder + its UNet calls + VAE decode
     measure_image: bool = True  # also time one image_steps pipeline call directly (checks the composition)
+    # the few-step int8 student's rows and the tiny VAE decoder (`fewstep`; needs the diffusers pipeline)
+    few_step: bool = False
     threads: int | None = None  # torch threads and OpenVINO INFERENCE_NUM_THREADS; None: the libraries' choice
     static_shapes: bool = True
     ov_config: dict[str, str] = field(default_factory=dict)  # extra OpenVINO properties for every OV variant
