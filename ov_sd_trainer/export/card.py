@@ -21,6 +21,8 @@ GAP_COLUMNS = (
     ("rollout_mse", "rollout final-latent MSE"),
     ("rollout_psnr", "rollout image PSNR (dB)"),
     ("task_loss", "task loss"),
+    ("few_step_psnr", "few-step image PSNR vs the teacher's ODE endpoint (dB)"),
+    ("few_step_mse", "few-step final-latent MSE"),
 )
 
 
@@ -79,6 +81,7 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         }
     ]
     res = recipe.get("resolution", 512)
+    few_step = results.get("few_step")
     parts = [
         f"---\n{_yaml(meta)}\n---",
         f"# {folder.name if not folder.name.startswith('.') else 'OpenVINO int8 Stable Diffusion'}",
@@ -86,6 +89,15 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         "training (NNCF, distillation from the FP32 UNet, EMA) by "
         "[ov-sd-trainer](https://github.com/ov-sd-trainer/ov-sd-trainer). Text encoder and VAE are exported "
         "unchanged with optimum-intel.",
+        None
+        if few_step is None
+        else "It is a few-step **latent consistency** student of the base model (consistency distillation with the "
+        "guidance distilled in, `objective: consistency`; "
+        + ("float UNet, no quantization" if few_step.get("quantization_scheme") == "none" else "int8 during training")
+        + f"): it was trained to sample in **{few_step['steps']} steps at guidance scale "
+        f"{few_step['guidance_scale']}** with `LCMScheduler`, one UNet call per step (no classifier-free guidance "
+        f"batch); guidance scales {few_step['w_range'][0] + 1:g} to {few_step['w_range'][1] + 1:g} were seen in "
+        "training.",
         "## Training",
         f"- base model: `{recipe.get('pretrained_model_name_or_path', base_model)}`",
         f"- dataset: `{recipe.get('dataset_name', 'n/a')}`",
@@ -132,6 +144,9 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         ]
     class_name = pipeline_class_name(folder) if (folder / "model_index.json").is_file() else DEFAULT_PIPELINE_CLASS
     ov_class, steps = PIPELINE_CLASSES[class_name], SAMPLING_STEPS[class_name]
+    guidance = ""
+    if few_step is not None:  # what the student was trained for
+        steps, guidance = few_step["steps"], f", guidance_scale={few_step['guidance_scale']}"
     parts += [
         "## Usage",
         f"```python\nfrom optimum.intel import {ov_class}\n\n"
@@ -143,7 +158,7 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         "(`tokenizer/openvino_tokenizer.xml`) are for:",
         "```python\nimport openvino_genai\n\n"
         'pipe = openvino_genai.Text2ImagePipeline("<this folder>", "CPU")\n'
-        f'image = pipe.generate("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps={steps}, '
+        f'image = pipe.generate("{samples[0]["prompt"] if samples else "a prompt"}", num_inference_steps={steps}{guidance}, '
         f"height={res}, width={res}, generator=openvino_genai.TorchGenerator(0))  # image.data[0]: HxWx3 uint8\n```",
     ]
     (folder / CARD_FILE).write_text("\n\n".join(p for p in parts if p is not None) + "\n")

@@ -181,10 +181,16 @@ def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     base = resolve_model_path(cfg["pretrained_model_name_or_path"])
     pipe = load_pipeline(base, revision=cfg.get("revision"))
     fp32 = pipe.unet
+    if cfg.get("objective") == "consistency":  # the teacher plus the guidance embedding
+        from ..train.consistency import make_student_unet
+
+        fp32 = make_student_unet(fp32, cfg["time_cond_proj_dim"])
     tome = TomeConfig.from_training_config(cfg)  # absent keys (older checkpoints): no token merging
     if tome.active:  # NNCF names the quantized ops by the patched graph: merge first, then load
         apply_tome_config(fp32, tome)
-    student = quantize.load_quantized(fp32, ckpt / STUDENT_DIR, inplace=True)
+    from ..train.trainer import load_student
+
+    student = load_student(fp32, ckpt / STUDENT_DIR, inplace=True)  # NNCF int8, or a float consistency student
     ema = load_ema(ckpt) if use_ema else None  # checkpoint-N folders hold the EMA apart; final/ has it applied
     if ema is not None:
         import torch
@@ -213,6 +219,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from ..train.run import few_step_record
+
     check_output_dir(args.output, args.overwrite)  # fail before the slow load
     student, cfg, base, recipe = load_student_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
     export_openvino_pipeline(
@@ -224,6 +232,7 @@ def main(args) -> int:
         sample_prompts=args.sample_prompt,
         sample_steps=args.sample_steps,
         resolution=cfg.get("resolution"),
+        few_step=few_step_record(cfg),
     )
     print(f"OpenVINO pipeline written to {args.output}")
     return 0

@@ -24,7 +24,7 @@ def quantizer_digest(student) -> str:
 
 def teacher_gap_history(log_history: list[dict]) -> list[dict]:
     """(step, eval_teacher_mse, eval_task_loss) of every teacher-gap evaluation of a run."""
-    keys = QATTrainer.EVAL_METRICS
+    keys = (*QATTrainer.EVAL_METRICS, *QATTrainer.FEW_STEP_METRICS)
     return [
         {"step": h["step"], **{k: h.get(f"eval_{k}") for k in keys}}
         for h in log_history

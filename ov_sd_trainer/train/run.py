@@ -222,19 +222,21 @@ def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -
     return model
 
 
-def few_step_record(cfg: QATConfig) -> dict | None:
+def few_step_record(cfg: QATConfig | dict) -> dict | None:
     """What a consistency student was trained for, written into the export (results.json `few_step`, the card)
-    and read by `ov-sd generate` / `ov-sd demo` as their defaults; None for plain distillation."""
-    if cfg.objective != "consistency":
+    and read by `ov-sd generate` / `ov-sd demo` as their defaults; None for plain distillation. `cfg`: the run's
+    config, or a checkpoint's saved config.json as a dict (`ov-sd export`)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key: getattr(cfg, key)
+    if get("objective") != "consistency":
         return None
     return {
-        "steps": cfg.few_step_steps,
-        "guidance_scale": cfg.few_step_guidance_scale,
+        "steps": get("few_step_steps"),
+        "guidance_scale": get("few_step_guidance_scale"),
         "scheduler": "LCMScheduler",
-        "num_ddim_timesteps": cfg.num_ddim_timesteps,
-        "w_range": [cfg.w_min, cfg.w_max],
-        "time_cond_proj_dim": cfg.time_cond_proj_dim,
-        "quantization_scheme": cfg.quantization_scheme,
+        "num_ddim_timesteps": get("num_ddim_timesteps"),
+        "w_range": [get("w_min"), get("w_max")],
+        "time_cond_proj_dim": get("time_cond_proj_dim"),
+        "quantization_scheme": get("quantization_scheme"),
     }
 
 

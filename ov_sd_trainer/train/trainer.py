@@ -100,6 +100,7 @@ class QATTrainer(Trainer):
 
     # --- teacher-gap evaluation (Trainer's own loop: eval_strategy / eval_steps) --------------------------------
     EVAL_METRICS = ("teacher_mse", "task_loss")  # what a held-out batch reports
+    FEW_STEP_METRICS = ("few_step_psnr", "few_step_mse")  # what a consistency run's evaluation reports
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """One teacher-gap batch (`teacher_mse`, and `task_loss` where the true target is known); each metric is

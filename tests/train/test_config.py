@@ -175,6 +175,9 @@ def test_demo_flags_parse_with_the_shipped_recipe(tmp_path):
     cfg, _ = parse_config(demo.train_argv(args, tmp_path / "run"))
     assert (cfg.max_steps, cfg.num_calibration_samples, cfg.save_strategy) == (1, 4, "no")
     assert not cfg.load_best_model_at_end and cfg.eval_strategy == "steps"
+    args = p.parse_args(["--recipe", "reference-lcm-int8", "--max-steps", "1"])  # the few-step demo
+    cfg, _ = parse_config(demo.train_argv(args, tmp_path / "lcm"))
+    assert cfg.objective == "consistency" and cfg.max_steps == 1 and args.steps is None
 
 
 def test_defaults_are_the_measured_best_and_both_weights_zero_is_an_error():

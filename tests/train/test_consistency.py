@@ -363,3 +363,29 @@ def test_consistency_resume_restores_the_target_network_exactly(lcm_run, tmp_pat
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["hybrid", "none"])
+def test_hybrid_and_float_consistency_students_train_and_export(tiny_pipeline, tmp_path, scheme):
+    """The hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) and the float mode
+    (`quantization_scheme none`: the float consistency student the PTQ peers start from) train and export the same
+    LCM folder layout; the float one's UNet IR has no FakeQuantize and float weights."""
+    import json
+
+    from conftest import lcm_run_argv, train_tiny
+
+    from ov_sd_trainer.compress import quantize
+
+    run = train_tiny(lcm_run_argv(tiny_pipeline, tmp_path / "run", "--quantization_scheme", scheme, "--max_steps",
+                                  "1", "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false"))  # fmt: skip
+    student = run["training"].model.student
+    assert quantize.is_quantized(student) == (scheme != "none")
+    assert any(not torch.equal(p, run["before"][n]) for n, p in student.named_parameters())
+    results = json.loads((run["ov"] / "results.json").read_text())
+    assert json.loads((run["ov"] / "model_index.json").read_text())["_class_name"] == "LatentConsistencyModelPipeline"
+    assert results["few_step"]["quantization_scheme"] == scheme
+    if scheme == "none":
+        assert results["fake_quantize_ops"] == 0 and results["unet_size_ratio"] > 0.9
+    else:
+        assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
