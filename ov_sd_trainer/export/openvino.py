@@ -90,6 +90,9 @@ def export_openvino_pipeline(
         pipe = OVDiffusionPipeline.from_pretrained(source, export=True, compile=False)
         pipe.save_pretrained(tmp)
         del pipe
+        if few_step is not None:  # name the SD base, not the temporary LCM folder it was exported from
+            index = json.loads((tmp / "model_index.json").read_text())
+            (tmp / "model_index.json").write_text(json.dumps({**index, "_name_or_path": str(base_model)}, indent=2))
         write_genai_files(tmp)  # OpenVINO GenAI: the tokenizer as IRs, diffusers' betas in the scheduler config
         fp32_bytes = _bin_size(tmp / UNET_XML)
         logger.info("converting the quantized student UNet")
