@@ -260,12 +260,16 @@ def trained_sampling(name_or_path: str | Path) -> dict | None:
                 "source": f"{RESULTS_FILE} {FEW_STEP_KEY}"}  # fmt: skip
     if pipeline_class_name(folder) != LCM_CLASS:
         return None
+    return {"steps": families.SAMPLING_STEPS[LCM_CLASS], "guidance_scale": lcm_default_guidance(), "source": LCM_CLASS}
+
+
+def lcm_default_guidance() -> float:
+    """diffusers' `LatentConsistencyModelPipeline` default guidance scale (8.5: w = 7.5 embedded), read from it."""
     import inspect
 
     from diffusers import LatentConsistencyModelPipeline
 
-    guidance = inspect.signature(LatentConsistencyModelPipeline.__call__).parameters["guidance_scale"].default
-    return {"steps": families.SAMPLING_STEPS[LCM_CLASS], "guidance_scale": float(guidance), "source": LCM_CLASS}
+    return float(inspect.signature(LatentConsistencyModelPipeline.__call__).parameters["guidance_scale"].default)
 
 
 def check_openvino_folder(path: str, flag: str) -> Path:

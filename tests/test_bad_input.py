@@ -96,7 +96,7 @@ def test_train_bad_inputs(tiny, tmp_path, capsys):
 UNCACHED = "nor a Hub model in the Hugging Face cache"  # pipeline_folder.check_hub_id, offline
 
 
-def load_cases(tiny: Path, tmp: Path):
+def load_cases(tiny: Path, tmp: Path, export: Path):
     """Commands that load a pipeline, each through pipeline_folder: (id, argv, expected message fragment)."""
     gen = ["generate", "--prompt", "hi", "--output", "x.png"]
     not_sd = tmp / "not_sd"
@@ -108,6 +108,8 @@ def load_cases(tiny: Path, tmp: Path):
         ("generate: not a pipeline", gen + ["--model", str(not_sd)], "no model_index.json"),
         ("generate: steps 0", gen + ["--model", str(tiny), "--steps", "0"], "--steps must be at least 1"),
         ("generate: height 0", gen + ["--model", str(tiny), "--height", "0"], "--height 0: must be a positive multiple of 8"),
+        ("generate --decoder tiny: no tiny decoder", gen + ["--model", str(export), "--decoder", "tiny"], "has no tiny decoder"),
+        ("generate --decoder: diffusers folder", gen + ["--model", str(tiny), "--decoder", "full"], "is not an OpenVINO pipeline folder"),
         ("generate: genai, missing folder", gen + ["--runtime", "genai", "--model", "nope"], "does not exist"),
         ("generate --backend pytorch: no such model", gen + ["--backend", "pytorch", "--model", "nope"], UNCACHED),
         ("ptq: no such model", ["ptq", "--model", "nope", "--mode", "hybrid", "--output", "o"], UNCACHED),
@@ -123,10 +125,10 @@ def load_cases(tiny: Path, tmp: Path):
     ]  # fmt: skip
 
 
-def test_load_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
+def test_load_bad_inputs(tiny, fp32_export, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative outputs (x.png, o, e, ex) would land here
     failures = []
-    for name, argv, fragment in load_cases(tiny, tmp_path):
+    for name, argv, fragment in load_cases(tiny, tmp_path, fp32_export):
         before = set(tmp_path.rglob("*"))
         rc = cli.main(argv)
         err = capsys.readouterr().err.strip().splitlines()

@@ -21,15 +21,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ... import families
 from .measure import median_or_none, ov_config_for, time_calls, unet_config, unet_inputs
 from .monitor import free_memory
 from .settings import BenchSettings
 from .variants import BY_NAME, QAT
 
 FEW_STEPS = (2, 4, 8)
-CHECK_STEPS = 4  # the measured LCM pipeline run
+CHECK_STEPS = families.SAMPLING_STEPS["LatentConsistencyModelPipeline"]  # the measured LCM pipeline run (4)
 LCM_TIME_COND_PROJ_DIM = 256  # LCM-Dreamshaper's guidance embedding width (the consistency training's default)
-LCM_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default: w = 7.5 embedded
 TINY_CALIBRATION = 4  # random latents for the tiny decoder's full-int8 PTQ (speed only)
 TINY_F32, TINY_INT8 = "tiny-f32", "tiny-int8"
 
@@ -123,8 +123,9 @@ def measure_few_step(folder: Path, tiny_dir: Path, settings: BenchSettings, heig
     """The LCM int8 folder's parts at batch 1 without CFG, its rows at FEW_STEPS and the measured check run."""
     import numpy as np
 
-    from ...pipeline_folder import geometry, load_ov_pipeline
+    from ...pipeline_folder import geometry, lcm_default_guidance, load_ov_pipeline
 
+    guidance = lcm_default_guidance()
     ov_config = ov_config_for(BY_NAME[QAT], settings)
     # static shapes (batch 1: an LCM's UNet batch is the prompt batch), as optimum's README loads a pipeline
     pipe = load_ov_pipeline(folder, height, width, batch_size=1, ov_config=ov_config)
@@ -140,7 +141,7 @@ def measure_few_step(folder: Path, tiny_dir: Path, settings: BenchSettings, heig
                            do_classifier_free_guidance=False)  # fmt: skip
 
     def run():
-        pipe(settings.prompt, num_inference_steps=CHECK_STEPS, guidance_scale=LCM_GUIDANCE, height=height,
+        pipe(settings.prompt, num_inference_steps=CHECK_STEPS, guidance_scale=guidance, height=height,
              width=width, generator=np.random.RandomState(settings.seed))  # fmt: skip
 
     unet_times = timed(lambda: pipe.unet(**feed), "LCM UNet steps")
@@ -158,7 +159,7 @@ def measure_few_step(folder: Path, tiny_dir: Path, settings: BenchSettings, heig
     return {
         "folder": str(folder),
         "batch": 1,
-        "guidance_scale": LCM_GUIDANCE,
+        "guidance_scale": guidance,
         "unet_inputs": {k: list(v.shape) for k, v in inputs.items()},
         "unet_step_s": unet_s,
         "text_encoder_s": text_s,
