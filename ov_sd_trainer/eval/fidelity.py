@@ -241,13 +241,15 @@ def evaluate_fidelity(
     cache_intervals: dict[str, int] | None = None,
     variant_steps: dict[str, int] | None = None,
     variant_guidance: dict[str, float] | None = None,
+    twins: list[tuple[str, str]] | None = None,
 ) -> tuple[dict, list[list]]:
     """Run the evaluation. Returns (result dict as written to eval.json, grid rows of PIL images).
 
     `models`: (name, OpenVINO folder) pairs; `cache_intervals`: name -> step-caching interval for those variants
     (their UNet noise MSE stays the plain IR's, one call); `variant_steps` / `variant_guidance`: name -> that
     variant's own steps / guidance, making it a few-step variant (`fewstep`; an LCM folder is one anyway). Raises
-    UserError for bad input before any slow work."""
+    UserError for bad input before any slow work. `twins`: (A, B) variant pairs: A's images against B's (an int8
+    student against its float twin, from the same latents), in `result["twins"]`."""
     cache_intervals = cache_intervals or {}
     variant_steps, variant_guidance = variant_steps or {}, variant_guidance or {}
     from .judge import load_judge
@@ -310,6 +312,7 @@ def evaluate_fidelity(
         )
     ]
     grid_rows, grid_names = [[ref_images[i] for i in cols]], [REFERENCE_NAME]
+    kept = {}  # uint8 images of the variants in `twins`
     del teacher
     gc.collect()
 
@@ -325,6 +328,8 @@ def evaluate_fidelity(
         del pipe
         gc.collect()
         u8 = images_to_uint8(images)
+        if any(name in pair for pair in twins or ()):
+            kept[name] = u8
         fid = image_fidelity(ref_u8, u8)
         lat_per = ((final.double() - ref_final.double()) ** 2).flatten(1).mean(1)
         if unet_config(path).get("time_cond_proj_dim"):  # an LCM UNet predicts no teacher noise: nothing to compare
@@ -404,6 +409,10 @@ def evaluate_fidelity(
             cell=[width, height],
         ),
         jobs=[dict(prompt=j["prompt"], seed=j["seed"], index=j["index"]) for j in jobs],
+        twins={
+            f"{a} vs {b}": {k: v for k, v in image_fidelity(kept[b], kept[a]).items() if k != "per_image"}
+            for a, b in twins or ()
+        },  # fmt: skip
         time_s=round(time.perf_counter() - t_start, 1),
     )
     return result, grid_rows
@@ -484,11 +493,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="write the results into this evaluated --model folder's README.md (repeatable)")  # fmt: skip
     parser.add_argument("--compare", action="append", default=[], metavar="A,B",
                         help="paired bootstrap comparison of variant A against variant B (repeatable)")  # fmt: skip
+    parser.add_argument("--twin", action="append", default=[], metavar="A,B",
+                        help="PSNR/SSIM of variant A's images against variant B's (an int8 student against its float "
+                        "twin; same latents) (repeatable)")  # fmt: skip
     parser.add_argument("--cache-interval", action="append", default=[], metavar="NAME=N",
                         help="generate --model NAME with step caching (DeepCache) at interval N (repeatable; the "
                         "folder needs `ov-sd deepcache` IRs)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def parse_pair(spec: str, flag: str, names: list[str]) -> tuple[str, str]:
+    pair = tuple(x.strip() for x in spec.split(","))
+    if len(pair) != 2 or not all(x in names for x in pair):
+        raise UserError(f"{flag} {spec!r}: give two --model names as A,B (names: {', '.join(names)})")
+    return pair
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -505,13 +524,9 @@ def run(args: argparse.Namespace) -> dict:
         if not (folder / "README.md").is_file():
             raise UserError(f"--update-card {card!r} has no model card (README.md) to update")
     names = [n for n, _ in models]
-    pairs = []
-    for spec in args.compare:
-        pair = tuple(x.strip() for x in spec.split(","))
-        if len(pair) != 2 or not all(x in names for x in pair):
-            raise UserError(f"--compare {spec!r}: give two --model names as A,B (names: {', '.join(names)})")
-        pairs.append(pair)
+    pairs = [parse_pair(spec, "--compare", names) for spec in args.compare]
     intervals = dict(parse_cache_interval(spec, names) for spec in args.cache_interval)
+    twins = [parse_pair(spec, "--twin", names) for spec in args.twin]
     steps, variant_steps = parse_per_variant(args.steps, "--steps", int, names)
     guidance, variant_guidance = parse_per_variant(args.guidance_scale, "--guidance-scale", float, names)
     result, grid_rows = evaluate_fidelity(
@@ -522,6 +537,7 @@ def run(args: argparse.Namespace) -> dict:
         guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
         variant_steps=variant_steps,
         variant_guidance=variant_guidance,
+        twins=twins,
         seeds=args.seeds,
         subset=args.subset,
         batch_size=args.batch_size,

@@ -100,6 +100,10 @@ def markdown_report(result: dict) -> str:
             "",
         ]
         + few_step_markdown(result)
+        + [
+            f"{key}: PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.4f} (the same latents).\n"
+            for key, t in (result.get("twins") or {}).items()
+        ]
         + decoders_markdown(result)
         + [
             f"## {key}\n\n{comparison_markdown(rows, *key.split(' vs '))}\n"

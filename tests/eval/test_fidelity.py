@@ -58,7 +58,7 @@ def setup(tmp_path_factory, tiny_pipeline, fp32_export):
     clip = _tiny_clip(root)
     out = root / "out"
     argv = ["--reference", str(base), "--model", f"fp={root / 'fp'}", "--model", f"w8={root / 'w8'}",
-            "--output", str(out), "--clip-model", str(clip), "--update-card", str(root / "fp"), "--compare", "fp,w8",
+            "--output", str(out), "--clip-model", str(clip), "--update-card", str(root / "fp"), "--compare", "fp,w8", "--twin", "w8,fp",
             *EVAL_ARGS]  # fmt: skip
     assert cli.main(["eval", *argv]) == 0
     result = json.loads((out / report.RESULT_FILE).read_text())
@@ -95,6 +95,8 @@ def test_equal_variant_matches_and_a_different_one_does_not(setup):
     assert w8["psnr"] < fp["psnr"]
     # the aggregate PSNR is that of the pooled MSE, so it never exceeds the worst image by more than 10*log10(N)
     assert min(w8["per_image"]["psnr"]) <= w8["psnr"] <= min(w8["per_image"]["psnr"]) + 10 * np.log10(8) + 1e-4
+    # --twin w8,fp: w8's images against fp's; fp is the teacher up to > 45 dB, so this is w8's PSNR to within a dB
+    assert abs(setup["result"]["twins"]["w8 vs fp"]["psnr"] - w8["psnr"]) < 1.0
 
 
 def test_reference_row_is_what_quality_generates(setup, tmp_path):
@@ -220,6 +222,8 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         (["--reference", base, "--model", str(root / "w8"), "--update-card", str(root / "w8")], None),
         (["--reference", base, "--model", str(root / "fp"), "--steps", "0"], "must be >= 1"),
         (["--reference", base, "--model", f"a={root / 'fp'}", "--compare", "a,b"], "give two --model names"),
+        (["--reference", base, "--model", f"a={root / 'fp'}", "--twin", "a"], "--twin 'a': give two --model names"),
+        (["--reference", base, "--model", f"a={root / 'fp'}", "--steps", "b=2"], "'b' is not a --model name"),
         (["--reference", base, "--model", str(root / "fp"), "--output", str(setup["out"])], "not empty"),
     ]
     (root / "w8" / "README.md").unlink(missing_ok=True)  # w8 has a card copied from fp: remove it for its case
