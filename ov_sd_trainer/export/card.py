@@ -85,9 +85,13 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
     parts = [
         f"---\n{_yaml(meta)}\n---",
         f"# {folder.name if not folder.name.startswith('.') else 'OpenVINO int8 Stable Diffusion'}",
-        "An OpenVINO Stable Diffusion pipeline whose UNet was quantized to 8 bits with quantization-aware "
-        "training (NNCF, distillation from the FP32 UNet, EMA) by "
-        "[ov-sd-trainer](https://github.com/ov-sd-trainer/ov-sd-trainer). Text encoder and VAE are exported "
+        (
+            "An OpenVINO Stable Diffusion pipeline whose UNet was quantized to 8 bits with quantization-aware "
+            "training (NNCF, distillation from the FP32 UNet, EMA) by "
+            if few_step is None or few_step.get("quantization_scheme") != "none"
+            else "An OpenVINO Stable Diffusion pipeline with a float UNet trained by "
+        )
+        + "[ov-sd-trainer](https://github.com/ov-sd-trainer/ov-sd-trainer). Text encoder and VAE are exported "
         "unchanged with optimum-intel.",
         None
         if few_step is None
