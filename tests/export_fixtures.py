@@ -24,7 +24,7 @@ def lcm_export(tmp_path_factory, tiny_pipeline):
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     from ov_sd_trainer.eval.bench.prepare import export_openvino_fp32
-    from ov_sd_trainer.train.consistency import lcm_scheduler, make_student_unet
+    from ov_sd_trainer.lcm import lcm_scheduler, make_student_unet
 
     root = tmp_path_factory.mktemp("lcm-export")
     base = StableDiffusionPipeline.from_pretrained(tiny_pipeline)

@@ -29,16 +29,6 @@ ODE_STEPS = (25, 50)  # the teacher's DDIM steps for the ODE endpoints (the issu
 FLOOR_SEED_OFFSET = 1000  # the noise floor's teacher images: seeds shifted by this (other initial latents)
 
 
-def ode_scheduler(scheduler_config):
-    """The teacher's ODE solver: deterministic DDIM without clipping (`DDIMScheduler.from_config` of a PNDM config
-    inherits DDIM's `clip_sample=True`, which clips the predicted latents to [-1, 1] and ruins few-step samples).
-    The same solver as the consistency training's (`train.consistency.ode_scheduler`), not imported from there: eval
-    does not depend on training internals."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
-
-
 def parse_per_variant(specs: list[str], flag: str, cast, names: list[str]) -> tuple[object | None, dict]:
     """`--steps 25 --steps lcm=4`: (the plain value or None, {name: value}); a NAME must be a --model name."""
     plain, per = None, {}

@@ -38,6 +38,7 @@ import torch
 
 from ..assets import resolve_model_path
 from ..errors import UserError
+from ..lcm import ode_scheduler
 from ..pipeline_folder import (
     PTQ_INFO_FILE,
     RECIPE_FILE,
@@ -56,7 +57,6 @@ from .fewstep import (
     decoder_comparison,
     frechet_distance,
     has_tiny_decoder,
-    ode_scheduler,
     parse_per_variant,
     variant_sampling,
 )

@@ -29,6 +29,7 @@ from ..compress.convert import convert_unet_to_openvino, count_fake_quantize, in
 from ..compress.tome import apply_tome_config, tome_config
 from ..compress.tome_config import TomeConfig
 from ..errors import UserError
+from ..lcm import few_step_record
 from ..outputs import atomic_output_dir, check_output_dir
 from ..pipeline_folder import (
     RECIPE_FILE,
@@ -66,7 +67,7 @@ def export_openvino_pipeline(
     few_step: dict | None = None,
 ) -> Path:
     """Write the OpenVINO pipeline folder. `student` is the quantized UNet (EMA already applied), or with `few_step`
-    (a consistency student: `train.run.few_step_record`) the quantized or float LCM student of the SD `base_model`.
+    (a consistency student: `lcm.few_step_record`) the quantized or float LCM student of the SD `base_model`.
 
     Returns the folder. Results (sizes, FakeQuantize count, timings) go to results.json."""
     import tempfile
@@ -135,8 +136,8 @@ def lcm_base_folder(base_model: str, dest: Path, few_step: dict) -> Path:
     `LCMScheduler` from the base scheduler's config with the training's solver steps, never clipping."""
     from diffusers import LatentConsistencyModelPipeline
 
+    from ..lcm import lcm_scheduler, make_student_unet
     from ..pipeline_folder import load_pipeline
-    from ..train.consistency import lcm_scheduler, make_student_unet
 
     base = load_pipeline(base_model)
     lcm = LatentConsistencyModelPipeline(
@@ -171,7 +172,7 @@ def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     """(student, config dict, base model path, recipe) from a training checkpoint or final folder."""
     from ..assets import resolve_model_path
     from ..pipeline_folder import load_pipeline
-    from ..run_folder import CONFIG_FILE, STUDENT_DIR, is_checkpoint, load_ema
+    from ..run_folder import CONFIG_FILE, STUDENT_DIR, is_checkpoint, load_ema, load_student
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
@@ -185,14 +186,12 @@ def load_student_from_checkpoint(checkpoint: str | Path, use_ema: bool = True):
     pipe = load_pipeline(base, revision=cfg.get("revision"))
     fp32 = pipe.unet
     if cfg.get("objective") == "consistency":  # the teacher plus the guidance embedding
-        from ..train.consistency import make_student_unet
+        from ..lcm import make_student_unet
 
         fp32 = make_student_unet(fp32, cfg["time_cond_proj_dim"])
     tome = TomeConfig.from_training_config(cfg)  # absent keys (older checkpoints): no token merging
     if tome.active:  # NNCF names the quantized ops by the patched graph: merge first, then load
         apply_tome_config(fp32, tome)
-    from ..train.trainer import load_student
-
     student = load_student(fp32, ckpt / STUDENT_DIR, inplace=True)  # NNCF int8, or a float consistency student
     ema = load_ema(ckpt) if use_ema else None  # checkpoint-N folders hold the EMA apart; final/ has it applied
     if ema is not None:
@@ -222,8 +221,6 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..train.run import few_step_record
-
     check_output_dir(args.output, args.overwrite)  # fail before the slow load
     student, cfg, base, recipe = load_student_from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
     export_openvino_pipeline(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .. import lcm
 from ..assets import REFERENCE
 from ..compress.kernels import MODES as KERNEL_MODES
 from ..compress.quantize import DEFAULT_OVERFLOW_FIX, DEFAULT_PRESET, DEFAULT_SCHEME, OVERFLOW_FIX, PRESETS, SCHEMES
@@ -146,10 +147,10 @@ class QATConfig(TrainingArguments):
         },
     )
     time_cond_proj_dim: int = field(
-        default=lcd.TIME_COND_PROJ_DIM, metadata={"help": "consistency: width of the student's guidance embedding"}
+        default=lcm.TIME_COND_PROJ_DIM, metadata={"help": "consistency: width of the student's guidance embedding"}
     )
     num_ddim_timesteps: int = field(
-        default=lcd.NUM_DDIM_TIMESTEPS,
+        default=lcm.NUM_DDIM_TIMESTEPS,
         metadata={"help": "consistency: DDIM solver steps over the teacher's schedule (skipping step T / N)"},
     )
     w_min: float = field(default=lcd.W_MIN, metadata={"help": "consistency: lowest guidance w drawn (CFG scale w+1)"})

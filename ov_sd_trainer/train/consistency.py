@@ -28,10 +28,14 @@ from transformers import TrainerCallback
 
 from .. import families
 from ..errors import UserError
+from ..lcm import (
+    NUM_DDIM_TIMESTEPS,
+    TIMESTEP_SCALING,
+    lcm_scheduler,
+    ode_scheduler,
+)
 from .unet_inputs import GUIDANCE
 
-TIME_COND_PROJ_DIM = 256  # width of the student's guidance embedding (LCM-Dreamshaper's, the diffusers script's)
-NUM_DDIM_TIMESTEPS = 50  # solver steps over the teacher's 1000 (skipping step k = 20); LCMScheduler's original steps
 # Guidance w drawn per sample (CFG scale w + 1): `families.LCM_W_MIN` / `LCM_W_MAX`, the diffusers script's 5 and 15.
 W_MIN, W_MAX = families.LCM_W_MIN, families.LCM_W_MAX
 LOSS_TYPES = ("huber", "l2")
@@ -39,7 +43,6 @@ DEFAULT_LOSS_TYPE = "huber"
 HUBER_C = 0.001  # pseudo-Huber's c (the diffusers script's)
 # Boundary-condition scalings: LCMScheduler's own constants (its `timestep_scaling` default and fixed sigma_data),
 # so that the student samples with the scalings it was trained with.
-TIMESTEP_SCALING = 10.0
 SIGMA_DATA = 0.5
 TARGET_DECAY = 0.95  # EMA decay of the target network (the diffusers script's --ema_decay)
 TARGET_FILE = "consistency_target.safetensors"  # the target network's state in a checkpoint
@@ -52,32 +55,6 @@ GAP_GUIDANCE = GUIDANCE
 # --------------------------------------------------------------------------------------------------------------------
 # The student
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def make_student_unet(teacher, time_cond_proj_dim: int = TIME_COND_PROJ_DIM):
-    """A `UNet2DConditionModel` with the teacher's config plus `time_cond_proj_dim` (LCM's guidance embedding), the
-    teacher's weights, and the new `time_embedding.cond_proj` [D_time, time_cond_proj_dim] zero-initialised: the
-    untrained student's prediction equals the teacher's at any w. On the teacher's device and dtype."""
-    from diffusers import UNet2DConditionModel
-
-    config = teacher.config
-    families.check_unet_config(config)
-    if families.extra_input_names(config):
-        raise UserError(
-            "consistency distillation needs an SD 1.x / 2.x teacher UNet (no time_cond_proj_dim, not SDXL); "
-            f"this one takes {', '.join(families.extra_input_names(config))}"
-        )
-    # diffusers' from_config resets the keys listed in `_use_default_values` (time_cond_proj_dim among them for a
-    # UNet built without it) to the class defaults, so that list is dropped
-    config = {k: v for k, v in config.items() if k != "_use_default_values"}
-    student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": time_cond_proj_dim})
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-        raise RuntimeError(f"student/teacher weights differ beyond cond_proj: missing {missing}, extra {unexpected}")
-    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    student.to(teacher.device)
-    # (a float32 teacher, the usual case, skips the dtype cast, over which diffusers warns)
-    return student if teacher.dtype == student.dtype else student.to(teacher.dtype)
 
 
 def guidance_extra(w: torch.Tensor, dim: int) -> dict:
@@ -331,23 +308,6 @@ class GapSet:
     teacher_images: torch.Tensor
     guidance_scale: float
     seed: int
-
-
-def lcm_scheduler(scheduler_config, num_ddim_timesteps: int = NUM_DDIM_TIMESTEPS):
-    """The student's sampler: diffusers' `LCMScheduler` on the teacher's noise schedule, with the training's
-    solver schedule (`original_inference_steps`) and scalings, never clipping."""
-    from diffusers import LCMScheduler
-
-    return LCMScheduler.from_config(scheduler_config, original_inference_steps=num_ddim_timesteps,
-                                    timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False)  # fmt: skip
-
-
-def ode_scheduler(scheduler_config):
-    """The teacher's ODE solver: deterministic DDIM without clipping (`DDIMScheduler.from_config` of a PNDM config
-    inherits DDIM's `clip_sample=True` default, which clips the predicted latents to [-1, 1] and ruins them)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
 
 
 def _guided(unet, net, x, t, cond, uncond, guidance_scale):

@@ -74,7 +74,7 @@ class QATModel(nn.Module):
         or for a consistency student the teacher plus its guidance embedding (`make_student_unet`)."""
         if self.time_cond_proj_dim is None:
             return self.teacher
-        from .consistency import make_student_unet
+        from ..lcm import make_student_unet
 
         return make_student_unet(self.teacher, self.time_cond_proj_dim)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import families
+from .. import families, lcm
 from ..assets import resolve_model_path
 from ..compress import quantize
 from ..compress.kernels import select_quantize_kernels
@@ -41,6 +41,7 @@ from ..run_folder import (
     TRAINING_INFO_FILE,
     find_resumable_checkpoint,
     is_complete,
+    save_student,
 )
 from . import consistency as lcd
 from . import fsdp
@@ -59,7 +60,7 @@ from .ema import EMACallback
 from .losses import QATModel
 from .report import plot_losses, quantizer_digest, training_info
 from .teacher_gap import build_teacher_gap_set
-from .trainer import QATTrainer, save_student
+from .trainer import QATTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +176,14 @@ def consistency_calibration_calls(cfg: QATConfig, pipe, float_student, train_ds)
 
     from .unet_inputs import collect_trajectory_inputs
 
-    lcm = LatentConsistencyModelPipeline(
+    sampler = LatentConsistencyModelPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=float_student,
-        scheduler=lcd.lcm_scheduler(pipe.scheduler.config, cfg.num_ddim_timesteps), safety_checker=None,
+        scheduler=lcm.lcm_scheduler(pipe.scheduler.config, cfg.num_ddim_timesteps), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     captions = list(train_ds.with_format(None)[cfg.caption_column])
     return collect_trajectory_inputs(
-        lcm, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.few_step_steps,
+        sampler, captions, cfg.num_calibration_samples, cfg.resolution, cfg.seed, steps=cfg.few_step_steps,
         guidance_scale=cfg.few_step_guidance_scale, desc="student few-step trajectories",
     )  # fmt: skip
 
@@ -195,7 +196,7 @@ def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -
     if fsdp.requested():
         raise UserError("objective consistency does not support FSDP sharding yet (its target network is whole); "
                         "launch with DDP")  # fmt: skip
-    float_student = lcd.make_student_unet(model.teacher, cfg.time_cond_proj_dim)
+    float_student = lcm.make_student_unet(model.teacher, cfg.time_cond_proj_dim)
     model.time_cond_proj_dim = cfg.time_cond_proj_dim
     if cfg.quantized:
         select_quantize_kernels(cfg.quantize_kernels, device)
@@ -220,24 +221,6 @@ def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -
     model.few_step = (cfg.few_step_steps, cfg.num_ddim_timesteps)
     model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]
     return model
-
-
-def few_step_record(cfg: QATConfig | dict) -> dict | None:
-    """What a consistency student was trained for, written into the export (results.json `few_step`, the card)
-    and read by `ov-sd generate` / `ov-sd demo` as their defaults; None for plain distillation. `cfg`: the run's
-    config, or a checkpoint's saved config.json as a dict (`ov-sd export`)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda key: getattr(cfg, key)
-    if get("objective") != "consistency":
-        return None
-    return {
-        "steps": get("few_step_steps"),
-        "guidance_scale": get("few_step_guidance_scale"),
-        "scheduler": "LCMScheduler",
-        "num_ddim_timesteps": get("num_ddim_timesteps"),
-        "w_range": [get("w_min"), get("w_max")],
-        "time_cond_proj_dim": get("time_cond_proj_dim"),
-        "quantization_scheme": get("quantization_scheme"),
-    }
 
 
 def _noise_scheduler(path: str, revision: str | None):
@@ -373,7 +356,7 @@ def finish(cfg: QATConfig, recipe: dict | None, training: Training, result) -> N
             training_info=info,
             sample_prompts=[model.sample_prompt],
             resolution=cfg.resolution,
-            few_step=few_step_record(cfg),
+            few_step=lcm.few_step_record(cfg),
         )
     if cfg.push_openvino:
         from ..export.hub import push_to_hub

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..compress import quantize
-from ..run_folder import CONFIG_FILE, EMA_FILE, STUDENT_DIR, mark_complete
+from ..run_folder import CONFIG_FILE, EMA_FILE, STUDENT_DIR, load_student, mark_complete, save_student
 from . import fsdp as fsdp_utils
 from .ema import EMACallback
 
@@ -230,33 +230,3 @@ class QATTrainer(Trainer):
             self.ema.load(src)
         if model.consistency_target is not None:
             model.consistency_target.load(src)
-
-
-FLOAT_STUDENT_FILE = "unet.safetensors"  # a float (not quantized) student's weights in STUDENT_DIR
-
-
-def save_student(student, directory) -> None:
-    """The student to `directory`: NNCF config + state dict (`quantize.save_quantized`), or a float consistency
-    student's weights (`FLOAT_STUDENT_FILE`)."""
-    if quantize.is_quantized(student):
-        quantize.save_quantized(student, directory)
-        return
-    from safetensors.torch import save_model
-
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    save_model(student, str(Path(directory) / FLOAT_STUDENT_FILE))
-
-
-def load_student(fp32_unet, directory, inplace: bool = False):
-    """The student `save_student` wrote, rebuilt on `fp32_unet` (an FP32 UNet of its architecture; copied unless
-    `inplace`)."""
-    directory = Path(directory)
-    if not (directory / FLOAT_STUDENT_FILE).is_file():
-        return quantize.load_quantized(fp32_unet, directory, inplace=inplace)
-    import copy
-
-    from safetensors.torch import load_model
-
-    model = fp32_unet if inplace else copy.deepcopy(fp32_unet)
-    load_model(model, str(directory / FLOAT_STUDENT_FILE), device=str(next(model.parameters()).device))
-    return model

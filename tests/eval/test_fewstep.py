@@ -12,6 +12,7 @@ from ov_sd_trainer import cli
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.eval import fewstep, report
 from ov_sd_trainer.eval.judge import load_judge
+from ov_sd_trainer.lcm import ode_scheduler
 
 # not the global 7.5: the ODE endpoints must follow each variant's own guidance; the LCM folder's default (8.5), so one
 # set of teacher ODE runs serves both variants
@@ -26,7 +27,7 @@ def ddim_teacher(tiny_pipeline, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ddim-teacher") / "pipe"
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
-    pipe.scheduler = fewstep.ode_scheduler(pipe.scheduler.config)
+    pipe.scheduler = ode_scheduler(pipe.scheduler.config)
     pipe.save_pretrained(out)
     return out
 

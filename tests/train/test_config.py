@@ -76,12 +76,13 @@ def test_consistency_recipes_follow_the_measurements_and_the_diffusers_example()
 
 
 def test_consistency_defaults_are_the_cores_constants_and_float_mode_is_consistency_only():
+    from ov_sd_trainer import lcm as L
     from ov_sd_trainer.train import consistency as C
 
     cfg, _ = parse_config(["--output_dir", "x", "--objective", "consistency", "--quantization_scheme", "none"])
     assert not cfg.quantized
     assert (cfg.time_cond_proj_dim, cfg.num_ddim_timesteps, cfg.w_min, cfg.w_max, cfg.consistency_loss_type,
-            cfg.huber_c, cfg.target_decay, cfg.few_step_steps) == (C.TIME_COND_PROJ_DIM, C.NUM_DDIM_TIMESTEPS,
+            cfg.huber_c, cfg.target_decay, cfg.few_step_steps) == (L.TIME_COND_PROJ_DIM, L.NUM_DDIM_TIMESTEPS,
             C.W_MIN, C.W_MAX, C.DEFAULT_LOSS_TYPE, C.HUBER_C, C.TARGET_DECAY, C.GAP_STEPS)  # fmt: skip
     assert parse_config(["--output_dir", "x"])[0].objective == "distillation"
 

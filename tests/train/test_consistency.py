@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from ov_sd_trainer import lcm as L
 from ov_sd_trainer.errors import UserError
 from ov_sd_trainer.train import consistency as C
 from ov_sd_trainer.train.losses import QATModel
@@ -31,7 +32,7 @@ def _nets(prediction_type: str = "epsilon", time_cond_proj_dim: int = 16):
     from diffusers import DDPMScheduler
 
     teacher = _tiny_unet().requires_grad_(False)
-    student = C.make_student_unet(teacher, time_cond_proj_dim)
+    student = L.make_student_unet(teacher, time_cond_proj_dim)
     # the untrained student equals the teacher; training moves it off. Give it a head start so that the loss
     # and the target network have something to see.
     with torch.no_grad():
@@ -49,7 +50,7 @@ def _batch(b: int = 2, seed: int = 0):
 
 def test_untrained_student_equals_teacher_at_any_guidance():
     teacher = _tiny_unet()
-    student = C.make_student_unet(teacher, 16)
+    student = L.make_student_unet(teacher, 16)
     assert student.config.time_cond_proj_dim == 16 and teacher.config.time_cond_proj_dim is None
     x, states, _ = _batch()
     t = torch.tensor([10, 900])
@@ -65,7 +66,7 @@ def test_untrained_student_equals_teacher_at_any_guidance():
 def test_student_of_an_lcm_or_sdxl_teacher_is_refused():
     lcm = _tiny_unet(time_cond_proj_dim=8)
     with pytest.raises(UserError, match="SD 1.x / 2.x teacher"):
-        C.make_student_unet(lcm)
+        L.make_student_unet(lcm)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -99,7 +100,7 @@ def test_boundary_scalings_match_lcm_scheduler_and_are_the_identity_at_zero():
 
     c_skip, c_out = C.boundary_scalings(torch.tensor([0]))
     assert c_skip.item() == 1.0 and c_out.item() == 0.0
-    lcm = LCMScheduler(**SD_SCHEDULE, timestep_scaling=C.TIMESTEP_SCALING)
+    lcm = LCMScheduler(**SD_SCHEDULE, timestep_scaling=L.TIMESTEP_SCALING)
     for t in (1, 19, 500, 999):
         ours = C.boundary_scalings(torch.tensor([t]))
         theirs = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor([t]))
@@ -203,7 +204,7 @@ def test_gap_samples_as_the_diffusers_pipelines_do(tiny_pipeline):
     gap = C.build_gap_set(sd, prompts, seed=3, teacher_steps=5)
 
     def teacher(clip: bool):
-        pipe = StableDiffusionPipeline(**{**sd.components, "scheduler": C.ode_scheduler(sd.scheduler.config)})
+        pipe = StableDiffusionPipeline(**{**sd.components, "scheduler": L.ode_scheduler(sd.scheduler.config)})
         pipe.scheduler.register_to_config(clip_sample=clip)
         pipe.set_progress_bar_config(disable=True)
         return pipe(prompts, num_inference_steps=5, guidance_scale=gap.guidance_scale, latents=gap.noise,
@@ -212,12 +213,12 @@ def test_gap_samples_as_the_diffusers_pipelines_do(tiny_pipeline):
     torch.testing.assert_close(gap.teacher_latents, teacher(clip=False), rtol=1e-4, atol=1e-4)
     assert (gap.teacher_latents - teacher(clip=True)).abs().max() > 1e-2
 
-    student = C.make_student_unet(sd.unet, 16)
+    student = L.make_student_unet(sd.unet, 16)
     with torch.no_grad():
         student.time_embedding.cond_proj.weight.normal_(0, 0.1)  # the guidance embedding in use
     lcm = LatentConsistencyModelPipeline(
         vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=student, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, scheduler=C.lcm_scheduler(sd.scheduler.config),
+        feature_extractor=None, requires_safety_checker=False, scheduler=L.lcm_scheduler(sd.scheduler.config),
     )  # fmt: skip
     lcm.set_progress_bar_config(disable=True)
     theirs = lcm(prompts, num_inference_steps=4, guidance_scale=gap.guidance_scale, latents=gap.noise,
@@ -252,7 +253,7 @@ def test_training_brings_four_step_samples_closer_to_the_teachers_ode_endpoints(
         part.requires_grad_(False).eval()
     held_out = load_captioned_dataset("synthetic", synthetic_size=8, seed=99)
     gap = C.build_gap_set(pipe, list(held_out["text"]), seed=5)
-    student = C.make_student_unet(pipe.unet)
+    student = L.make_student_unet(pipe.unet)
     before = C.few_step_gap(student, pipe, gap, 4)
 
     train = load_captioned_dataset("synthetic", synthetic_size=64, seed=0)

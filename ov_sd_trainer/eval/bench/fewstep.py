@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import families
+from ...lcm import TIME_COND_PROJ_DIM
 from .measure import median_or_none, ov_config_for, time_calls, unet_config, unet_inputs
 from .monitor import free_memory
 from .settings import BenchSettings
@@ -29,12 +30,11 @@ from .variants import BY_NAME, QAT
 
 FEW_STEPS = (2, 4, 8)
 CHECK_STEPS = families.SAMPLING_STEPS["LatentConsistencyModelPipeline"]  # the measured LCM pipeline run (4)
-LCM_TIME_COND_PROJ_DIM = 256  # LCM-Dreamshaper's guidance embedding width (the consistency training's default)
 TINY_CALIBRATION = 4  # random latents for the tiny decoder's full-int8 PTQ (speed only)
 TINY_F32, TINY_INT8 = "tiny-f32", "tiny-int8"
 
 
-def build_lcm_diffusers(base_dir: Path, out: Path, time_cond_proj_dim: int = LCM_TIME_COND_PROJ_DIM) -> None:
+def build_lcm_diffusers(base_dir: Path, out: Path, time_cond_proj_dim: int = TIME_COND_PROJ_DIM) -> None:
     """A random-weight LCM of `base_dir`'s architecture: its UNet config plus `time_cond_proj_dim`, LCMScheduler."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
