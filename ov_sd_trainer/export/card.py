@@ -18,8 +18,6 @@ EVAL_DATASET_TYPE = "ov-sd-trainer/prompt-set"  # the fixed prompt set of `ov-sd
 
 GAP_COLUMNS = (
     ("teacher_mse", "student vs teacher MSE"),
-    ("rollout_mse", "rollout final-latent MSE"),
-    ("rollout_psnr", "rollout image PSNR (dB)"),
     ("task_loss", "task loss"),
     ("few_step_psnr", "few-step image PSNR vs the teacher's ODE endpoint (dB)"),
     ("few_step_mse", "few-step final-latent MSE"),
@@ -120,8 +118,8 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
             "## Teacher gap during training",
             "The student (its EMA when training kept one) against the FP32 teacher on "
             f"{training.get('teacher_gap_samples', 'the')} fixed held-out items, measured by the training loop: "
-            "noise-prediction MSE on held-out UNet inputs, or the final-latent MSE of whole held-out sampling "
-            "trajectories (rollouts); step 0 is the calibrated student before training."
+            "noise-prediction MSE on held-out UNet inputs, or for a few-step student the PSNR and latent MSE of its "
+            "few-step samples against the teacher's ODE endpoints; step 0 is the student before training."
             + (f" The exported model is the best evaluation, `{Path(best).name}`." if best else ""),
             _md_table(
                 [
