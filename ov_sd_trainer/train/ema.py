@@ -45,15 +45,6 @@ def copy_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], whole: 
         target.copy_(s.to(target.device, target.dtype))
 
 
-def apply_ema_file(module: torch.nn.Module, directory: str | Path) -> bool:
-    """Copy the EMA weights saved in `directory` (if any) into `module`; True if there were some."""
-    path = Path(directory) / EMA_FILE
-    if not path.is_file():
-        return False
-    copy_into(module, load_file(str(path)))
-    return True
-
-
 class EMACallback(TrainerCallback):
     """fp32 shadow copies of `module`'s trainable parameters on `device` (default CPU).
 
