@@ -7,6 +7,8 @@ that none of them imports another stage for it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import families
@@ -60,6 +62,27 @@ def ode_scheduler(scheduler_config):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
+
+
+def lcm_base_folder(base_model: str, dest: Path, time_cond_proj_dim: int = TIME_COND_PROJ_DIM,
+                    num_ddim_timesteps: int = NUM_DDIM_TIMESTEPS) -> Path:  # fmt: skip
+    """A diffusers `LatentConsistencyModelPipeline` folder at `dest` from the SD `base_model`: its text encoder,
+    tokenizer and VAE, a float UNet of the student's architecture (the teacher plus the zero-initialised guidance
+    embedding: optimum exports the folder's UNet, which the trained student then replaces) and diffusers'
+    `LCMScheduler` from the base scheduler's config with the training's solver steps, never clipping."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from .pipeline_folder import load_pipeline
+
+    base = load_pipeline(base_model)
+    lcm = LatentConsistencyModelPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        unet=make_student_unet(base.unet, time_cond_proj_dim),
+        scheduler=lcm_scheduler(base.scheduler.config, num_ddim_timesteps), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    lcm.save_pretrained(dest)
+    return dest
 
 
 def few_step_record(cfg) -> dict | None:

@@ -10,7 +10,7 @@ written out). The folder is written to a temporary sibling and renamed on succes
 previous one untouched.
 
 A consistency student (`objective: consistency`, `few_step`) is exported as an LCM folder from its SD base
-(`lcm_base_folder`: model_index `LatentConsistencyModelPipeline`, an `LCMScheduler`, the UNet config with
+(`lcm.lcm_base_folder`: model_index `LatentConsistencyModelPipeline`, an `LCMScheduler`, the UNet config with
 `time_cond_proj_dim`), which `OVLatentConsistencyModelPipeline` loads and GenAI runs with its LCM scheduler;
 results.json `few_step` records the steps and guidance it was trained for.
 
@@ -29,7 +29,7 @@ from ..compress.convert import convert_unet_to_openvino, count_fake_quantize, in
 from ..compress.tome import apply_tome_config, tome_config
 from ..compress.tome_config import TomeConfig
 from ..errors import UserError
-from ..lcm import few_step_record
+from ..lcm import few_step_record, lcm_base_folder
 from ..outputs import atomic_output_dir, check_output_dir
 from ..pipeline_folder import (
     RECIPE_FILE,
@@ -85,7 +85,9 @@ def export_openvino_pipeline(
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as lcm_tmp:
         source = base_model
         if few_step is not None:
-            source = lcm_base_folder(base_model, Path(lcm_tmp) / "lcm", few_step)
+            source = lcm_base_folder(
+                base_model, Path(lcm_tmp) / "lcm", few_step["time_cond_proj_dim"], few_step["num_ddim_timesteps"]
+            )
         logger.info("exporting text encoder, VAE, tokenizer and scheduler with optimum-intel")
         # optimum-intel's pipeline class of the base model's family (model_index.json `_class_name`)
         pipe = OVDiffusionPipeline.from_pretrained(source, export=True, compile=False)
@@ -127,27 +129,6 @@ def export_openvino_pipeline(
         write_model_card(tmp, base_model=base_model, recipe=recipe or {}, results=results, samples=samples)
     logger.info("OpenVINO pipeline written to %s (UNet %.3fx of FP32)", output_dir, results["unet_size_ratio"])
     return Path(output_dir)
-
-
-def lcm_base_folder(base_model: str, dest: Path, few_step: dict) -> Path:
-    """A diffusers `LatentConsistencyModelPipeline` folder at `dest` from the SD `base_model`: its text encoder,
-    tokenizer and VAE, a float UNet of the student's architecture (the teacher plus the zero-initialised guidance
-    embedding: optimum exports the folder's UNet, which the trained student then replaces) and diffusers'
-    `LCMScheduler` from the base scheduler's config with the training's solver steps, never clipping."""
-    from diffusers import LatentConsistencyModelPipeline
-
-    from ..lcm import lcm_scheduler, make_student_unet
-    from ..pipeline_folder import load_pipeline
-
-    base = load_pipeline(base_model)
-    lcm = LatentConsistencyModelPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=make_student_unet(base.unet, few_step["time_cond_proj_dim"]),
-        scheduler=lcm_scheduler(base.scheduler.config, few_step["num_ddim_timesteps"]), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    lcm.save_pretrained(dest)
-    return dest
 
 
 def _render_samples(folder: Path, prompts: list[str], steps: int, resolution: int | None,

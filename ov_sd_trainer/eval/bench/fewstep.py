@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import families
-from ...lcm import TIME_COND_PROJ_DIM
+from ...lcm import lcm_base_folder
 from .measure import median_or_none, ov_config_for, time_calls, unet_config, unet_inputs
 from .monitor import free_memory
 from .settings import BenchSettings
@@ -32,20 +32,6 @@ FEW_STEPS = (2, 4, 8)
 CHECK_STEPS = families.SAMPLING_STEPS["LatentConsistencyModelPipeline"]  # the measured LCM pipeline run (4)
 TINY_CALIBRATION = 4  # random latents for the tiny decoder's full-int8 PTQ (speed only)
 TINY_F32, TINY_INT8 = "tiny-f32", "tiny-int8"
-
-
-def build_lcm_diffusers(base_dir: Path, out: Path, time_cond_proj_dim: int = TIME_COND_PROJ_DIM) -> None:
-    """A random-weight LCM of `base_dir`'s architecture: its UNet config plus `time_cond_proj_dim`, LCMScheduler."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    base = StableDiffusionPipeline.from_pretrained(base_dir)
-    config = {k: v for k, v in base.unet.config.items() if k != "_use_default_values"}
-    unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": time_cond_proj_dim})
-    LatentConsistencyModelPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
-        scheduler=LCMScheduler.from_config(base.scheduler.config, clip_sample=False), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(out)  # fmt: skip
 
 
 def build_tiny_decoders(vae_config: dict, out: Path, latent_hw: tuple[int, int], seed: int = 0) -> dict[str, Any]:
@@ -244,7 +230,7 @@ def run_few_step(diffusers_dir: Path, work: Path, settings: BenchSettings, heigh
     from ...pipeline_folder import geometry
     from .prepare import build_qat_folder, cached, export_openvino_fp32
 
-    lcm_diffusers = cached(work / "lcm-diffusers", lambda d: build_lcm_diffusers(diffusers_dir, d), "lcm-diffusers",
+    lcm_diffusers = cached(work / "lcm-diffusers", lambda d: lcm_base_folder(str(diffusers_dir), d), "lcm-diffusers",
                            prep_log)  # fmt: skip
     lcm_fp32 = cached(work / "lcm-openvino-fp32", lambda d: export_openvino_fp32(str(lcm_diffusers), d),
                       "lcm-openvino-fp32 export", prep_log)  # fmt: skip
