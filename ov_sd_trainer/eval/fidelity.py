@@ -47,6 +47,7 @@ from ..pipeline_folder import (
     is_openvino_folder,
     load_ov_pipeline,
     native_size,
+    trained_sampling,
     unet_config,
     written_by,
 )
@@ -268,8 +269,14 @@ def evaluate_fidelity(
         seen.add(name)
         checked.append((name, check_variant(name, Path(path).expanduser(), ref_path)))
         check_cache_folder(name, checked[-1][1], cache_intervals.get(name))
-    sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale)
-                for name, path in checked}  # fmt: skip
+    if trained_sampling(ref_path) is None:
+        sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale)
+                    for name, path in checked}  # fmt: skip
+    elif variant_steps or variant_guidance:
+        raise UserError("the reference is itself a few-step (latent consistency) model, so there are no teacher ODE "
+                        "endpoints to score per-variant steps against; give --steps N and --guidance-scale W without NAME=")
+    else:  # a few-step reference: its variants sample as it does (--steps, --guidance-scale), scored against it
+        sampling = {name: None for name, _ in checked}
     scorer = clip_scorer(clip_model) if clip_model else None
     if threads:
         torch.set_num_threads(threads)

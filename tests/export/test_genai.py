@@ -132,7 +132,7 @@ def test_cli_generate_runtimes_agree_for_one_seed(export, qat_run, tmp_path, cap
         argv = ["generate", "--model", str(export), "--prompt", PROMPTS[0], "--steps", "4", "--seed", "7"]
         assert cli.main([*argv, "--runtime", runtime, "--output", str(pngs[runtime])]) == 0
         out = capsys.readouterr().out
-        assert f"{SIZE}x{SIZE}, 4 steps, {runtime}" in out and "ms/step" in out, out
+        assert f"{SIZE}x{SIZE}, 4 steps, guidance {GUIDANCE}, {runtime})" in out and "ms/step" in out, out
     genai, optimum = (np.array(Image.open(pngs[r])) for r in ("genai", "optimum"))
     assert genai.shape == optimum.shape == (SIZE, SIZE, 3)
     assert psnr(genai, optimum) >= MIN_PSNR_CLI_DB, psnr(genai, optimum)
