@@ -38,7 +38,9 @@ def test_generate_is_quiet_unless_verbose(tiny_pipeline, tmp_path):
     for mode, p in runs.items():
         assert p.returncode == 0, f"{mode}: {out[mode][1][-3000:]}"
         assert (tmp_path / f"{mode}.png").is_file()
-        assert f"saved {tmp_path / f'{mode}.png'} (64x64, 2 steps, guidance 7.5, optimum)" in out[mode][0]  # the result line
+        assert (
+            f"saved {tmp_path / f'{mode}.png'} (64x64, 2 steps, guidance 7.5, optimum)" in out[mode][0]
+        )  # the result line
     quiet = "".join(out["quiet"])
     verbose = "".join(out["verbose"])
     assert [n for n in NOISE + ALWAYS_QUIET if n in quiet] == []

@@ -273,8 +273,10 @@ def evaluate_fidelity(
         sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale)
                     for name, path in checked}  # fmt: skip
     elif variant_steps or variant_guidance:
-        raise UserError("the reference is itself a few-step (latent consistency) model, so there are no teacher ODE "
-                        "endpoints to score per-variant steps against; give --steps N and --guidance-scale W without NAME=")
+        raise UserError(
+            "the reference is itself a few-step (latent consistency) model, so there are no teacher ODE "
+            "endpoints to score per-variant steps against; give --steps N and --guidance-scale W without NAME="
+        )
     else:  # a few-step reference: its variants sample as it does (--steps, --guidance-scale), scored against it
         sampling = {name: None for name, _ in checked}
     scorer = clip_scorer(clip_model) if clip_model else None
