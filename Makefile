@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 # Nothing downloads at run time: tests, demo and regression run offline.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 DEMO_DIR ?= outputs/demo
+# Two pytest workers (one per core of the 2-core reference machine; each test runs one intra-op thread); the tests
+# sharing a costly fixture run on one worker (tests/conftest.py's XDIST_GROUPS). WORKERS=0 runs in one process.
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadgroup
 
 .PHONY: install test test-slow ci-test test-install quality format demo regression clean
 
@@ -18,15 +22,15 @@ $(STAMP): setup.cfg setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -rs --durations=15
+	$(OFFLINE) $(PY) -m pytest -q -rs $(XDIST) --durations=15
 
 test-slow: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -rs -m slow
+	$(OFFLINE) $(PY) -m pytest -q -rs $(XDIST) -m slow
 
 # CI: the default and the slow tests in ONE session, so the session fixtures (tiny pipeline, trained run, FP32
 # export) are built once for both.
 ci-test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -rs -m "slow or not slow" --durations=30
+	$(OFFLINE) $(PY) -m pytest -q -rs $(XDIST) -m "slow or not slow" --durations=30
 
 # The wheel in a fresh virtualenv, run outside the checkout (marked slow: ~3 min; CI runs it within ci-test).
 test-install: $(STAMP)

@@ -124,3 +124,30 @@ def lcm_run_argv(base, out, *extra) -> list[str]:
     return tiny_run_argv(base, out, "--objective", "consistency", "--time_cond_proj_dim", "8",
                          "--num_ddim_timesteps", "10", "--eval_strategy", "steps", "--eval_steps", "4",
                          "--eval_on_start", "true", "--teacher_gap_samples", "2", *extra)  # fmt: skip
+
+
+# `pytest -n 2 --dist loadgroup` (`make test`, `make ci-test`): the tests that share a costly session fixture run on
+# one worker, so each fixture is built once per session, not once per worker; the multi-process tests share one
+# worker too (torchrun's default port, and each takes both cores). The first matching rule names the group.
+XDIST_GROUPS = (
+    ("multiprocess", lambda item: item.path.name == "test_reliability.py"),
+    ("qat-run", lambda item: "qat_run" in item.fixturenames or "hybrid_run" in item.fixturenames),
+    ("lcm", lambda item: "lcm_run" in item.fixturenames or "lcm_export" in item.fixturenames),
+    ("family", lambda item: "family_run" in item.fixturenames),
+    ("fp32-export", lambda item: "fp32_export" in item.fixturenames),
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((name for name, matches in XDIST_GROUPS if matches(item)), None)
+        if group is None and _uses_module_fixture(item):  # a module's own costly fixture: that module on one worker
+            group = item.path.stem
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _uses_module_fixture(item) -> bool:
+    defs = getattr(item, "_fixtureinfo", None)
+    return bool(defs) and any(d[-1].scope == "module" for d in defs.name2fixturedefs.values())

@@ -117,16 +117,17 @@ def test_incomplete_checkpoint_is_skipped(tmp_path, caplog):
 # Same seed, same losses: tests/train/test_trainer.py (a 2-step run of the shared run's flags logs its losses exactly).
 
 
-def test_two_processes_gloo(recipe, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(recipe, tmp_path_factory):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (torchrun + gloo DDP), 4 steps with
+    export: checked by `test_two_processes_gloo` and the FSDP test's reference."""
+    out = tmp_path_factory.mktemp("ddp") / "mp"
+    return {"out": out, "info": _launch_two(recipe, out, "--export", "true", fsdp=False)}
+
+
+def test_two_processes_gloo(ddp_run):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: torchrun + gloo DDP."""
-    out = tmp_path / "mp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train",
-           "--recipe", str(recipe), "--output_dir", str(out), "--max_steps", "4", "--export", "true"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    info = json.loads((out / FINAL_DIR / "training_info.json").read_text())
+    out, info = ddp_run["out"], ddp_run["info"]
     assert info["world_size"] == 2 and info["global_step"] == 4
     start, end = info["quantizer_digests_at_start"], info["quantizer_digests_at_end"]
     assert len(start) == 2 and start[0] == start[1], "ranks started from different quantizer ranges"
@@ -170,11 +171,11 @@ def _relative_gap(a, b, ref):
 
 
 @pytest.mark.slow  # ~5 min on 2 busy cores: FSDP run with export, the same run as DDP, an FSDP resume
-def test_fsdp_two_processes_gloo_shards_the_student_and_matches_ddp(recipe, tmp_path):
+def test_fsdp_two_processes_gloo_shards_the_student_and_matches_ddp(recipe, ddp_run, tmp_path):
     """`accelerate launch --config_file recipes/accelerate/fsdp-full-shard.yaml` on the CPU (gloo): the student is
     sharded (each rank holds about half of it), trains to what DDP trains (same data, same averaged gradients),
     checkpoints whole tensors, resumes exactly, and exports."""
-    fsdp_out, ddp_out = tmp_path / "fsdp", tmp_path / "ddp"
+    fsdp_out, ddp_out = tmp_path / "fsdp", ddp_run["out"]
     info = _launch_two(recipe, fsdp_out, "--export", "true", fsdp=True)
     shard = info["sharding"]
     assert shard is not None and info["world_size"] == 2 and info["global_step"] == 4
@@ -188,7 +189,7 @@ def test_fsdp_two_processes_gloo_shards_the_student_and_matches_ddp(recipe, tmp_
         names = {p.name for p in (fsdp_out / f"checkpoint-{step}").iterdir()}
         assert {"student", "ema.safetensors", "optimizer.pt", "scheduler.pt"} <= names, names
 
-    ddp = _launch_two(recipe, ddp_out, fsdp=False)
+    ddp = ddp_run["info"]  # the same recipe, flags and export
     assert ddp["sharding"] is None
     losses = [[h["loss"] for h in i["log_history"] if "loss" in h] for i in (info, ddp)]
     assert len(losses[0]) == 4 and all(map(math.isfinite, losses[0]))
