@@ -56,6 +56,7 @@ from ..tiny_decoder import (
     decoder_config,
 )
 from .ema import EMACallback
+from .report import plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -524,42 +525,10 @@ def run(cfg: DecoderConfig, recipe: dict | None = None) -> Path:
             objective.student.cpu().save(tmp / DECODER_DIR)
             save_file({"latents": held_out.contiguous()}, str(tmp / HELD_OUT_FILE))
             (tmp / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        plot_losses(trainer.state.log_history, out / LOSS_PLOT)
+        plot_losses(trainer.state.log_history, out / LOSS_PLOT, [(k, k) for k in ("loss", *DecoderTrainer.LOSSES)])
     logger.info("held-out PSNR vs the VAE decoder: %.2f dB untrained, %.2f dB trained", untrained["psnr"],
                 trained["psnr"])  # fmt: skip
     return out
-
-
-def plot_losses(log_history: list[dict], path: Path) -> Path | None:
-    """Training losses (log scale) and the held-out PSNR (right axis) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [h for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_psnr"]) for h in log_history if "eval_psnr" in h]
-    if not rows and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in ("loss", *DecoderTrainer.LOSSES):
-        points = [(h["step"], h[key]) for h in rows if h.get(key, 0) > 0]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if evals:
-        right = ax.twinx()
-        right.plot(*zip(*evals, strict=True), "ko-", label="held-out PSNR (dB)")
-        right.set_ylabel("PSNR vs VAE decoder (dB)")
-        right.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from ..compress.checkpointing import enable_gradient_checkpointing
 class QATModel(nn.Module):
     """Student (trainable), teacher, VAE and text encoder (frozen) and the noise schedule."""
 
-    def __init__(self, student, teacher, vae, text_encoder, noise_scheduler, distillation_weight: float = 1.0,
-                 prediction_type: str | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 task_weight: float = 1.0, text_encoder_2=None):  # fmt: skip
+    def __init__(self, student, teacher, vae, text_encoder, noise_scheduler, *, distillation_weight: float,
+                 task_weight: float, prediction_type: str | None = None, snr_gamma: float | None = None,
+                 noise_offset: float = 0.0, text_encoder_2=None):  # fmt: skip
+        # the loss weights have no default here: `QATConfig` owns them (distillation 1, task 0)
         super().__init__()
         self.student, self.teacher, self.vae, self.text_encoder = student, teacher, vae, text_encoder
         self.text_encoder_2 = text_encoder_2  # SDXL's second encoder (pooled text embeddings), else None

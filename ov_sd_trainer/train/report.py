@@ -55,10 +55,23 @@ def training_info(cfg, recipe: dict | None, trainer, result, total_runtime_s: fl
     }
 
 
-def plot_losses(log_history: list[dict], path: Path) -> Path | None:
-    """Task, distillation and total loss against the step, and the held-out teacher gap (matplotlib, headless)."""
+QAT_LOSSES = (("loss", "total"), ("task_loss", "task (vs target)"), ("distillation_loss", "distillation"))
+# held-out quality logged by an evaluation, drawn on a right axis: key -> label (a run logs at most one of them)
+PSNR_CURVES = {
+    "eval_few_step_psnr": "held-out few-step PSNR vs teacher (dB)",  # a consistency run (`QATTrainer.evaluate`)
+    "eval_psnr": "held-out PSNR vs VAE decoder (dB)",  # a tiny-decoder run (`train/decoder.py`)
+}
+
+
+def plot_losses(log_history: list[dict], path: Path, losses=QAT_LOSSES) -> Path | None:
+    """The run's loss plot (matplotlib, headless), shared by `ov-sd train` and `ov-sd train-decoder`: each logged loss
+    of `losses` ((key, label) pairs; a loss only where it is > 0, on a log scale) and the held-out teacher gap (MSE)
+    against the step; on a right axis the held-out PSNR of `PSNR_CURVES` where the run evaluates one."""
     rows = [h for h in log_history if "loss" in h]
-    if not rows:
+    gap = [(g["step"], g["teacher_mse"]) for g in teacher_gap_history(log_history) if g["teacher_mse"] is not None]
+    psnr = [(key, label, [(h["step"], h[key]) for h in log_history if key in h]) for key, label in PSNR_CURVES.items()]
+    psnr = [c for c in psnr if c[2]]
+    if not rows and not psnr:
         return None
     import matplotlib
 
@@ -66,18 +79,22 @@ def plot_losses(log_history: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    steps = [h["step"] for h in rows]
-    for key, label in (("loss", "total"), ("task_loss", "task (vs target)"), ("distillation_loss", "distillation")):
-        if all(key in h for h in rows):
-            ax.plot(steps, [h[key] for h in rows], label=label)
-    points = [(g["step"], g["teacher_mse"]) for g in teacher_gap_history(log_history) if g["teacher_mse"] is not None]
-    if points:
-        ax.plot(*zip(*points, strict=True), "o-", label="held-out student vs teacher")
+    for key, label in losses:
+        points = [(h["step"], h[key]) for h in rows if h.get(key, 0) > 0]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label)
+    if gap:
+        ax.plot(*zip(*gap, strict=True), "o-", label="held-out student vs teacher (MSE)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MSE")
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend()
     ax.grid(alpha=0.3)
+    for _, label, points in psnr[:1]:
+        right = ax.twinx()
+        right.plot(*zip(*points, strict=True), "ko-", label=label)
+        right.set_ylabel("PSNR (dB)")
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

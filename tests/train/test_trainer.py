@@ -315,7 +315,8 @@ def test_rollout_samples_exactly_as_the_pipeline_and_scores_the_students_drift(t
     prompts = ["a red circle on a blue background", "a green cross"]
     ids = tokenize(pipe.tokenizer, prompts)
     noise = rollout.noise([3, 4], "cpu")
-    model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, task_weight=0)
+    model = QATModel(pipe.unet, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler,
+                     distillation_weight=1.0, task_weight=0)  # fmt: skip
     with torch.no_grad():
         states = pipe.text_encoder(ids, return_dict=False)[0]
         ours = rollout.sample(model, model.teacher, states, noise)
