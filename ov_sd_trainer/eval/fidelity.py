@@ -341,7 +341,9 @@ def evaluate_fidelity(
             kept[name] = u8
         fid = image_fidelity(ref_u8, u8)
         lat_per = ((final.double() - ref_final.double()) ** 2).flatten(1).mean(1)
-        if unet_config(path).get("time_cond_proj_dim"):  # an LCM UNet predicts no teacher noise: nothing to compare
+        # a consistency student of a plain teacher predicts no teacher noise: nothing to compare (an LCM teacher's
+        # QAT variant does, on the same inputs, timestep_cond included)
+        if unet_config(path).get("time_cond_proj_dim") and not unet_config(ref_path).get("time_cond_proj_dim"):
             noise = dict.fromkeys(("noise_pred_mse", "noise_pred_rel_l2", "per_sample_noise_mse"))
         else:
             noise = noise_fidelity(ref_noise, ov_unet_noise(path, inputs, ov_config))

@@ -124,6 +124,7 @@ def check_image(r, steps=IMAGE_STEPS, measured=True, extra_calls=1):
         assert r["image_measured_s"] is None and r["image_measured_times_s"] == []
 
 
+@pytest.mark.slow  # the 9-variant bench (`local_run`, ~100 s), run in CI
 def test_all_applicable_variants_run(local_run):
     result = local_run["result"]
     rows = check_rows(result, [A, B, C, D, H, H + W, E, E + W, DC])
@@ -138,6 +139,7 @@ def test_all_applicable_variants_run(local_run):
     assert rows[C]["unet_execution"]["INFERENCE_NUM_THREADS"] == "1"
 
 
+@pytest.mark.slow
 def test_int8_is_smaller_and_sizes_are_consistent(local_run):
     rows = _rows(local_run["result"])
     assert rows[A]["unet_bytes"] == rows[B]["unet_bytes"] and rows[C]["unet_bytes"] == rows[D]["unet_bytes"]
@@ -151,6 +153,7 @@ def test_int8_is_smaller_and_sizes_are_consistent(local_run):
         assert ptq_info["mode"] == mode
 
 
+@pytest.mark.slow
 def test_profile_shows_execution_precision(local_run):
     rows = _rows(local_run["result"])
     assert all("profile" not in rows[v] for v in (A, B))
@@ -161,6 +164,7 @@ def test_profile_shows_execution_precision(local_run):
     assert rows[H]["profile"]["by_precision_ms"].get("i8", 0) > 0  # hybrid: the convolutions run int8
 
 
+@pytest.mark.slow
 def test_reports_written(local_run):
     out = local_run["out"]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
@@ -299,7 +303,8 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
     """`--arch sd15` with `builders.build_sd15_pipeline` swapped for the tiny pipeline (the real one is 1.1 B
     parameters): the same code builds the optimum export, the PTQ peer and the QAT graphs with and without ToMe."""
     argv = ["bench", "--arch", "sd15", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
-    argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1"]
+    # the few-step rows (on by default with --arch sd15: test_arch_defaults) are tests/eval/test_bench_fewstep.py's
+    argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1", "--no-few-step"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(builders, "build_sd15_pipeline", _tiny_sd15)
         assert cli.main(argv) == 0
@@ -315,6 +320,8 @@ def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
         assert rows[name + W]["text_vae_bytes"] < 0.5 * rows[name]["text_vae_bytes"], name
     assert result["settings"]["measure_image"] is False  # sd15: composed only, by default
     assert rows[DC]["shallow_step_s"] > 0 and rows[DC]["unet_calls_full"] == 2
+    # one QAT graph for both: qat-int8's folder holds the step-caching IRs
+    assert result["preparation"]["qat-deepcache"]["shared with"] == "qat" and rows[DC]["folder"] == rows[F]["folder"]
     deepcache = result["preparation"]["qat-deepcache"]["deepcache"]
     assert deepcache["full_vs_unet_relative_l2"] < 1e-3  # the full IR is the plain QAT UNet
     assert deepcache["irs"]["shallow.xml"]["fake_quantize_ops"] > 0
@@ -411,9 +418,10 @@ def test_arch_defaults():
 
     parser = argparse.ArgumentParser()
     run.add_arguments(parser)
-    for arch, size, tome in (("sdxl", 512, 2), ("sd15", 1000, 1)):
+    for arch, size, tome, few_step in (("sdxl", 512, 2, False), ("sd15", 1000, 1, True)):
         s = run.settings_from_args(parser.parse_args(["--arch", arch, "--output", "o"]))
         assert settings.image_size(s, arch, 1000) == (size, size) and s.tome_max_downsample == tome
+        assert s.few_step is few_step  # the few-step rows: SD 1.5 only
         assert (s.repeats, s.steps_pipeline, s.measure_image) == (3, 2, False)
     s = run.settings_from_args(parser.parse_args(["--arch", "sdxl", "--output", "o", "--height", "1024"]))
     assert settings.image_size(s, "sdxl", 1024) == (1024, 512)

@@ -13,6 +13,8 @@ from ov_sd_trainer import cli
 from ov_sd_trainer.compress.convert import count_fake_quantize
 from ov_sd_trainer.eval.bench import fewstep
 
+pytestmark = pytest.mark.slow  # a bench run with the int8 student and two tiny decoders (~55 s), run in CI
+
 FAST = ["--threads", "1", "--repeats", "2", "--pipeline-repeats", "1", "--steps-pipeline", "2", "--warmup", "1",
         "--warmup-s", "0", "--image-steps", "5", "--no-measure-image"]  # fmt: skip
 

@@ -93,6 +93,7 @@ def _psnr(a, b):
     return 10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12))
 
 
+@pytest.mark.slow  # two pipelines, five generations (~50 s), run in CI
 def test_pipeline_intervals(pipes):
     """Interval 1 is the plain pipeline bit for bit (also after a cached run on the same object); interval 2/3 run
     full.xml on every N-th UNet call and stay closer to the interval-1 image than the naive cache with the same

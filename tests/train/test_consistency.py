@@ -343,6 +343,7 @@ def test_consistency_export_is_an_lcm_folder_that_optimum_and_genai_run(lcm_run)
     assert tensor.data.shape == (1, 64, 64, 3) and tensor.data.std() > 0
 
 
+@pytest.mark.slow  # two more consistency runs (~80 s), run in CI
 def test_consistency_resume_restores_the_target_network_exactly(lcm_run, tmp_path):
     """A 2-step run of the shared run's flags resumed from its checkpoint-2 to 4 steps ends at the shared run's
     student and target network (the target is saved in every checkpoint and loaded on resume)."""

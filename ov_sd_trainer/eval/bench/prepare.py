@@ -288,13 +288,21 @@ def prepare(
     geo = geometry(prep.ov_fp32_dir or Path(prep.diffusers_dir))
     height, width = image_size(settings, arch, geo["size"])
 
-    if "qat-deepcache" in sources and "qat-deepcache" not in given and "qat" in given:
-        from ...export.deepcache import has_deepcache
+    from ...export.deepcache import has_deepcache
 
+    if "qat-deepcache" in sources and "qat-deepcache" not in given and "qat" in given:
         if has_deepcache(given["qat"]):  # the QAT export given by --qat holds step-caching IRs: measure those
             given = {**given, "qat-deepcache": given["qat"]}
+    # --arch with both qat and qat-deepcache to build: one QAT graph, its folder holding the step-caching IRs too (the
+    # plain UNet IR of a qat-deepcache folder is the qat one: same weights, same random calibration), as for --qat
+    share_deepcache = (
+        arch is not None and {"qat", "qat-deepcache"} <= set(built) and not {"qat", "qat-deepcache"} & set(given)
+    )
     for source in built:
-        if source in given:
+        if source == "qat-deepcache" and share_deepcache and has_deepcache(prep.folders["qat"]):
+            prep.folders[source] = prep.folders["qat"]
+            prep.log[source] = {"shared with": "qat", **{k: v for k, v in prep.log["qat"].items() if k != "build_s"}}
+        elif source in given:
             prep.folders[source] = given[source]
             prep.log[source] = {"given": str(given[source])}
         elif source in PTQ_MODES:
@@ -322,10 +330,14 @@ def prepare(
         elif arch is not None:
             tome = settings.tome_kwargs() if source == "qat-tome" else None
             scheme = "hybrid" if source == "qat-hybrid" else "full"
-            deepcache = source == "qat-deepcache"
+            deepcache = source == "qat-deepcache" or (source == "qat" and share_deepcache)
             bar.set_description(f"bench: QAT graph ({source})")
             lh, lw = height // geo["vae_factor"], width // geo["vae_factor"]
-            tag = "-".join(f"{k}{v}" for k, v in tome.items()) if tome else ""
+            tag = (
+                "-".join(f"{k}{v}" for k, v in tome.items())
+                if tome
+                else ("deepcache" if source == "qat" and deepcache else "")
+            )
             name = "-".join(filter(None, (source, tag, f"{height}x{width}-b{settings.batch_size}")))
             info: dict[str, Any] = {}
 
