@@ -9,6 +9,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the CLI / accelerate subprocesses
 
+# Under pytest-xdist (`make test`: two workers) each worker gets its own share of the CPUs, before any thread pool
+# exists: OpenVINO sizes its CPU threads from the process's affinity (torch's intra-op threads are 1 anyway), so
+# each worker runs one thread per core instead of two teams competing for both cores. Its subprocesses inherit it;
+# the multi-process tests get every CPU back (`multiprocess_cpus`).
+ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+_worker, _workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if ALL_CPUS and _worker and 1 < _workers <= len(ALL_CPUS):
+    os.sched_setaffinity(0, sorted(ALL_CPUS)[int(_worker.removeprefix("gw")) :: _workers])
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -146,6 +155,27 @@ def pytest_collection_modifyitems(config, items):
             group = item.path.stem
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+    # the multi-process tests first: they use both cores while the other worker starts on its own list
+    items.sort(key=lambda item: _group(item) != "multiprocess")
+
+
+def _group(item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark and mark.args else None
+
+
+@pytest.fixture(autouse=True)
+def multiprocess_cpus(request):
+    """A multi-process test's launches may use every CPU, not only its worker's share."""
+    if not (ALL_CPUS and _group(request.node) == "multiprocess"):
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ALL_CPUS)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
 
 
 def _uses_module_fixture(item) -> bool:

@@ -36,8 +36,6 @@ FAMILY = {
 # 35 dB. The controls fail the median bound: other initial noise (measured ~13 dB), and what each family adds:
 # SD 2.x's v-prediction read as epsilon, an LCM's guidance embedding for another guidance scale.
 MEDIAN_MIN_PSNR_DB, EVERY_MIN_PSNR_DB = 48.0, 35.0
-# the LCM family's shared run and its tests are slow (~2 min; CI runs them): the default run keeps SD 2.x's
-LCM_SLOW = pytest.param("lcm", marks=pytest.mark.slow)
 
 
 def psnr(a, b) -> float:
@@ -149,6 +147,7 @@ def test_trajectories_record_the_lcm_pipelines_guidance_embedding():
                                                        "timestep_cond", "teacher_pred"}  # fmt: skip
 
 
+@pytest.mark.slow  # a family's shared run (`family_run`, ~1 min each): CI
 def test_sd2_training_target_is_the_velocity(family_run):
     training = family_run("sd2")["training"]
     model = training.model
@@ -192,7 +191,8 @@ def test_unsupported_pipeline_class_is_a_one_line_error(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["sd2", LCM_SLOW])
+@pytest.mark.slow  # a family's shared run (`family_run`, ~1 min each): CI
+@pytest.mark.parametrize("family", ["sd2", "lcm"])
 def test_family_trains_exports_loads_and_generates(family_run, family, tmp_path):
     import openvino as ov
 
@@ -226,7 +226,8 @@ def test_family_trains_exports_loads_and_generates(family_run, family, tmp_path)
     assert info["steps"] == steps and np.asarray(Image.open(out)).std() > 1
 
 
-@pytest.mark.parametrize("family", ["sd2", LCM_SLOW])
+@pytest.mark.slow  # a family's shared run (`family_run`, ~1 min each): CI
+@pytest.mark.parametrize("family", ["sd2", "lcm"])
 def test_genai_matches_optimum(family_run, family, tmp_path):
     r = family_run(family)
     _, steps, guidance, _ = FAMILY[family]
@@ -261,6 +262,7 @@ def test_genai_matches_optimum(family_run, family, tmp_path):
         assert psnr(want, image) < MEDIAN_MIN_PSNR_DB - 5, name
 
 
+@pytest.mark.slow  # a family's shared run (`family_run`, ~1 min each): CI
 def test_sd2_export_runs_without_cfg_as_sd_turbo_does(family_run, tmp_path):
     """SD-Turbo samples at guidance 0: the statically reshaped UNet then takes the prompt batch itself."""
     r = family_run("sd2")
@@ -272,7 +274,7 @@ def test_sd2_export_runs_without_cfg_as_sd_turbo_does(family_run, tmp_path):
     assert info["steps"] == 1
 
 
-@pytest.mark.slow  # the LCM family's shared run is slow (CI)
+@pytest.mark.slow  # a family's shared run (`family_run`, ~1 min each): CI
 def test_lcm_negative_prompt_is_a_one_line_error(family_run, tmp_path):
     with pytest.raises(UserError, match="takes no negative prompt") as e:
         generate(str(family_run("lcm")["ov"]), PROMPTS[0], str(tmp_path / "x.png"), negative_prompt="blurry")
@@ -287,7 +289,8 @@ def test_lcm_negative_prompt_is_a_one_line_error(family_run, tmp_path):
 EVAL_MIN_PSNR_DB = {"sd2": 20.0, "lcm": 27.0}
 
 
-@pytest.mark.parametrize("family", ["sd2", LCM_SLOW])
+@pytest.mark.slow  # a family's shared run (`family_run`, ~1 min each): CI
+@pytest.mark.parametrize("family", ["sd2", "lcm"])
 def test_eval_against_the_fp32_teacher(family_run, family, tmp_path):
     from ov_sd_trainer import cli
 

@@ -310,6 +310,7 @@ def test_hybrid_scheme_keeps_linear_inputs_float_and_quantizes_their_weights(mod
     assert 0 < err < 0.2, err  # quantized (int8 weights and conv activations), close to FP32
 
 
+@pytest.mark.slow  # trains, saves and exports the hybrid student (~30 s): CI
 def test_hybrid_scheme_trains_saves_exports_int8_weights(models, hybrid, tmp_path):
     import openvino as ov
 

@@ -124,7 +124,7 @@ def check_image(r, steps=IMAGE_STEPS, measured=True, extra_calls=1):
         assert r["image_measured_s"] is None and r["image_measured_times_s"] == []
 
 
-@pytest.mark.slow  # the 9-variant bench (`local_run`, ~100 s), run in CI
+@pytest.mark.slow  # every test of the 9-variant bench (`local_run`, ~100 s) is slow: CI runs them
 def test_all_applicable_variants_run(local_run):
     result = local_run["result"]
     rows = check_rows(result, [A, B, C, D, H, H + W, E, E + W, DC])
@@ -181,6 +181,7 @@ def test_reports_written(local_run):
     assert not list(out.parent.glob(".out.tmp-*"))  # atomic: no temporary folder left
 
 
+@pytest.mark.slow
 def test_given_folders_are_measured(local_run, capsys):
     """The full-int8 peer and qat-int8 from given OpenVINO folders, qat-int8-tome omitted without one. The PTQ folder
     stands in for a QAT export here: this checks that a given folder is what gets loaded and sized (QAT graphs are
@@ -199,6 +200,7 @@ def test_given_folders_are_measured(local_run, capsys):
     assert f"| {F}: QAT INT8 (this project) |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_int8_text_vae_twins(local_run):
     """A `+w8tv` twin: its base folder with the text encoder and VAE compressed to int8 weights (optimum-intel's
     weight-only bits=8), everything else hard-linked; the report compares each twin with its base."""
@@ -229,6 +231,7 @@ def test_int8_text_vae_twins(local_run):
     assert result["image_baselines"]["image_speedup_vs_optimum_int8"] in (E, E + W)
 
 
+@pytest.mark.slow
 def test_step_caching_variant(local_run, tmp_path, capsys):
     """qat-int8-deepcache3 (from the given folder): the full IR is the step, the shallow IR is timed too, 6 UNet
     calls split 2 full + 4 shallow; a `--qat` folder holding the IRs serves it too; a folder without them is
@@ -514,6 +517,7 @@ def test_exec_precision():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ptq_writes_a_loadable_int8_pipeline(local_run, tmp_path):
     """The PTQ folder the bench built with `quantize_pipeline_int8` (2 calibration calls, 1 step): optimum's full int8
     on the UNet only, settings recorded, loadable by `OVStableDiffusionPipeline`, not quantized twice."""

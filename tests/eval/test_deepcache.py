@@ -23,6 +23,9 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "unet").iterdir() if p.is_file()}
 
 
+pytestmark = pytest.mark.slow  # step-caching IRs of the shared run, then pipelines and evals (~2 min): CI
+
+
 @pytest.fixture(scope="module")
 def folder(qat_run, tmp_path_factory):
     """A copy of the QAT run's export with unet_deepcache/ added through the command line."""
@@ -93,7 +96,6 @@ def _psnr(a, b):
     return 10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12))
 
 
-@pytest.mark.slow  # two pipelines, five generations (~50 s), run in CI
 def test_pipeline_intervals(pipes):
     """Interval 1 is the plain pipeline bit for bit (also after a cached run on the same object); interval 2/3 run
     full.xml on every N-th UNet call and stay closer to the interval-1 image than the naive cache with the same
@@ -163,7 +165,6 @@ def test_bad_input(folder, qat_run, tmp_path, capsys):
         pipe("x", num_inference_steps=2, cache_interval=0)
 
 
-@pytest.mark.slow  # ~45 s: converts the FP32 UNet
 def test_a_unet_from_elsewhere_fails_the_parity_check(folder, qat_run, tmp_path):
     """FP32 IRs from the base model refused for the QAT student's folder (the parity check), atomically."""
     other = tmp_path / "other"

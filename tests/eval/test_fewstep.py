@@ -19,6 +19,9 @@ from ov_sd_trainer.lcm import ode_scheduler
 NAIVE_GUIDANCE = 8.5
 
 
+pytestmark = pytest.mark.slow  # the LCM export and few-step evals (~1.5 min): CI
+
+
 @pytest.fixture(scope="module")
 def ddim_teacher(tiny_pipeline, tmp_path_factory):
     """`tiny_pipeline` sampling with the teacher's ODE solver: a variant of its own export run with the teacher's

@@ -264,6 +264,7 @@ def test_teacher_gap_eval_is_logged_and_keeps_the_best_student(tiny_pipeline, tm
     assert (out / "loss.png").is_file()
 
 
+@pytest.mark.slow  # the hybrid scheme's own run (~45 s): CI; its unit tests stay (tests/compress/test_quantize.py)
 def test_the_hybrid_scheme_trains_and_exports(hybrid_run):
     """The shared hybrid run (pure distillation, the default: the task loss is logged, not used) trains, exports int8
     weights (UNet <= 0.30x FP32 on this tiny model) and loads in optimum-intel (the export renders its sample)."""
@@ -350,6 +351,7 @@ def test_calibration_draws_are_refused_for_unets_with_extra_inputs(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # three calibrations and a training run (~35 s): CI
 def test_calibration_draws_keep_the_student_closest_on_held_out_rollouts(tiny_pipeline, tmp_path):
     """calibration_draws 2: two calibrations on different input draws, each scored on held-out rollouts; the kept
     student is the higher-PSNR draw's, exactly (the same quantizers as that draw calibrated on its own)."""
