@@ -357,7 +357,8 @@ def main(argv=None) -> int:
 
     # plain rows: the unquantized UNet fine-tuned on the task loss alone (no teacher, no student on the device)
     plain_unet = copy.deepcopy(teacher).requires_grad_(True).to(device)
-    plain = QATModel(plain_unet, torch.nn.Identity(), vae, text_encoder, scheduler, distillation_weight=0.0)
+    plain = QATModel(plain_unet, torch.nn.Identity(), vae, text_encoder, scheduler, distillation_weight=0.0,
+                     task_weight=1.0)  # fmt: skip
 
     def run_plain(row):
         log(f"row {row['name']} (checkpointing {row['gradient_checkpointing']})")

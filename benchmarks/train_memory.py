@@ -237,7 +237,8 @@ def worker(args) -> None:
     )
 
     # The trainer's loss path: QATModel.forward with encode() replaced by precomputed latents/text states.
-    model = QATModel(student, teacher, torch.nn.Identity(), torch.nn.Identity(), DDPMScheduler(**SD_SCHEDULER_CONFIG))
+    model = QATModel(student, teacher, torch.nn.Identity(), torch.nn.Identity(), DDPMScheduler(**SD_SCHEDULER_CONFIG),
+                     distillation_weight=1.0, task_weight=1.0)  # fmt: skip
     model.train()
     batch = random_inputs(args.batch_size)
     latents, states = batch["sample"], batch["encoder_hidden_states"]

@@ -9,6 +9,8 @@ The quiet and the verbose run go side by side (two processes, one thread each)."
 import subprocess
 import sys
 
+import pytest
+
 CLI = [sys.executable, "-m", "ov_sd_trainer.cli"]
 # Printed by the command in both modes (transformers' `loss_type=None` and `Multiple distributions found for package
 # optimum` too, but the latter depends on the installed packages, so it is only checked for absence)
@@ -23,6 +25,7 @@ NOISE = (
 ALWAYS_QUIET = ("Multiple distributions found for package", "Failed to load CPU gemm_4bit_forward", "INFO:nncf")
 
 
+@pytest.mark.slow  # two `ov-sd generate` processes, each exporting on the fly (~90 s on one core): CI
 def test_generate_is_quiet_unless_verbose(tiny_pipeline, tmp_path):
     argv = ["generate", "--model", str(tiny_pipeline), "--prompt", "a red circle", "--steps", "2"]
     runs = {

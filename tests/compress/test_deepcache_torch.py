@@ -48,6 +48,7 @@ def test_full_is_the_unet_and_shallow_reproduces_full(which, request):
     torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # loads the shared run's NNCF student (~50 s): CI, with the int8 case above
 def test_student_shallow_needs_the_full_forwards_quantizer_counters(student):
     """NNCF names quantized ops by a call counter across the whole forward: without restoring the counters before
     the last up block, the shallow path would hit other quantizers (here: of another shape, so it fails)."""

@@ -99,6 +99,7 @@ def test_equal_variant_matches_and_a_different_one_does_not(setup):
     assert abs(setup["result"]["twins"]["w8 vs fp"]["psnr"] - w8["psnr"]) < 1.0
 
 
+@pytest.mark.slow  # `ov-sd quality` and an eval of the teacher (~50 s): CI
 def test_reference_row_is_what_quality_generates(setup, tmp_path):
     """Same prompts, seeds and initial latents as `quality.prompt_accuracy`: the teacher's grid cells are the very
     images quality saves, and its accuracy is quality's."""
