@@ -289,6 +289,7 @@ def _history(trainer, key):
     return [(h["step"], h[key]) for h in trainer.state.log_history if key in h]
 
 
+@pytest.mark.slow  # the shared consistency run (`lcm_run`, ~75 s) and its export: CI
 def test_consistency_run_trains_closer_to_the_teachers_ode_endpoints(lcm_run):
     """`ov-sd train --objective consistency`: the student is the teacher plus the guidance embedding, int8 from the
     start (cond_proj kept float), trained on the consistency loss alone; its held-out 4-step samples (EMA applied)
@@ -312,6 +313,7 @@ def test_consistency_run_trains_closer_to_the_teachers_ode_endpoints(lcm_run):
     assert not torch.equal(target.time_embedding.cond_proj.weight, lcm_run["before"]["time_embedding.cond_proj.weight"])
 
 
+@pytest.mark.slow  # the shared consistency run (`lcm_run`, ~75 s) and its export: CI
 def test_consistency_export_is_an_lcm_folder_that_optimum_and_genai_run(lcm_run):
     """The export: model_index LatentConsistencyModelPipeline, LCMScheduler without clipping, a UNet with
     time_cond_proj_dim and int8 weights, results.json `few_step` (4 steps, guidance 7.5): optimum-intel's
