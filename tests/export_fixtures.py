@@ -21,17 +21,10 @@ def lcm_export(tmp_path_factory, tiny_pipeline):
     """An untrained LCM OpenVINO folder of `tiny_pipeline` (no training: the student UNet with its zero-initialised
     guidance embedding, `LCMScheduler`, `LatentConsistencyModelPipeline`), through optimum's FP32 export: what eval and
     bench need of a few-step folder (loading, its own scheduler and steps, the guidance input), at export cost only."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
-
     from ov_sd_trainer.eval.bench.prepare import export_openvino_fp32
-    from ov_sd_trainer.lcm import lcm_scheduler, make_student_unet
+    from ov_sd_trainer.lcm import lcm_base_folder
 
     root = tmp_path_factory.mktemp("lcm-export")
-    base = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
-    LatentConsistencyModelPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=make_student_unet(base.unet, 8), scheduler=lcm_scheduler(base.scheduler.config, 10),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(root / "diffusers")  # fmt: skip
+    lcm_base_folder(str(tiny_pipeline), root / "diffusers", time_cond_proj_dim=8, num_ddim_timesteps=10)
     export_openvino_fp32(str(root / "diffusers"), root / "openvino")
     return root / "openvino"

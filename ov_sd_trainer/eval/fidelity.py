@@ -269,7 +269,8 @@ def evaluate_fidelity(
         seen.add(name)
         checked.append((name, check_variant(name, Path(path).expanduser(), ref_path)))
         check_cache_folder(name, checked[-1][1], cache_intervals.get(name))
-    if trained_sampling(ref_path) is None:
+    few_step_reference = trained_sampling(ref_path) is not None  # an LCM folder or a consistency student's export
+    if not few_step_reference:
         sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale)
                     for name, path in checked}  # fmt: skip
     elif variant_steps or variant_guidance:
@@ -343,7 +344,7 @@ def evaluate_fidelity(
         lat_per = ((final.double() - ref_final.double()) ** 2).flatten(1).mean(1)
         # a consistency student of a plain teacher predicts no teacher noise: nothing to compare (an LCM teacher's
         # QAT variant does, on the same inputs, timestep_cond included)
-        if unet_config(path).get("time_cond_proj_dim") and not unet_config(ref_path).get("time_cond_proj_dim"):
+        if unet_config(path).get("time_cond_proj_dim") and not few_step_reference:
             noise = dict.fromkeys(("noise_pred_mse", "noise_pred_rel_l2", "per_sample_noise_mse"))
         else:
             noise = noise_fidelity(ref_noise, ov_unet_noise(path, inputs, ov_config))

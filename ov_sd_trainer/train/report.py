@@ -69,9 +69,9 @@ def plot_losses(log_history: list[dict], path: Path, losses=QAT_LOSSES) -> Path 
     against the step; on a right axis the held-out PSNR of `PSNR_CURVES` where the run evaluates one."""
     rows = [h for h in log_history if "loss" in h]
     gap = [(g["step"], g["teacher_mse"]) for g in teacher_gap_history(log_history) if g["teacher_mse"] is not None]
-    psnr = [(key, label, [(h["step"], h[key]) for h in log_history if key in h]) for key, label in PSNR_CURVES.items()]
-    psnr = [c for c in psnr if c[2]]
-    if not rows and not psnr:
+    curves = ((label, [(h["step"], h[key]) for h in log_history if key in h]) for key, label in PSNR_CURVES.items())
+    psnr = next(((label, points) for label, points in curves if points), None)
+    if not rows and psnr is None:
         return None
     import matplotlib
 
@@ -89,7 +89,8 @@ def plot_losses(log_history: list[dict], path: Path, losses=QAT_LOSSES) -> Path 
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    for _, label, points in psnr[:1]:
+    if psnr is not None:
+        label, points = psnr
         right = ax.twinx()
         right.plot(*zip(*points, strict=True), "ko-", label=label)
         right.set_ylabel("PSNR (dB)")

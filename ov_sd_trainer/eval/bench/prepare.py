@@ -330,14 +330,11 @@ def prepare(
         elif arch is not None:
             tome = settings.tome_kwargs() if source == "qat-tome" else None
             scheme = "hybrid" if source == "qat-hybrid" else "full"
-            deepcache = source == "qat-deepcache" or (source == "qat" and share_deepcache)
+            shared = source == "qat" and share_deepcache  # also holds qat-deepcache's IRs
+            deepcache = source == "qat-deepcache" or shared
             bar.set_description(f"bench: QAT graph ({source})")
             lh, lw = height // geo["vae_factor"], width // geo["vae_factor"]
-            tag = (
-                "-".join(f"{k}{v}" for k, v in tome.items())
-                if tome
-                else ("deepcache" if source == "qat" and deepcache else "")
-            )
+            tag = "-".join(f"{k}{v}" for k, v in tome.items()) if tome else "deepcache" if shared else ""
             name = "-".join(filter(None, (source, tag, f"{height}x{width}-b{settings.batch_size}")))
             info: dict[str, Any] = {}
 
