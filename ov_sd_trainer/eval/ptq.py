@@ -17,6 +17,11 @@ default 50 steps at min(native size, 512) px with an unseeded generator; the col
 (the same `InferRequestWrapper` on the compiled UNet request) with the steps, size and seed exposed, so the peer can
 be calibrated exactly like the runs it is compared with.
 
+A few-step model (a consistency student's export, or any latent consistency folder) is calibrated on its own
+sampling: its `LCMScheduler` at the steps and guidance it was trained for (`pipeline_folder.trained_sampling`), one
+UNet call per step with the guidance embedding as an input; the peer folder keeps that record (results.json
+`few_step`), so `ov-sd generate` and `ov-sd eval` sample it as they sample the student.
+
 Defaults are optimum-intel's for a diffusion pipeline: 200 calibration samples (UNet calls), 50 steps, guidance 7.5;
 for `full`, `OVQuantizationConfig(bits=8)` i.e. preset mixed (symmetric weights, asymmetric activations),
 `model_type="transformer"`, fast bias correction, overflow fix off, NNCF's default SmoothQuant alpha for matmuls.
@@ -39,12 +44,15 @@ from ..assets import resolve_model_path
 from ..errors import UserError
 from ..outputs import atomic_output_dir, check_output_dir
 from ..pipeline_folder import (
+    FEW_STEP_KEY,
     PTQ_INFO_FILE,
+    RESULTS_FILE,
     UNET_XML,
     check_image_size,
     check_model_source,
     hub_load_errors,
     is_openvino_folder,
+    trained_sampling,
     write_genai_files,
 )
 from .generate import DEFAULT_GUIDANCE
@@ -169,10 +177,10 @@ def quantize_pipeline_int8(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     height: int | None = None,
     width: int | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     seed: int = 0,
     *,
-    guidance_scale: float = DEFAULT_GUIDANCE,
+    guidance_scale: float | None = None,
     smooth_quant_alpha: float | None = None,
     other_components: str = "fp32",
     mode: str = DEFAULT_MODE,
@@ -187,10 +195,16 @@ def quantize_pipeline_int8(
     `model`: an optimum-intel OpenVINO folder (FP32 UNet), a diffusers folder or a Hub id (exported first).
     `calibration_prompts`: prompts run through the pipeline (cycled) until `num_samples` UNet calls are recorded,
     `steps` denoising steps each at `height` x `width` (default: the model's size, at most 512) from seed
-    `seed + i`. `smooth_quant_alpha`: None keeps NNCF's default for `model_type="transformer"`.
+    `seed + i`; `steps` / `guidance_scale` None: what a few-step folder was trained for, else `DEFAULT_STEPS` and
+    `DEFAULT_GUIDANCE`. `smooth_quant_alpha`: None keeps NNCF's default for `model_type="transformer"`.
     `other_components`: "fp32" (text encoder and VAE untouched) or "int8-weights" (optimum's pipeline default).
     `ov_config`: OpenVINO compile properties for the calibration runs (e.g. {"INFERENCE_NUM_THREADS": 1}).
     The settings, timings and sizes go to `ptq_info.json` in the folder. Returns the folder."""
+    trained = trained_sampling(model)  # a few-step folder: its own steps and guidance (None otherwise)
+    if steps is None:
+        steps = trained["steps"] if trained else DEFAULT_STEPS
+    if guidance_scale is None:
+        guidance_scale = trained["guidance_scale"] if trained else DEFAULT_GUIDANCE
     prompts = _check_args(calibration_prompts, num_samples, steps, height, width, guidance_scale, other_components)
     if mode not in MODES:
         raise UserError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
@@ -286,8 +300,20 @@ def quantize_pipeline_int8(
         del saved
         info["total_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / PTQ_INFO_FILE).write_text(json.dumps(info, indent=2))
+        few_step = _few_step_record(model)
+        if few_step is not None:  # the source's record: generate / eval sample the peer as they sample the student
+            few_step["quantization_scheme"] = f"optimum-intel {mode} PTQ of {few_step.get('quantization_scheme')}"
+            (tmp / RESULTS_FILE).write_text(json.dumps({FEW_STEP_KEY: few_step}, indent=2))
     logger.info("int8 PTQ pipeline written to %s (%d FakeQuantize ops)", output_dir, info["fake_quantize_ops"])
     return Path(output_dir)
+
+
+def _few_step_record(model: str | Path) -> dict | None:
+    """A consistency student's export's `few_step` record (results.json), or None."""
+    try:
+        return json.loads((Path(model).expanduser() / RESULTS_FILE).read_text()).get(FEW_STEP_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _quantization_info(unet_config, mode: str, other_components: str) -> dict[str, Any]:
@@ -334,7 +360,18 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--prompts-file", default=None, help="one prompt a line (default: the synthetic captions)")
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps per calibration image (default {DEFAULT_STEPS}; a few-step folder: its own)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help=f"calibration guidance (default {DEFAULT_GUIDANCE}; a few-step folder: its own)",
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -363,6 +400,7 @@ def main(args) -> int:
         width=args.width,
         steps=args.steps,
         seed=args.seed,
+        guidance_scale=args.guidance_scale,
         smooth_quant_alpha=args.smooth_quant_alpha,
         other_components=args.other_components,
         mode=args.mode,
