@@ -56,6 +56,8 @@ def main(args) -> int:
     out = Path(args.output)
     run_dir = out / "run"
     cfg, recipe = parse_config(train_argv(args, run_dir))
+    if cfg.float_steps:  # a float-then-QAT recipe (reference-lcm-int8): its float phase is shortened alike
+        cfg.float_steps = args.max_steps
     t0 = time.perf_counter()
     run(cfg, {**recipe, "max_steps": args.max_steps})
     train_s = time.perf_counter() - t0

@@ -100,4 +100,7 @@ def few_step_record(cfg) -> dict | None:
         "w_range": [get("w_min"), get("w_max")],
         "time_cond_proj_dim": get("time_cond_proj_dim"),
         "quantization_scheme": get("quantization_scheme"),
+        "init_student": get("init_student"),
+        "float_steps": get("float_steps"),
+        "qat_teacher": get("qat_teacher"),
     }

@@ -7,6 +7,7 @@
       final/                   the trained student with the EMA applied: student/, config.json, training_info.json
       openvino/                the exported OpenVINO pipeline folder (see pipeline_folder)
       loss.png                 task, distillation and total loss against the step
+      float-phase/             a consistency run with float_steps: the float phase's own run folder (same layout)
 
 A checkpoint without `checkpoint_complete.json` was interrupted while being written and is never resumed from.
 """
@@ -29,6 +30,7 @@ TRAINING_INFO_FILE = "training_info.json"  # in final/: runtime, steps, quantize
 EMA_FILE = "ema.safetensors"  # in checkpoint-N/: the EMA shadow (final/ has it applied)
 COMPLETE_MARKER = "checkpoint_complete.json"
 LOSS_PLOT = "loss.png"
+FLOAT_PHASE_DIR = "float-phase"  # a consistency run with float_steps: the float phase's own run folder
 HANDOVER_DIR = ".calibrated-student"  # multi-process: the main process's calibrated student for the other ranks
 CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
 
@@ -43,11 +45,13 @@ __all__ = [
     "COMPLETE_MARKER",
     "LOSS_PLOT",
     "HANDOVER_DIR",
+    "FLOAT_PHASE_DIR",
     "find_resumable_checkpoint",
     "mark_complete",
     "is_complete",
     "is_checkpoint",
     "load_ema",
+    "float_student_dir",
 ]
 
 
@@ -104,6 +108,22 @@ def save_student(student, directory) -> None:
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     save_model(student, str(Path(directory) / FLOAT_STUDENT_FILE))
+
+
+def float_student_dir(path: str | Path) -> Path:
+    """The folder holding a float consistency student's weights (`FLOAT_STUDENT_FILE`) in `path`: a run folder (its
+    final/), a final/ or checkpoint-N/ folder, or the student/ folder itself. One-line error when there is none."""
+    from .errors import UserError
+
+    path = Path(path).expanduser()
+    for candidate in (path, path / STUDENT_DIR, path / FINAL_DIR / STUDENT_DIR):
+        if (candidate / FLOAT_STUDENT_FILE).is_file():
+            return candidate
+    if (path / STUDENT_DIR).is_dir() or (path / FINAL_DIR / STUDENT_DIR).is_dir():
+        raise UserError(f"{str(path)!r} holds a quantized student; pass a float consistency run "
+                        "(trained with quantization_scheme none)")  # fmt: skip
+    raise UserError(f"{str(path)!r} holds no float consistency student ({STUDENT_DIR}/{FLOAT_STUDENT_FILE}); pass the "
+                    "output_dir of a run trained with objective consistency and quantization_scheme none")  # fmt: skip
 
 
 def load_student(fp32_unet, directory, inplace: bool = False):

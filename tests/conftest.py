@@ -52,7 +52,7 @@ def tiny_run_argv(base, out, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def train_tiny(argv: list[str], recipe: dict | None = None) -> dict:
+def train_tiny(argv: list[str], recipe: dict | None = None, run_first=None) -> dict:
     """`ov-sd train` with `argv` through `train.run`'s own wiring (`build_trainer`, `trainer.train()`, `finish`), keeping
     what tests look at: the `Training` (trainer, model, EMA, ...), the student's parameters before training, the run
     folder and its export."""
@@ -62,6 +62,8 @@ def train_tiny(argv: list[str], recipe: dict | None = None) -> dict:
 
     cfg, parsed = parse_config(argv)
     recipe = parsed if recipe is None else recipe
+    if run_first is not None:  # what `train.run.run` does before the build (`run_float_phase`)
+        run_first(cfg, recipe)
     training = build_trainer(cfg, recipe)
     before = {n: p.detach().clone() for n, p in training.model.student.named_parameters()}
     result = training.trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)

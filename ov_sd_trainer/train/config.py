@@ -173,6 +173,34 @@ class QATConfig(TrainingArguments):
         default=lcd.GAP_GUIDANCE,
         metadata={"help": "consistency: the guidance scale of calibration, eval and the exported folder's default"},
     )
+    init_student: str | None = field(
+        default=None,
+        metadata={
+            "help": "consistency: start the student from a float consistency run (its output_dir, final/ or "
+            "checkpoint-N/) instead of the teacher; with quantization_scheme full or hybrid this is the "
+            "float-then-QAT order (docs/few-step.md)"
+        },
+    )
+    float_steps: int = field(
+        default=0,
+        metadata={
+            "help": "consistency with a quantized scheme: first train this many steps in float (into "
+            "output_dir/float-phase/, exported there too), then max_steps of QAT from that student (init_student): "
+            "the float-then-QAT order in one run"
+        },
+    )
+    float_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "consistency with float_steps: the float phase's learning rate (default: learning_rate)"},
+    )
+    qat_teacher: str = field(
+        default=lcd.QAT_TEACHERS[0],
+        metadata={
+            "help": f"consistency: {' | '.join(lcd.QAT_TEACHERS)}: what the student learns from. model = the "
+            "consistency loss against the pipeline's teacher; init_student = the outputs of the float init_student "
+            "(QAT of a float consistency student with it as the teacher)"
+        },
+    )
     # --- EMA ---------------------------------------------------------------------------------
     use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the student's trainable parameters"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay ceiling"})
@@ -280,8 +308,28 @@ class QATConfig(TrainingArguments):
             raise UserError(f"few_step_steps={self.few_step_steps}: must be >= 1")
         if self.few_step_guidance_scale < 1:
             raise UserError(f"few_step_guidance_scale={self.few_step_guidance_scale}: must be >= 1 (w = scale - 1)")
+        if self.qat_teacher not in lcd.QAT_TEACHERS:
+            raise UserError(f"qat_teacher={self.qat_teacher!r}: use one of {lcd.QAT_TEACHERS}")
+        if self.float_steps < 0:
+            raise UserError(f"float_steps={self.float_steps}: must be >= 0")
+        if self.float_learning_rate is not None and self.float_learning_rate <= 0:
+            raise UserError(f"float_learning_rate={self.float_learning_rate}: must be > 0 or unset")
         if self.objective != "consistency":
+            if self.init_student is not None or self.float_steps:
+                raise UserError("init_student and float_steps start a consistency student; set objective consistency "
+                                "or drop them")  # fmt: skip
             return
+        if self.float_steps and (self.init_student is not None or not self.quantized):
+            raise UserError(
+                f"float_steps={self.float_steps} trains the float phase before QAT: it needs quantization_scheme full "
+                "or hybrid and no init_student"
+            )
+        if self.qat_teacher == "init_student" and ((self.init_student is None and not self.float_steps)
+                                                   or not self.quantized):  # fmt: skip
+            raise UserError(
+                "qat_teacher=init_student quantizes a float consistency student with it as the teacher: pass "
+                "init_student (a float consistency run) or float_steps, and quantization_scheme full or hybrid"
+            )
         if self.calibration_source != "trajectories":
             raise UserError(
                 f"calibration_source={self.calibration_source!r}: a consistency student calibrates on its own "

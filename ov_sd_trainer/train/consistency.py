@@ -46,6 +46,9 @@ HUBER_C = 0.001  # pseudo-Huber's c (the diffusers script's)
 SIGMA_DATA = 0.5
 TARGET_DECAY = 0.95  # EMA decay of the target network (the diffusers script's --ema_decay)
 TARGET_FILE = "consistency_target.safetensors"  # the target network's state in a checkpoint
+# What a consistency student learns from (`qat_teacher`): the pipeline's teacher through the consistency loss, or the
+# outputs of the float consistency student it was initialised from (`init_student`; QAT of a float student).
+QAT_TEACHERS = ("model", "init_student")
 # Held-out few-step gap: the student's steps, the teacher's ODE endpoint (DDIM steps) and the guidance scale.
 GAP_STEPS = 4
 GAP_TEACHER_STEPS = 25
@@ -180,6 +183,9 @@ class ConsistencyObjective:
         self.solver = DDIMSolver(self.alphas_cumprod, num_ddim_timesteps)
         self.w_min, self.w_max = w_min, w_max
         self.loss_type, self.huber_c, self.timestep_scaling = loss_type, huber_c, timestep_scaling
+        # `qat_teacher: init_student`: the frozen float consistency student the quantized one copies (kept here, not
+        # on the QATModel, so that neither DDP nor the optimizer sees it); None: the consistency loss
+        self.init_teacher: torch.nn.Module | None = None
 
     def consistency_function(self, output, t, sample):
         """f(sample, t) = c_skip(t) sample + c_out(t) x0 [B,C,h,w] of a student / target UNet output at t [B]."""
@@ -212,7 +218,8 @@ class ConsistencyObjective:
                  generator: torch.Generator) -> dict:  # fmt: skip
         """latents [B,4,h,w] (scaled VAE latents), cond [B,77,D] (the captions' text states), uncond [1 or B,77,D]
         (the empty prompt's) -> {"loss": the consistency loss (with grad into the student only), "consistency_loss":
-        the same, detached}."""
+        the same, detached}. With an `init_teacher`, the loss is the MSE between the student's and the init
+        teacher's outputs at the same consistency training states ({"loss", "distillation_loss"})."""
         latents = latents.float()
         index, noise, w = self.draw(latents, generator)
         start = self.solver.timesteps.to(latents.device)[index]  # t_{n+k}
@@ -222,6 +229,11 @@ class ConsistencyObjective:
         uncond = uncond.expand(len(latents), -1, -1)
 
         out = nets.unet(nets.student, noisy, start, cond, extra).float()
+        if self.init_teacher is not None:
+            with torch.no_grad():
+                reference = nets.unet(self.init_teacher, noisy, start, cond, extra).float()
+            loss = F.mse_loss(out, reference)
+            return {"loss": loss, "distillation_loss": loss.detach()}
         pred = self.consistency_function(out, start, noisy)
         x_prev = self.teacher_step(nets, noisy, start, index, cond, uncond, w)
         with torch.no_grad():

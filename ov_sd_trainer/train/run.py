@@ -34,19 +34,22 @@ from ..pipeline_folder import load_pipeline
 from ..run_folder import (
     CONFIG_FILE,
     FINAL_DIR,
+    FLOAT_PHASE_DIR,
     LOSS_PLOT,
     OPENVINO_DIR,
     RECIPE_FILE,
     STUDENT_DIR,
     TRAINING_INFO_FILE,
     find_resumable_checkpoint,
+    float_student_dir,
     is_complete,
+    load_student,
     save_student,
 )
 from . import consistency as lcd
 from . import fsdp
 from .calibration import calibrate_once, calibration_calls
-from .config import QATConfig, parse_config
+from .config import NO_QUANTIZATION, QATConfig, parse_config
 from .data import (
     INDEX_COLUMN,
     Augmentation,
@@ -198,6 +201,15 @@ def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -
                         "launch with DDP")  # fmt: skip
     float_student = lcm.make_student_unet(model.teacher, cfg.time_cond_proj_dim)
     model.time_cond_proj_dim = cfg.time_cond_proj_dim
+    init_teacher = None
+    if cfg.init_student is not None:  # a float consistency run's student (the float-then-QAT orders)
+        try:
+            float_student = load_student(float_student, float_student_dir(cfg.init_student), inplace=True)
+        except RuntimeError as e:  # safetensors' load_model: a student of another architecture
+            raise UserError(f"init_student {cfg.init_student!r} does not fit this model's student: "
+                            f"{str(e).splitlines()[0]}") from None  # fmt: skip
+        if cfg.qat_teacher == "init_student":
+            init_teacher = copy.deepcopy(float_student).eval().requires_grad_(False)
     if cfg.quantized:
         select_quantize_kernels(cfg.quantize_kernels, device)
         calls = consistency_calibration_calls(cfg, pipe, float_student, train_ds)
@@ -217,6 +229,7 @@ def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -
     model.consistency = lcd.ConsistencyObjective(
         model.noise_scheduler, cfg.num_ddim_timesteps, cfg.w_min, cfg.w_max, cfg.consistency_loss_type, cfg.huber_c
     )
+    model.consistency.init_teacher = init_teacher
     model.uncond_states = lcd.empty_prompt_states(pipe.tokenizer, pipe.text_encoder)
     model.few_step = (cfg.few_step_steps, cfg.num_ddim_timesteps)
     model.sample_prompt = train_ds.with_format(None)[0][cfg.caption_column]
@@ -320,10 +333,42 @@ def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
 
 def run(cfg: QATConfig, recipe: dict | None = None) -> Path:
     """Train and save; returns the output folder."""
+    if cfg.float_steps:
+        run_float_phase(cfg, recipe)
     training = build_trainer(cfg, recipe)
     result = training.trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     finish(cfg, recipe, training, result)
     return Path(cfg.output_dir)
+
+
+def run_float_phase(cfg: QATConfig, recipe: dict | None) -> None:
+    """`float_steps`: the float consistency phase of a float-then-QAT run, as its own run in
+    output_dir/`FLOAT_PHASE_DIR` (checkpoints, final/, export), then `cfg` is pointed at its student
+    (`init_student`) for the QAT phase. With `--resume_from_checkpoint latest` a finished float phase is kept and an
+    unfinished one resumes from its own last checkpoint; the QAT phase resumes only once it has a checkpoint."""
+    from accelerate import PartialState
+
+    out = Path(cfg.output_dir)
+    phase_dir = out / FLOAT_PHASE_DIR
+    resuming = cfg.resume_from_checkpoint is not None
+    if not resuming:
+        check_output_dir(cfg)
+    if not (resuming and (phase_dir / FINAL_DIR / STUDENT_DIR).is_dir()):
+        phase = copy.copy(cfg)
+        phase.output_dir, phase.max_steps, phase.float_steps = str(phase_dir), cfg.float_steps, 0
+        phase.learning_rate = cfg.float_learning_rate or cfg.learning_rate
+        phase.quantization_scheme, phase.qat_teacher, phase.push_openvino = NO_QUANTIZATION, lcd.QAT_TEACHERS[0], False
+        resumable = resuming and phase_dir.is_dir() and find_resumable_checkpoint(phase_dir) is not None
+        phase.resume_from_checkpoint = "latest" if resumable else None
+        phase.overwrite = True  # a new float-phase folder, or an unfinished one started again
+        training = build_trainer(phase, recipe)
+        finish(phase, recipe, training, training.trainer.train(resume_from_checkpoint=phase.resume_from_checkpoint))
+        del training
+    PartialState().wait_for_everyone()  # every rank reads the float student the main process saved
+    cfg.init_student = str(phase_dir)
+    cfg.overwrite = True  # output_dir now holds the float phase
+    if resuming and find_resumable_checkpoint(out) is None:
+        cfg.resume_from_checkpoint = None  # the QAT phase has not saved yet: it starts from the float student
 
 
 def finish(cfg: QATConfig, recipe: dict | None, training: Training, result) -> None:

@@ -62,11 +62,14 @@ def test_sd15_recipes_follow_the_published_workflow():
 
 
 def test_consistency_recipes_follow_the_measurements_and_the_diffusers_example():
-    """reference-lcm-int8: the bundled model, full int8 from the start, lr 3e-5 (measured: 1e-4 and above make the
-    4-step gap worse), best checkpoint by the few-step PSNR; sd15-pokemon-lcm-int8: the diffusers LCM example's
-    settings (batch 12, lr 1e-6, Huber, 50 DDIM steps, w 5..15, target decay 0.95, checkpointing, 8-bit Adam)."""
+    """reference-lcm-int8: the bundled model, the measured-best order (docs/few-step.md): 300 float steps at lr 3e-5
+    (1e-4 and above make the 4-step gap worse), then 100 full-int8 QAT steps at lr 3e-6 with the float student as the
+    teacher (at 3e-5 QAT drifted below its calibrated start), best checkpoint by the few-step PSNR;
+    sd15-pokemon-lcm-int8: the diffusers LCM example's settings (batch 12, lr 1e-6, Huber, 50 DDIM steps, w 5..15,
+    target decay 0.95, checkpointing, 8-bit Adam)."""
     ref, _ = parse_config(["--recipe", "reference-lcm-int8"])
-    assert ref.objective == "consistency" and ref.quantization_scheme == "full" and ref.learning_rate == 3e-5
+    assert ref.objective == "consistency" and ref.quantization_scheme == "full" and ref.learning_rate == 3e-6
+    assert (ref.float_steps, ref.float_learning_rate, ref.qat_teacher) == (300, 3e-5, "init_student")
     assert ref.pretrained_model_name_or_path == "reference" and ref.use_cpu and ref.max_steps <= 300
     assert ref.metric_for_best_model == "few_step_psnr" and ref.greater_is_better
     sd, _ = parse_config(["--recipe", "sd15-pokemon-lcm-int8"])
@@ -145,6 +148,27 @@ def test_missing_recipe_file():
         (["--objective", "consistency", "--calibration_source", "training"], "calibration_source='training': a"),
         (["--objective", "consistency", "--calibration_draws", "2"], "calibration_draws=2: a consistency run"),
         (["--objective", "consistency", "--task_weight", "1"], "task_weight=1.0: the consistency loss is the only"),
+        (["--init_student", "runs/float"], "init_student and float_steps start a consistency student; set objective"),
+        (["--objective", "consistency", "--qat_teacher", "ema"], "qat_teacher='ema': use one of"),
+        (["--objective", "consistency", "--qat_teacher", "init_student"], "qat_teacher=init_student quantizes a"),
+        (["--float_steps", "5"], "init_student and float_steps start a consistency student"),
+        (["--objective", "consistency", "--float_steps", "-1"], "float_steps=-1: must be >= 0"),
+        (["--objective", "consistency", "--float_learning_rate", "0"], "float_learning_rate=0.0: must be > 0"),
+        (["--objective", "consistency", "--float_steps", "5", "--quantization_scheme", "none"], "float_steps=5 trains"),
+        (["--objective", "consistency", "--float_steps", "5", "--init_student", "f"], "and no init_student"),
+        (
+            [
+                "--objective",
+                "consistency",
+                "--qat_teacher",
+                "init_student",
+                "--init_student",
+                "f",
+                "--quantization_scheme",
+                "none",
+            ],
+            "pass init_student .* and quantization_scheme full or hybrid",
+        ),
     ],
 )
 def test_cli_value_errors(argv, message):

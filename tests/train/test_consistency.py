@@ -1,7 +1,7 @@
 """Latent consistency distillation (`train.consistency`): the student starts as the teacher, the solver is DDIM
 without clipping, the boundary condition holds, the loss trains only the student and is seeded, the target network
 follows the student, and a short training run brings the student's 4-step samples closer to the teacher's ODE
-endpoints."""
+endpoints (on the bundled model: `make regression`'s few-step stages)."""
 
 import types
 
@@ -10,6 +10,7 @@ import torch
 
 from ov_sd_trainer import lcm as L
 from ov_sd_trainer.errors import UserError
+from ov_sd_trainer.pipeline_folder import LCM_CLASS
 from ov_sd_trainer.train import consistency as C
 from ov_sd_trainer.train.losses import QATModel
 
@@ -134,6 +135,41 @@ def test_loss_is_drawn_from_the_generator_only(loss_type):
     assert loss(0) != loss(1)
 
 
+def test_init_student_teacher_loss_is_the_output_gap_and_trains_only_the_student():
+    """`qat_teacher init_student`: the loss is the MSE between the student's and the frozen float init student's
+    outputs at the consistency training states: 0 while they are equal, positive once the student moves."""
+    import copy
+
+    nets, scheduler = _nets()
+    objective = C.ConsistencyObjective(scheduler)
+    objective.init_teacher = copy.deepcopy(nets.student).requires_grad_(False)
+    latents, cond, uncond = _batch()
+    same = objective(nets, latents, cond, uncond, torch.Generator().manual_seed(0))
+    assert same["loss"].item() == 0 and "consistency_loss" not in same
+    with torch.no_grad():
+        nets.student.conv_out.bias.add_(0.1)
+    out = objective(nets, latents, cond, uncond, torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx(0.01, rel=1e-3)  # every output element moved by 0.1
+    out["loss"].backward()
+    assert nets.student.conv_out.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for p in objective.init_teacher.parameters())
+
+
+def test_init_student_folder_errors(tmp_path):
+    """`init_student` names a float consistency run: a quantized run or a folder without a student is one line."""
+    from ov_sd_trainer.run_folder import FLOAT_STUDENT_FILE, float_student_dir
+
+    (tmp_path / "float" / "final" / "student").mkdir(parents=True)
+    (tmp_path / "float" / "final" / "student" / FLOAT_STUDENT_FILE).write_bytes(b"")
+    assert float_student_dir(tmp_path / "float") == tmp_path / "float" / "final" / "student"
+    assert float_student_dir(tmp_path / "float" / "final") == tmp_path / "float" / "final" / "student"
+    (tmp_path / "int8" / "final" / "student").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds a quantized student; pass a float consistency run"):
+        float_student_dir(tmp_path / "int8")
+    with pytest.raises(UserError, match="holds no float consistency student"):
+        float_student_dir(tmp_path / "nothing")
+
+
 def test_unknown_loss_type_is_a_user_error():
     _, scheduler = _nets()
     with pytest.raises(UserError, match="loss_type"):
@@ -233,53 +269,6 @@ def test_gap_samples_as_the_diffusers_pipelines_do(tiny_pipeline):
 # The end-to-end check, on the bundled reference model (a trained teacher: a random one's guided ODE diverges).
 # Measured (2026-12-06, 1 thread, 8 held-out prompts): the untrained student's 4-step gap 0.861 latent MSE / 12.15 dB,
 # after these 50 steps 0.593 / 13.64 dB; 64 s of CPU time in all.
-E2E_STEPS, E2E_BATCH, E2E_LR = 50, 8, 3e-5
-
-
-@pytest.mark.slow
-def test_training_brings_four_step_samples_closer_to_the_teachers_ode_endpoints():
-    """A short plain-PyTorch LCD run (lr 3e-5: at 1e-4 and above Adam's first steps pull the student off the teacher
-    and 200 steps did not recover the latent gap) makes the student's 4-step LCMScheduler samples of held-out prompts
-    clearly closer to the teacher's 25-step DDIM endpoints than the untrained student's."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from torchvision.transforms import functional as TF
-
-    from ov_sd_trainer.assets import reference_model_path
-    from ov_sd_trainer.train.data import load_captioned_dataset, tokenize
-
-    pipe = StableDiffusionPipeline.from_pretrained(reference_model_path(), safety_checker=None,
-                                                   requires_safety_checker=False)  # fmt: skip
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False).eval()
-    held_out = load_captioned_dataset("synthetic", synthetic_size=8, seed=99)
-    gap = C.build_gap_set(pipe, list(held_out["text"]), seed=5)
-    student = L.make_student_unet(pipe.unet)
-    before = C.few_step_gap(student, pipe, gap, 4)
-
-    train = load_captioned_dataset("synthetic", synthetic_size=64, seed=0)
-    pixels = torch.stack([TF.to_tensor(im.convert("RGB")) * 2 - 1 for im in train["image"]])
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        states = pipe.text_encoder(tokenize(pipe.tokenizer, train["text"]), return_dict=False)[0]
-    uncond = C.empty_prompt_states(pipe.tokenizer, pipe.text_encoder)
-    objective = C.ConsistencyObjective(DDPMScheduler.from_config(pipe.scheduler.config))
-    target = C.ConsistencyTarget(student)
-    nets = types.SimpleNamespace(student=student, teacher=pipe.unet, consistency_target=target, unet=QATModel.unet)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=E2E_LR, weight_decay=0.0)
-    student.train()
-    for step in range(E2E_STEPS):
-        g = torch.Generator().manual_seed(step)
-        rows = torch.randint(0, len(latents), (E2E_BATCH,), generator=g)
-        loss = objective(nets, latents[rows], states[rows], uncond, g)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        target.step()
-    after = C.few_step_gap(student, pipe, gap, 4)
-    assert after["latent_mse"] < 0.8 * before["latent_mse"], (before, after)
-    assert after["psnr"] > before["psnr"] + 0.75, (before, after)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The objective in `ov-sd train` (`objective consistency`), on the shared tiny run (`lcm_run`)
 # --------------------------------------------------------------------------------------------------------------------
@@ -371,11 +360,10 @@ def test_consistency_resume_restores_the_target_network_exactly(lcm_run, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["hybrid", "none"])
-def test_hybrid_and_float_consistency_students_train_and_export(tiny_pipeline, tmp_path, scheme):
-    """The hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) and the float mode
-    (`quantization_scheme none`: the float consistency student the PTQ peers start from) train and export the same
-    LCM folder layout; the float one's UNet IR has no FakeQuantize and float weights."""
+def test_hybrid_consistency_student_trains_and_exports(tiny_pipeline, tmp_path):
+    """The hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) trains and exports the same LCM
+    folder layout (the float mode: `test_float_then_qat_run_and_the_ptq_peer_of_its_float_student`)."""
+    scheme = "hybrid"
     import json
 
     from conftest import lcm_run_argv, train_tiny
@@ -390,7 +378,63 @@ def test_hybrid_and_float_consistency_students_train_and_export(tiny_pipeline, t
     results = json.loads((run["ov"] / "results.json").read_text())
     assert json.loads((run["ov"] / "model_index.json").read_text())["_class_name"] == "LatentConsistencyModelPipeline"
     assert results["few_step"]["quantization_scheme"] == scheme
-    if scheme == "none":
-        assert results["fake_quantize_ops"] == 0 and results["unet_size_ratio"] > 0.9
-    else:
-        assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
+    assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
+
+
+@pytest.mark.slow  # a float-then-QAT run and the PTQ peer of its float student (~60 s), run in CI
+def test_float_then_qat_run_and_the_ptq_peer_of_its_float_student(tiny_pipeline, tmp_path):
+    """`--float_steps` trains the float consistency student first (output_dir/float-phase/, exported: a float UNet IR
+    in the LCM layout), then QATs it in the same run:
+    - the QAT phase starts from the float student's weights (`init_student`), calibrated on its sampling, and with
+      `--qat_teacher init_student` trains on the output gap to it; the export and the card record both;
+    - `ov-sd ptq` of the float student's export calibrates on its own sampling (LCMScheduler, 4 steps, guidance 7.5,
+      read from the folder's `few_step` record) and keeps that record, so generate / eval sample the peer as they
+      sample the student; optimum's `OVLatentConsistencyModelPipeline` runs the peer."""
+    import json
+
+    import numpy as np
+    from conftest import lcm_run_argv, train_tiny
+    from optimum.intel import OVLatentConsistencyModelPipeline
+    from safetensors.torch import load_file
+
+    from ov_sd_trainer.eval.ptq import quantize_pipeline_int8
+    from ov_sd_trainer.pipeline_folder import trained_sampling
+    from ov_sd_trainer.train.run import run_float_phase
+
+    quick = ("--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false")
+    argv = lcm_run_argv(tiny_pipeline, tmp_path / "run", "--float_steps", "1", "--float_learning_rate", "2e-4",
+                        "--qat_teacher", "init_student", "--max_steps", "2", *quick)  # fmt: skip
+    qat = train_tiny(argv, run_first=run_float_phase)
+    phase = tmp_path / "run" / "float-phase"
+    results = json.loads((phase / "openvino" / "results.json").read_text())  # the float student, exported
+    assert json.loads((phase / "openvino" / "model_index.json").read_text())["_class_name"] == LCM_CLASS
+    assert results["few_step"]["quantization_scheme"] == "none" and results["training"]["global_step"] == 1
+    assert results["fake_quantize_ops"] == 0 and results["unet_size_ratio"] > 0.9
+    assert json.loads((phase / "final" / "config.json").read_text())["learning_rate"] == 2e-4  # its own rate
+    assert qat["cfg"].learning_rate == 1e-4
+
+    float_weights = load_file(str(phase / "final" / "student" / "unet.safetensors"))
+    # the calibrated student's weights are the float student's (its biases moved by NNCF's bias correction)
+    started = {n: p for n, p in qat["before"].items() if n in float_weights and not n.endswith(".bias")}
+    assert len(started) > 10 and all(torch.equal(p, float_weights[n]) for n, p in started.items())
+    logged = [h for h in qat["training"].trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(h["distillation_loss"] > 0 and "consistency_loss" not in h for h in logged)
+    assert qat["training"].model.consistency.init_teacher is not None
+    few_step = json.loads((qat["ov"] / "results.json").read_text())["few_step"]
+    assert (few_step["init_student"], few_step["float_steps"], few_step["qat_teacher"]) == (str(phase), 1,
+                                                                                           "init_student")  # fmt: skip
+    assert few_step["quantization_scheme"] == "full" and qat["training"].model.student.config.time_cond_proj_dim == 8
+    assert "QAT with the float student as the teacher" in (qat["ov"] / "README.md").read_text()
+
+    peer = quantize_pipeline_int8(phase / "openvino", tmp_path / "ptq", ["a red circle", "a blue square"],
+                                  num_samples=8, mode="hybrid", progress=False)  # fmt: skip
+    calibration = json.loads((peer / "ptq_info.json").read_text())["calibration"]
+    assert (calibration["steps"], calibration["guidance_scale"], calibration["num_samples"]) == (4, 7.5, 8)
+    assert trained_sampling(peer)["steps"] == 4 and trained_sampling(peer)["guidance_scale"] == 7.5
+    assert json.loads((peer / "results.json").read_text())["few_step"]["quantization_scheme"] == (
+        "optimum-intel hybrid PTQ of none"
+    )
+    pipe = OVLatentConsistencyModelPipeline.from_pretrained(peer, compile=True)
+    image = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+                 generator=np.random.RandomState(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64) and np.asarray(image).std() > 0

@@ -141,6 +141,21 @@ def test_two_processes_gloo(ddp_run):
     )
 
 
+@pytest.mark.slow  # two processes (~60 s), run in CI
+def test_two_processes_gloo_consistency(recipe, tmp_path):
+    """`objective consistency` under DDP (torchrun + gloo, 2 processes): the ranks calibrate once (the main process's
+    student handed over), stay identical through training (quantizers and target network alike), and the main
+    process saves the target network with each checkpoint."""
+    out = tmp_path / "lcm"
+    info = _launch_two(recipe, out, "--objective", "consistency", "--time_cond_proj_dim", "8", "--num_ddim_timesteps",
+                       "10", "--max_steps", "2", "--save_steps", "2", fsdp=False)  # fmt: skip
+    assert info["world_size"] == 2 and info["global_step"] == 2
+    start, end = info["quantizer_digests_at_start"], info["quantizer_digests_at_end"]
+    assert start[0] == start[1] and end[0] == end[1] and start[0] != end[0]
+    assert all(h["consistency_loss"] > 0 for h in info["log_history"] if "loss" in h)
+    assert (out / "checkpoint-2" / "consistency_target.safetensors").is_file()
+
+
 FSDP_CONFIG = Path(__file__).resolve().parents[2] / "ov_sd_trainer" / "recipes" / "accelerate" / "fsdp-full-shard.yaml"
 
 
