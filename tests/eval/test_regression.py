@@ -1,6 +1,9 @@
 """The regression run's checks (the run itself is `make regression`, called from .ci/run)."""
 
 import json
+import os
+
+import pytest
 
 from ov_sd_trainer import cli
 from ov_sd_trainer.eval import regression
@@ -36,6 +39,7 @@ def test_thresholds_file_is_complete():
         "fidelity_metrics",
         "max_unet_size_ratio",
         "peers",
+        "few_step",
     ):
         assert key in THRESHOLDS
     assert THRESHOLDS["schedule"]["recipe"] in shipped_recipes()
@@ -80,3 +84,59 @@ def test_refuses_to_delete_a_foreign_folder(tmp_path, capsys):
     assert cli.main(["regression", "--output", str(other)]) == 2
     assert (other / "keep.txt").exists()
     assert "not a regression folder" in capsys.readouterr().err
+
+
+def _info(*psnr):
+    return {"log_history": [{"step": 10 * i, "eval_few_step_psnr": v} for i, v in enumerate(psnr)] + [{"loss": 1}]}
+
+
+def test_few_step_checks_pass_and_each_can_fail():
+    """The few-step student's checks: the float run's gain, the int8 student against the float one and a floor."""
+    fs = THRESHOLDS["few_step"]
+    assert fs["recipe"] in shipped_recipes() and fs["measured"], "the few-step limits record what set them"
+    start = fs["min_int8_psnr_db"]
+    end = start + fs["min_float_gain_db"] + 0.5
+    good = end - fs["max_int8_drop_db"] + 0.1
+    assert good >= fs["min_int8_psnr_db"]
+
+    def checks(float_info, int8_info):
+        report = dict(checks=[])
+        regression.run_few_step_checks(report, fs, float_info, int8_info)
+        return [c["check"] for c in report["checks"] if not c["passed"]]
+
+    assert checks(_info(start, 99.0, end), _info(1.0, good)) == []  # first and last evaluation are compared
+    assert checks(_info(start, start + fs["min_float_gain_db"] - 0.01), _info(1.0, 99.0)) == [
+        f"float consistency 4-step psnr gain >= {fs['min_float_gain_db']:g} dB"
+    ]
+    assert checks(_info(start, end), _info(1.0, end - fs["max_int8_drop_db"] - 0.01))[0].startswith("int8 consistency")
+    low = fs["min_int8_psnr_db"] - 0.01
+    assert checks(_info(low - 2, low), _info(1.0, low)) == [
+        f"int8 consistency 4-step psnr >= {fs['min_int8_psnr_db']:g} dB"
+    ]
+    with pytest.raises(ValueError, match="evaluated 1 time"):
+        regression.few_step_psnr(_info(12.0))
+
+
+def test_stages_run_two_at_a_time_after_what_they_read(tmp_path):
+    """`_run_stages`: at most `jobs` at once, a stage only after the ones it reads, nothing new after a failure."""
+    import sys
+
+    def stage(name, seconds=0.0, rc=0):
+        code = f"import time; time.sleep({seconds}); open({name!r}, 'w'); raise SystemExit({rc})"
+        return [sys.executable, "-c", code]
+
+    (tmp_path / "logs").mkdir()
+    report = dict(stages=[])
+    stages = [("a", stage("a", 0.6), ()), ("b", stage("b"), ()), ("c", stage("c"), ()), ("d", stage("d"), ("a",))]
+    assert regression._run_stages(stages, 2, tmp_path / "logs", dict(os.environ), report, tmp_path)
+    order = [s["name"] for s in report["stages"]]  # in order of finishing
+    assert order.index("d") > order.index("a") and set(order) == {"a", "b", "c", "d"}
+    report = dict(stages=[])
+    failing = [("a", stage("a2", rc=3), ()), ("b", stage("b2", 0.3), ()), ("c", stage("c2"), ("a",))]
+    assert not regression._run_stages(failing, 2, tmp_path / "logs", dict(os.environ), report, tmp_path)
+    assert (tmp_path / "b2").exists() and not (tmp_path / "c2").exists()  # b finishes; c never starts
+
+
+def test_jobs_below_one_is_a_clean_error(tmp_path, capsys):
+    assert cli.main(["regression", "--jobs", "0", "--output", str(tmp_path / "out")]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
