@@ -196,13 +196,13 @@ def main(args) -> int:
     stages = [  # (name, command, the stages it reads)
         ("qat", [*launch, "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
                  "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"])], ()),
-        ("lcm", lcm, ()),
         # the calibrated student before any training: one step at learning rate 0, no EMA
         ("qat-start", [*launch, "--output_dir", str(start_dir), "--max_steps", "1", "--learning_rate", "0",
                        "--use_ema", "false", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
                        "--load_best_model_at_end", "false"], ()),
         ("ptq", [*ov_sd, "ptq", "--mode", "full", *ptq, "--output", str(ptq_dir)], ()),
         ("ptq-hybrid", [*ov_sd, "ptq", "--mode", "hybrid", *ptq, "--output", str(hybrid_dir)], ()),
+        ("lcm", lcm, ()),  # after the short stages: it and eval then overlap
         ("eval", [*ov_sd, "eval", "--reference", reference, "--model", f"qat={qat_dir / OPENVINO_DIR}",
                   "--model", f"qat-start={start_dir / OPENVINO_DIR}", "--model", f"ptq={ptq_dir}",
                   "--model", f"ptq-hybrid={hybrid_dir}", "--output", str(eval_dir), "--subset", str(s["eval_prompts"]),
