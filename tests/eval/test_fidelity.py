@@ -292,3 +292,19 @@ def test_grid_columns_are_distinct_jobs():
     for n_jobs, n in ((396, 8), (8, 3), (4, 4), (5, 9), (1, 2)):
         cols = report.grid_columns(n_jobs, n)
         assert len(cols) == min(n, n_jobs) == len(set(cols)) and all(0 <= c < n_jobs for c in cols)
+
+
+def test_variant_labels_name_the_consistency_students_scheme(tmp_path):
+    """An export's label comes from what wrote it: a consistency student's results.json `few_step` names its scheme
+    (a float student is not 'QAT int8'); a plain QAT export keeps the recipe's scheme."""
+    for scheme, label in [("none", "float consistency student"), ("full", "QAT int8 consistency student"),
+                          ("hybrid", "QAT hybrid int8 consistency student")]:  # fmt: skip
+        folder = tmp_path / scheme
+        folder.mkdir()
+        (folder / "training_recipe.json").write_text(json.dumps({"objective": "consistency"}))
+        (folder / "results.json").write_text(json.dumps({"few_step": {"quantization_scheme": scheme}}))
+        assert fidelity.describe_variant(folder) == f"{label} (ov-sd-trainer)"
+    plain = tmp_path / "qat"
+    plain.mkdir()
+    (plain / "training_recipe.json").write_text(json.dumps({"quantization_scheme": "hybrid"}))
+    assert fidelity.describe_variant(plain) == "QAT hybrid int8 (ov-sd-trainer)"
