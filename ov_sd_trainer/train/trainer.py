@@ -67,6 +67,23 @@ class QATTrainer(Trainer):
         self._eval_sums: dict[str, float] = defaultdict(float)  # teacher-gap metrics x items, this evaluation
         self._micro = (-1, 0)  # (global step, micro-batch within it)
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, except for a checkpoint already at `max_steps` (a run cut off after its last save, e.g.
+        during the export): transformers' loop checks the step count only after a step, so it would train one step
+        more. Such a run is finished: its checkpoint (or its best one, with `load_best_model_at_end`) is loaded and
+        no step is taken."""
+        if resume_from_checkpoint and self.args.max_steps > 0:
+            from transformers.trainer_callback import TrainerState
+            from transformers.trainer_utils import TrainOutput
+
+            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+            if state.global_step >= self.args.max_steps:
+                best = state.best_model_checkpoint if self.args.load_best_model_at_end else None
+                self._load_from_checkpoint(best if best and Path(best).is_dir() else resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, 0.0, {"train_runtime": 0.0})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     # --- loss ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step, micro = self._micro

@@ -150,6 +150,15 @@ def test_resume_after_two_of_four_steps_matches_uninterrupted_and_same_seed_same
         assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
     info = json.loads((resumed / FINAL_DIR / "training_info.json").read_text())
     assert info["global_step"] == 4
+    # resumed once more at its end (a run cut off after its last save, e.g. in the export): no step more (transformers'
+    # loop alone would train a fifth), and the same final student
+    cfg, _ = parse_config(tiny_run_argv(base, tmp_path / "part", "--resume_from_checkpoint", "latest",
+                                        "--export", "false"))  # fmt: skip
+    again = run(cfg)
+    assert not (again / "checkpoint-5").exists()
+    assert json.loads((again / FINAL_DIR / "training_info.json").read_text())["global_step"] == 4
+    sc = load_file(str(again / FINAL_DIR / "student" / quantize.STATE_SAFETENSORS))
+    assert all(torch.equal(sb[k], sc[k]) for k in sb)
 
 
 def test_8bit_adam_and_bf16_train(tiny_pipeline, tmp_path):
