@@ -62,6 +62,9 @@ def _nncf(logger_module) -> None:
 
 def _torch_tracer(trace_module) -> None:
     warnings.filterwarnings("ignore", category=trace_module.TracerWarning)
+    # OpenVINO's converter traces with `torch.jit.trace` / `trace_method` (the tiny decoder's export): torch 2.14
+    # deprecates both
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning)
 
 
 # module -> what quiets it, run once the module is imported
