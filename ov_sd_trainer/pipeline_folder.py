@@ -242,6 +242,15 @@ FEW_STEP_KEY = "few_step"  # in a consistency student's results.json: the steps 
 LCM_CLASS = "LatentConsistencyModelPipeline"
 
 
+def few_step_record(folder: str | Path) -> dict | None:
+    """A consistency student's export's (or its PTQ peer's) results.json `few_step` record: what it was trained for
+    (`lcm.few_step_record`), or None."""
+    try:
+        return json.loads((Path(folder).expanduser() / RESULTS_FILE).read_text()).get(FEW_STEP_KEY) or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def trained_sampling(name_or_path: str | Path) -> dict | None:
     """The steps and guidance scale a local folder's model is meant to sample with, or None (use the usual ones).
 
@@ -251,10 +260,7 @@ def trained_sampling(name_or_path: str | Path) -> dict | None:
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir() or not (folder / "model_index.json").is_file():
         return None
-    try:
-        few_step = json.loads((folder / RESULTS_FILE).read_text()).get(FEW_STEP_KEY)
-    except (OSError, ValueError):
-        few_step = None
+    few_step = few_step_record(folder)
     if few_step:
         return {"steps": int(few_step["steps"]), "guidance_scale": float(few_step["guidance_scale"]),
                 "source": f"{RESULTS_FILE} {FEW_STEP_KEY}"}  # fmt: skip

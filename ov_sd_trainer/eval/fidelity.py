@@ -40,11 +40,10 @@ from ..assets import resolve_model_path
 from ..errors import UserError
 from ..lcm import ode_scheduler
 from ..pipeline_folder import (
-    FEW_STEP_KEY,
     PTQ_INFO_FILE,
     RECIPE_FILE,
-    RESULTS_FILE,
     check_pipeline_source,
+    few_step_record,
     image_size,
     is_openvino_folder,
     load_ov_pipeline,
@@ -156,10 +155,8 @@ def describe_variant(path: Path) -> str:
             ratio, scheme = float(recipe.get("tome_ratio") or 0), recipe.get("quantization_scheme", "full")
         except (ValueError, TypeError, AttributeError):
             ratio, scheme = 0.0, "full"
-        try:  # a consistency student's export records its scheme (flags are not in the recipe file)
-            few_step = json.loads((path / RESULTS_FILE).read_text()).get(FEW_STEP_KEY)
-        except (OSError, ValueError, AttributeError):
-            few_step = None
+        # a consistency student's export records its scheme (flags are not in the recipe file)
+        few_step = few_step_record(path)
         if few_step:
             scheme = few_step.get("quantization_scheme", scheme)
             if scheme == "none":

@@ -50,6 +50,7 @@ from ..pipeline_folder import (
     UNET_XML,
     check_image_size,
     check_model_source,
+    few_step_record,
     hub_load_errors,
     is_openvino_folder,
     trained_sampling,
@@ -300,20 +301,12 @@ def quantize_pipeline_int8(
         del saved
         info["total_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / PTQ_INFO_FILE).write_text(json.dumps(info, indent=2))
-        few_step = _few_step_record(model)
+        few_step = few_step_record(model)
         if few_step is not None:  # the source's record: generate / eval sample the peer as they sample the student
             few_step["quantization_scheme"] = f"optimum-intel {mode} PTQ of {few_step.get('quantization_scheme')}"
             (tmp / RESULTS_FILE).write_text(json.dumps({FEW_STEP_KEY: few_step}, indent=2))
     logger.info("int8 PTQ pipeline written to %s (%d FakeQuantize ops)", output_dir, info["fake_quantize_ops"])
     return Path(output_dir)
-
-
-def _few_step_record(model: str | Path) -> dict | None:
-    """A consistency student's export's `few_step` record (results.json), or None."""
-    try:
-        return json.loads((Path(model).expanduser() / RESULTS_FILE).read_text()).get(FEW_STEP_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _quantization_info(unet_config, mode: str, other_components: str) -> dict[str, Any]:

@@ -175,9 +175,9 @@ def main(args) -> int:
     qat_dir, start_dir, eval_dir = out / "qat", out / "qat-start", out / "eval"
     ptq_dir, hybrid_dir = out / "ptq", out / "ptq-hybrid"
     reference = str(reference_model_path())
-    launch = [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train", "--recipe", s["recipe"],
-              "--num_calibration_samples", str(s["calibration_samples"]), "--disable_tqdm", "true"]  # fmt: skip
+    train = [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ov_sd_trainer.train", "--disable_tqdm", "true"]  # fmt: skip
+    launch = [*train, "--recipe", s["recipe"], "--num_calibration_samples", str(s["calibration_samples"])]
     ptq = [
         "--model",
         reference,
@@ -190,9 +190,9 @@ def main(args) -> int:
     ]
     fs = thresholds["few_step"]
     lcm_dir = out / "lcm"
-    lcm = [*launch[: launch.index("--recipe")], "--recipe", fs["recipe"], "--disable_tqdm", "true", "--float_steps",
-           str(fs["float_steps"]), "--max_steps", str(fs["int8_steps"]), "--eval_steps", str(fs["eval_steps"]),
-           "--save_steps", str(fs["eval_steps"]), "--export", "false", "--output_dir", str(lcm_dir)]  # fmt: skip
+    lcm = [*train, "--recipe", fs["recipe"], "--float_steps", str(fs["float_steps"]), "--max_steps",
+           str(fs["int8_steps"]), "--eval_steps", str(fs["eval_steps"]), "--save_steps", str(fs["eval_steps"]),
+           "--export", "false", "--output_dir", str(lcm_dir)]  # fmt: skip
     stages = [  # (name, command, the stages it reads)
         ("qat", [*launch, "--output_dir", str(qat_dir), "--max_steps", str(s["qat_steps"]),
                  "--save_steps", str(s["qat_steps"]), "--eval_steps", str(s["qat_steps"])], ()),

@@ -99,17 +99,7 @@ def write_model_card(folder: str | Path, base_model: str, recipe: dict, results:
         + f"): it was trained to sample in **{few_step['steps']} steps at guidance scale "
         f"{few_step['guidance_scale']}** with `LCMScheduler`, one UNet call per step (no classifier-free guidance "
         f"batch); guidance scales {few_step['w_range'][0] + 1:g} to {few_step['w_range'][1] + 1:g} were seen in "
-        "training."
-        + (
-            ""
-            if not few_step.get("init_student")
-            else f" It started from the float consistency student `{few_step['init_student']}` and learned from "
-            + (
-                "that student's outputs (QAT with the float student as the teacher)."
-                if few_step.get("qat_teacher") == "init_student"
-                else "the base model through the consistency loss (float, then QAT)."
-            )
-        ),
+        "training." + _float_start(few_step),
         "## Training",
         f"- base model: `{recipe.get('pretrained_model_name_or_path', base_model)}`",
         f"- dataset: `{recipe.get('dataset_name', 'n/a')}`",
@@ -253,3 +243,15 @@ def update_model_card(folder: str | Path, *, model_name: str, rows: list[dict], 
     finally:
         tmp.unlink(missing_ok=True)
     return card
+
+
+def _float_start(few_step: dict) -> str:
+    """The card's sentence on a student started from a float consistency student (`init_student`), else ""."""
+    if not few_step.get("init_student"):
+        return ""
+    learned = (
+        "that student's outputs (QAT with the float student as the teacher)."
+        if few_step.get("qat_teacher") == "init_student"
+        else "the base model through the consistency loss (float, then QAT)."
+    )
+    return f" It started from the float consistency student `{few_step['init_student']}` and learned from {learned}"

@@ -73,10 +73,11 @@ class QATTrainer(Trainer):
         more. Such a run is finished: its checkpoint (or its best one, with `load_best_model_at_end`) is loaded and
         no step is taken."""
         if resume_from_checkpoint and self.args.max_steps > 0:
+            from transformers.trainer import TRAINER_STATE_NAME
             from transformers.trainer_callback import TrainerState
             from transformers.trainer_utils import TrainOutput
 
-            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
             if state.global_step >= self.args.max_steps:
                 best = state.best_model_checkpoint if self.args.load_best_model_at_end else None
                 self._load_from_checkpoint(best if best and Path(best).is_dir() else resume_from_checkpoint)
