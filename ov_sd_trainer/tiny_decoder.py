@@ -3,7 +3,8 @@ where a `ov-sd train-decoder` output keeps it. Training (`train.decoder`) writes
 (`export.tiny_decoder`), eval and bench read them through here, so neither stage imports the other.
 
     output_dir/final/tiny_decoder/         config.json (the config below) + model.safetensors (EMA applied)
-    output_dir/final/held_out_latents.safetensors   scaled latents of held-out images (calibration, checks)
+    output_dir/final/held_out_latents.safetensors   scaled latents of held-out images ("latents") and, where the run
+                                                    sampled them, held-out sampling endpoints ("endpoints")
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .run_folder import FINAL_DIR
 
 DECODER_DIR = "tiny_decoder"  # in final/: the student, EMA applied
 WEIGHTS_FILE = "model.safetensors"
-HELD_OUT_FILE = "held_out_latents.safetensors"  # in final/: scaled latents of held-out images
+HELD_OUT_FILE = "held_out_latents.safetensors"  # in final/: held-out scaled latents (images; sampling endpoints)
 FORMAT = "ov-sd-trainer/tiny-decoder"
 DEFAULT_WIDTH = 64  # TAESD's channel width
 DEFAULT_BLOCKS = 3  # TAESD's AutoencoderTinyBlocks per upsampling stage

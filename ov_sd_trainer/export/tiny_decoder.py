@@ -212,11 +212,12 @@ def add_tiny_decoder(folder: str | Path, decoder: str | Path, int8: str = "none"
     vae_config = json.loads((full_dir / "config.json").read_text())
     _check_matches(tiny.config, vae_config, folder)
     held_out_file = source.parent / HELD_OUT_FILE
-    held_out = load_file(str(held_out_file))["latents"] if held_out_file.is_file() else None
-    pipeline_latents = None  # what the pipelines feed the IR: latents / scaling_factor + shift
-    if held_out is not None:
-        pipeline_latents = (held_out / tiny.config["scaling_factor"] + tiny.config["shift_factor"]).numpy()
-    model = compress_int8(convert_tiny_decoder(tiny), int8, pipeline_latents)
+    held_out = load_file(str(held_out_file)) if held_out_file.is_file() else {}  # latents; endpoints where sampled
+    # what the pipelines feed the IR: latents / scaling_factor + shift
+    pipeline_latents = {k: (v / tiny.config["scaling_factor"] + tiny.config["shift_factor"]).numpy()
+                        for k, v in held_out.items()}  # fmt: skip
+    calibration = np.concatenate(list(pipeline_latents.values())) if pipeline_latents else None
+    model = compress_int8(convert_tiny_decoder(tiny), int8, calibration)
     if record["active"] == "tiny":  # the previous tiny decoder goes: the full one becomes active first
         activate_decoder(folder, "full")
         record = _record(folder)
@@ -231,11 +232,13 @@ def add_tiny_decoder(folder: str | Path, decoder: str | Path, int8: str = "none"
         "int8": int8,
         "ir_bytes": (folder / STORED_DIR["tiny"] / DECODER_XML).with_suffix(".bin").stat().st_size,
     }
-    if pipeline_latents is not None:
-        info["held_out_psnr_vs_full_db"] = round(
-            ir_psnr(folder / STORED_DIR["tiny"] / DECODER_XML, full_dir / DECODER_XML, pipeline_latents), 3
-        )
-        info["held_out_latents"] = len(pipeline_latents)
+    for key, prefix in (("latents", "held_out"), ("endpoints", "held_out_endpoint")):
+        if key in pipeline_latents:
+            latents = pipeline_latents[key]
+            info[f"{prefix}_psnr_vs_full_db"] = round(
+                ir_psnr(folder / STORED_DIR["tiny"] / DECODER_XML, full_dir / DECODER_XML, latents), 3
+            )
+            info[f"{prefix}_latents"] = len(latents)
     record = {"format": "ov-sd-trainer/vae-decoders", "active": record["active"], "tiny": info,
               "full": {"ir_bytes": (full_dir / DECODER_XML).with_suffix(".bin").stat().st_size}}  # fmt: skip
     _write_json(folder / RECORD_FILE, record)
@@ -273,8 +276,11 @@ def card_section(record: dict) -> str:
     if "held_out_psnr_vs_full_db" in tiny:
         lines.append(
             f"The tiny decoder's images are {tiny['held_out_psnr_vs_full_db']:.2f} dB PSNR from the full decoder's "
-            f"on {tiny['held_out_latents']} held-out latents."
-        )
+            f"on {tiny['held_out_latents']} held-out image latents"
+            + (f", and {tiny['held_out_endpoint_psnr_vs_full_db']:.2f} dB on the final latents of "
+               f"{tiny['held_out_endpoint_latents']} held-out samplings (closer to what the pipeline decodes)."
+               if "held_out_endpoint_psnr_vs_full_db" in tiny else ".")
+        )  # fmt: skip
     if tiny:
         lines.append("Switch with `ov-sd tiny-decoder --model <this folder> --activate tiny|full`.")
     return "\n".join(lines)

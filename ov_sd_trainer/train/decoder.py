@@ -11,7 +11,8 @@ VAE's latent channels in, one 2x upsampling stage per VAE factor doubling (3 for
 The teacher is the pipeline's frozen VAE decoder. Inputs: latents of the dataset's images, drawn from the frozen VAE
 encoder's posterior (a fresh draw each step, seeded by the step, so a resumed run draws the same), and with
 `sampling_endpoints N` also the final latents of N teacher pipeline samplings of the dataset's captions (what the
-decoder meets at inference). Loss (`DecoderDistillation.forward`): pixel MSE against the teacher's image, plus
+decoder meets at inference), or with `endpoint_model` those of an exported pipeline of the model (a few-step
+student's: the latents the decoder will serve). Loss (`DecoderDistillation.forward`): pixel MSE against the teacher's image, plus
 `perceptual_weight` x a feature distance in the frozen VAE encoder's features (its down blocks' activations,
 channel-normalised as LPIPS does: offline, any model has them), plus `adversarial_weight` x a non-saturating GAN
 term from a small patch discriminator trained in the same backward pass (its own loss on detached images; the
@@ -19,11 +20,15 @@ student's term sees it through detached weights). Which of these the recipes use
 
 It is a `transformers.Trainer` (`DecoderTrainer`): Trainer's optimizer, schedule, checkpoints and exact resume; an
 EMA of the student (`ema.EMACallback`); held-out evaluation: PSNR of the student's images against the teacher's and a
-sharpness ratio (Laplacian energy, student / teacher; 1 = as sharp) on latents of held-out images. The output folder:
+sharpness ratio (Laplacian energy, student / teacher; 1 = as sharp) on latents of held-out images (`eval_psnr`), and
+with `held_out_endpoints N` on N sampling endpoints of held-out captions at other seeds
+(`eval_endpoint_psnr`). Sampled latents are larger than image latents, and image-latent PSNR overstates what a
+decoder does on generated images (docs/tiny-decoder.md), so the endpoint figure is the one to watch. The output folder:
 
     output_dir/checkpoint-N/      Trainer checkpoints: student + discriminator weights, EMA, optimizer state
     output_dir/final/             written atomically: tiny_decoder/ (config.json + model.safetensors, EMA applied),
-                                  held_out_latents.safetensors (calibration / checks at export), training_info.json
+                                  held_out_latents.safetensors (image latents and held-out endpoints: calibration and
+                                  checks at export), training_info.json
     output_dir/loss.png           the losses and the held-out PSNR against the step
 
 `export.tiny_decoder` puts `final/` into an OpenVINO pipeline folder as its `vae_decoder`.
@@ -64,6 +69,8 @@ DISCRIMINATOR_FILE = "discriminator.safetensors"  # in checkpoint-N/
 TRAINING_INFO_FILE = "training_info.json"
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "decoder"
 NOISE_STRIDE = 1_000_003  # per-step seeds of the posterior draws: seed x this + micro-batch index
+ENDPOINT_BATCH = 8  # prompts per teacher sampling call
+HELD_OUT_SEED_OFFSET = 1_000_000  # held-out endpoints' seeds: seed + this + batch start
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -215,14 +222,25 @@ def encode_images(vae, images, resolution: int, batch: int = 32) -> tuple[torch.
 
 @torch.no_grad()
 def sampling_endpoints(pipe, captions: list[str], steps: int, guidance_scale: float, resolution: int, seed: int,
-                       batch: int = 8) -> torch.Tensor:  # fmt: skip
-    """Final latents (scaled, before the VAE) of the teacher pipeline sampling `captions`, seeded per batch."""
+                       batch: int = ENDPOINT_BATCH, desc: str = "sampling endpoints") -> torch.Tensor:  # fmt: skip
+    """Final latents (scaled, before the VAE) of the teacher pipeline sampling `captions`, seeded per batch; one
+    progress bar over the samples (the pipeline's own per-call bars are silenced)."""
+    from tqdm.auto import tqdm
+
+    from .unet_inputs import quiet_progress
+
     out = []
-    for i in range(0, len(captions), batch):
-        g = torch.Generator().manual_seed(seed + i)
-        latents = pipe(captions[i : i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       height=resolution, width=resolution, generator=g, output_type="latent").images  # fmt: skip
-        out.append(latents.float().cpu())
+    restore = quiet_progress(pipe)
+    try:
+        with tqdm(total=len(captions), desc=desc, leave=False) as bar:
+            for i in range(0, len(captions), batch):
+                g = torch.Generator().manual_seed(seed + i)
+                latents = pipe(captions[i : i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                               height=resolution, width=resolution, generator=g, output_type="latent").images  # fmt: skip
+                out.append(torch.as_tensor(latents).float().cpu())  # OpenVINO pipelines give numpy
+                bar.update(len(latents))
+    finally:
+        restore()
     return torch.cat(out)
 
 
@@ -253,8 +271,20 @@ class DecoderConfig(TrainingArguments):
     )  # fmt: skip
     sampling_endpoints: int = field(
         default=0,
-        metadata={"help": "add the final latents of N teacher samplings of the dataset's captions to the inputs"},
+        metadata={"help": "add the final latents of N samplings of the dataset's captions to the inputs (the "
+                  "teacher's, or endpoint_model's)"},
     )
+    held_out_endpoints: int = field(
+        default=16,
+        metadata={"help": "also evaluate on the final latents of N samplings of held-out captions at other seeds "
+                  "(the teacher's, or endpoint_model's: what the decoder meets at inference; 0 = image latents only)"},
+    )  # fmt: skip
+    endpoint_model: str | None = field(
+        default=None,
+        metadata={"help": "an exported OpenVINO pipeline folder of this model (e.g. a few-step student's) whose "
+                  "sampling endpoints replace the teacher's, at its trained steps and guidance: the decoder learns "
+                  "the latents of the pipeline it will serve"},
+    )  # fmt: skip
     endpoint_steps: int = field(default=20, metadata={"help": "sampling steps of each teacher endpoint"})
     endpoint_guidance_scale: float = field(default=7.5, metadata={"help": "guidance scale of the teacher endpoints"})
     decoder_width: int = field(default=DEFAULT_WIDTH, metadata={"help": "channels of the tiny decoder (TAESD: 64)"})
@@ -281,6 +311,7 @@ class DecoderConfig(TrainingArguments):
         checks = [
             (self.held_out_samples >= 1, f"held_out_samples={self.held_out_samples}: must be >= 1"),
             (self.sampling_endpoints >= 0, f"sampling_endpoints={self.sampling_endpoints}: must be >= 0"),
+            (self.held_out_endpoints >= 0, f"held_out_endpoints={self.held_out_endpoints}: must be >= 0"),
             (self.endpoint_steps >= 1, f"endpoint_steps={self.endpoint_steps}: must be >= 1"),
             (self.decoder_width >= 1, f"decoder_width={self.decoder_width}: must be >= 1"),
             (self.decoder_blocks >= 0, f"decoder_blocks={self.decoder_blocks}: must be >= 0"),
@@ -332,9 +363,10 @@ class DecoderTrainer(Trainer):
 
     LOSSES = ("pixel_loss", "perceptual_loss", "adversarial_loss", "discriminator_loss")
 
-    def __init__(self, *args, ema: EMACallback | None = None, **kwargs):
+    def __init__(self, *args, ema: EMACallback | None = None, held_out: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ema = ema
+        self.held_out = held_out or {}  # metric prefix -> fixed latents; "" is eval_dataset's
         if ema is not None:
             self.add_callback(ema)
         self._metrics: dict[str, list[float]] = {}
@@ -361,7 +393,8 @@ class DecoderTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         objective = self.accelerator.unwrap_model(self.model)
         with self.ema.applied(objective.student) if self.ema is not None else _nullcontext():
-            metrics = held_out_metrics(objective, (eval_dataset or self.eval_dataset).mean)
+            sets = {**self.held_out, "": (eval_dataset or self.eval_dataset).mean}
+            metrics = held_out_report(objective, sets)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -428,6 +461,13 @@ def held_out_metrics(objective: DecoderDistillation, latents: torch.Tensor, batc
     return {"psnr": -10 * math.log10(max(se / n, 1e-12)), "sharpness": e_student / max(e_teacher, 1e-12)}
 
 
+def held_out_report(objective: DecoderDistillation, sets: dict[str, torch.Tensor | None]) -> dict[str, float]:
+    """`held_out_metrics` of each held-out set, keys prefixed by the set's name (image latents: "", teacher sampling
+    endpoints: "endpoint_"); a None set is left out."""
+    return {f"{prefix}{k}": v for prefix, latents in sets.items() if latents is not None
+            for k, v in held_out_metrics(objective, latents).items()}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------------
@@ -442,7 +482,8 @@ def build(cfg: DecoderConfig):
     path = resolve_model_path(cfg.pretrained_model_name_or_path)
     pipe = load_pipeline(path, revision=cfg.revision)
     vae = pipe.vae.to(cfg.device)
-    if cfg.sampling_endpoints:  # the teacher samples on the training device too
+    sampling = cfg.sampling_endpoints or cfg.held_out_endpoints
+    if sampling:  # the teacher samples on the training device too
         pipe.to(cfg.device)
     if type(vae).__name__ != "AutoencoderKL":
         raise UserError(f"{path!r} has a {type(vae).__name__}; train-decoder distils an AutoencoderKL's decoder")
@@ -464,21 +505,57 @@ def build(cfg: DecoderConfig):
     t0 = time.perf_counter()
     mean, std = encode_images(vae, ds[cfg.image_column], resolution)
     held_out, _ = encode_images(vae, held[cfg.image_column], resolution)  # posterior means: fixed
-    if cfg.sampling_endpoints:
+    held_out_ends = None
+    if sampling:
         check_captions(ds, cfg.caption_column)
-        captions = list(ds[cfg.caption_column])
-        captions = [captions[i % len(captions)] for i in range(cfg.sampling_endpoints)]
-        ends = sampling_endpoints(pipe, captions, cfg.endpoint_steps, cfg.endpoint_guidance_scale, resolution, cfg.seed)
-        mean, std = torch.cat([mean, ends]), torch.cat([std, torch.zeros_like(ends)])
+        sampler, steps, guidance, batch = endpoint_sampler(cfg, pipe, resolution)
+
+        def endpoints(captions, n, seed, desc="sampling endpoints"):
+            captions = [captions[i % len(captions)] for i in range(n)]
+            return sampling_endpoints(sampler, captions, steps, guidance, resolution, seed, batch, desc)
+
+        if cfg.sampling_endpoints:
+            ends = endpoints(list(ds[cfg.caption_column]), cfg.sampling_endpoints, cfg.seed)
+            mean, std = torch.cat([mean, ends]), torch.cat([std, torch.zeros_like(ends)])
+        if cfg.held_out_endpoints:  # held-out captions, seeds past every training batch's
+            held_out_ends = endpoints(list(held[cfg.caption_column]), cfg.held_out_endpoints,
+                                      cfg.seed + HELD_OUT_SEED_OFFSET, "held-out endpoints")  # fmt: skip
         pipe.unet.to("cpu")  # only the VAE is needed from here on
         pipe.text_encoder.to("cpu")
     logger.info("encoded %d training latents in %.1f s", len(mean), time.perf_counter() - t0)
     student = TinyDecoder(decoder_config(vae.config, cfg.decoder_width, cfg.decoder_blocks)).to(cfg.device)
     objective = DecoderDistillation(vae, student, cfg.pixel_weight, cfg.perceptual_weight, cfg.adversarial_weight)
     info = {"resolution": resolution, "train_latents": len(mean), "dataset_images": len(ds), "skipped": skipped,
-            "sampling_endpoints": cfg.sampling_endpoints, "held_out": len(held_out),
+            "sampling_endpoints": cfg.sampling_endpoints, "endpoint_model": cfg.endpoint_model,
+            "held_out": len(held_out),
+            "held_out_endpoints": 0 if held_out_ends is None else len(held_out_ends),
             "student_parameters": sum(p.numel() for p in student.parameters())}  # fmt: skip
-    return objective, LatentSet(mean, std), held_out, info
+    return objective, LatentSet(mean, std), {"": held_out, "endpoint_": held_out_ends}, info
+
+
+def endpoint_sampler(cfg: DecoderConfig, pipe, resolution: int):
+    """(pipeline, steps, guidance scale, batch) that draws the sampling endpoints: the teacher pipeline at
+    `endpoint_steps` / `endpoint_guidance_scale`, or `endpoint_model`'s OpenVINO pipeline at the steps and guidance
+    it was trained for (`pipeline_folder.trained_sampling`; a folder without a record: the endpoint_* ones), one
+    prompt per call (its shapes are static)."""
+    if not cfg.endpoint_model:
+        return pipe, cfg.endpoint_steps, cfg.endpoint_guidance_scale, ENDPOINT_BATCH
+    from ..pipeline_folder import check_openvino_folder, load_ov_pipeline, trained_sampling
+
+    folder = check_openvino_folder(cfg.endpoint_model, "--endpoint_model")
+    theirs = json.loads((folder / "vae_decoder" / "config.json").read_text())
+    ours = pipe.vae.config
+    if (int(theirs["latent_channels"]), float(theirs["scaling_factor"])) != (ours.latent_channels, ours.scaling_factor):
+        raise UserError(
+            f"--endpoint_model {cfg.endpoint_model!r} has another VAE than {cfg.pretrained_model_name_or_path!r} "
+            "(latent channels or scaling factor differ); pass a folder exported from this model"
+        )
+    sampling = trained_sampling(folder) or {}
+    steps = int(sampling.get("steps", cfg.endpoint_steps))
+    guidance = float(sampling.get("guidance_scale", cfg.endpoint_guidance_scale))
+    sampler = load_ov_pipeline(folder, resolution, resolution, batch_size=1, guidance_scale=guidance)
+    logger.info("sampling endpoints from %s: %d steps, guidance %.1f", folder, steps, guidance)
+    return sampler, steps, guidance, 1
 
 
 def _check_output(cfg: DecoderConfig) -> None:
@@ -502,15 +579,16 @@ def run(cfg: DecoderConfig, recipe: dict | None = None) -> Path:
     _check_output(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    objective, train_set, held_out, info = build(cfg)
-    untrained = held_out_metrics(objective, held_out)
+    objective, train_set, held_out_sets, info = build(cfg)
+    held_out = held_out_sets[""]
+    untrained = held_out_report(objective, held_out_sets)
     ema = EMACallback(objective.student, cfg.ema_decay) if cfg.use_ema else None
     trainer = DecoderTrainer(model=objective, args=cfg, train_dataset=train_set, data_collator=collate, ema=ema,
-                             eval_dataset=LatentSet(held_out, torch.zeros_like(held_out)))  # fmt: skip
+                             eval_dataset=LatentSet(held_out, torch.zeros_like(held_out)), held_out=held_out_sets)  # fmt: skip
     result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     if ema is not None:
         ema.copy_to(objective.student)
-    trained = held_out_metrics(objective, held_out)
+    trained = held_out_report(objective, held_out_sets)
     out = Path(cfg.output_dir)
     info.update(
         base_model=cfg.pretrained_model_name_or_path, recipe=recipe or {}, global_step=trainer.state.global_step,
@@ -523,11 +601,16 @@ def run(cfg: DecoderConfig, recipe: dict | None = None) -> Path:
 
         with atomic_output_dir(out / FINAL_DIR, overwrite=True) as tmp:
             objective.student.cpu().save(tmp / DECODER_DIR)
-            save_file({"latents": held_out.contiguous()}, str(tmp / HELD_OUT_FILE))
+            held_out_file = {"latents": held_out.contiguous()}
+            if held_out_sets["endpoint_"] is not None:
+                held_out_file["endpoints"] = held_out_sets["endpoint_"].contiguous()
+            save_file(held_out_file, str(tmp / HELD_OUT_FILE))
             (tmp / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         plot_losses(trainer.state.log_history, out / LOSS_PLOT, [(k, k) for k in ("loss", *DecoderTrainer.LOSSES)])
-    logger.info("held-out PSNR vs the VAE decoder: %.2f dB untrained, %.2f dB trained", untrained["psnr"],
-                trained["psnr"])  # fmt: skip
+    for prefix, what in (("", "image latents"), ("endpoint_", "sampling endpoints")):
+        if f"{prefix}psnr" in trained:
+            logger.info("held-out %s, PSNR vs the VAE decoder: %.2f dB untrained, %.2f dB trained", what,
+                        untrained[f"{prefix}psnr"], trained[f"{prefix}psnr"])  # fmt: skip
     return out
 
 

@@ -59,19 +59,20 @@ QAT_LOSSES = (("loss", "total"), ("task_loss", "task (vs target)"), ("distillati
 # held-out quality logged by an evaluation, drawn on a right axis: key -> label (a run logs at most one of them)
 PSNR_CURVES = {
     "eval_few_step_psnr": "held-out few-step PSNR vs teacher (dB)",  # a consistency run (`QATTrainer.evaluate`)
-    "eval_psnr": "held-out PSNR vs VAE decoder (dB)",  # a tiny-decoder run (`train/decoder.py`)
+    "eval_psnr": "held-out image latents: PSNR vs VAE decoder (dB)",  # a tiny-decoder run (`train/decoder.py`)
+    "eval_endpoint_psnr": "held-out sampling endpoints: PSNR vs VAE decoder (dB)",  # the same, sampled latents
 }
 
 
 def plot_losses(log_history: list[dict], path: Path, losses=QAT_LOSSES) -> Path | None:
     """The run's loss plot (matplotlib, headless), shared by `ov-sd train` and `ov-sd train-decoder`: each logged loss
     of `losses` ((key, label) pairs; a loss only where it is > 0, on a log scale) and the held-out teacher gap (MSE)
-    against the step; on a right axis the held-out PSNR of `PSNR_CURVES` where the run evaluates one."""
+    against the step; on a right axis each held-out PSNR of `PSNR_CURVES` the run evaluates."""
     rows = [h for h in log_history if "loss" in h]
     gap = [(g["step"], g["teacher_mse"]) for g in teacher_gap_history(log_history) if g["teacher_mse"] is not None]
     curves = ((label, [(h["step"], h[key]) for h in log_history if key in h]) for key, label in PSNR_CURVES.items())
-    psnr = next(((label, points) for label, points in curves if points), None)
-    if not rows and psnr is None:
+    psnr = [(label, points) for label, points in curves if points]
+    if not rows and not psnr:
         return None
     import matplotlib
 
@@ -89,10 +90,10 @@ def plot_losses(log_history: list[dict], path: Path, losses=QAT_LOSSES) -> Path 
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if psnr is not None:
-        label, points = psnr
+    if psnr:
         right = ax.twinx()
-        right.plot(*zip(*points, strict=True), "ko-", label=label)
+        for (label, points), style in zip(psnr, ("ko-", "ks--"), strict=False):
+            right.plot(*zip(*points, strict=True), style, label=label)
         right.set_ylabel("PSNR (dB)")
         right.legend(loc="upper right")
     ax.legend(loc="upper left")

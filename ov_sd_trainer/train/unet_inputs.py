@@ -91,7 +91,7 @@ def _trajectories(pipe, prompts: list[str], seed: int, resolution: int, steps: i
     return per_prompt
 
 
-def _quiet(pipe):
+def quiet_progress(pipe):
     """Silence the pipeline's own progress bar (ours counts calls); returns the undo."""
     disable = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe.set_progress_bar_config(disable=True)
@@ -116,7 +116,7 @@ def collect_trajectory_inputs(pipe, prompts: list[str], num_samples: int, resolu
     order = list(prompts)
     random.Random(seed).shuffle(order)
     items: list[dict] = []
-    undo = _quiet(pipe)
+    undo = quiet_progress(pipe)
     try:
         with tqdm(total=num_samples, desc=desc, leave=False) as bar:
             k = 0

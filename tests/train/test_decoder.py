@@ -37,7 +37,7 @@ def train_args(base, out, *extra):
     return [
         "--pretrained_model_name_or_path", str(base), "--dataset_name", "synthetic:48", "--output_dir", str(out),
         "--held_out_samples", "8", "--per_device_train_batch_size", "8", "--decoder_width", "16", "--use_cpu", "true", "--disable_tqdm",
-        "true", "--logging_steps", "10", *extra,
+        "true", "--logging_steps", "10", "--held_out_endpoints", "0", *extra,
     ]  # fmt: skip
 
 
@@ -45,7 +45,9 @@ def train_args(base, out, *extra):
 def trained(tiny_pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-decoder") / "run"
     cfg, recipe = decoder.parse_decoder_config(train_args(tiny_pipeline, out, "--max_steps", "40", "--save_steps",
-                                                          "20", "--learning_rate", "1e-3"))  # fmt: skip
+                                                          "20", "--learning_rate", "1e-3", "--held_out_endpoints", "4",
+                                                          "--endpoint_steps", "3", "--eval_strategy", "steps",
+                                                          "--eval_steps", "20"))  # fmt: skip
     decoder.run(cfg, recipe)
     return out
 
@@ -54,6 +56,10 @@ def test_trained_decoder_beats_an_untrained_one(trained):
     info = json.loads((trained / "final" / decoder.TRAINING_INFO_FILE).read_text())
     gain = info["held_out_trained"]["psnr"] - info["held_out_untrained"]["psnr"]
     assert gain > MIN_GAIN_DB, info["held_out_untrained"] | {"trained": info["held_out_trained"]}
+    # The held-out sampling endpoints are evaluated beside the image latents: at the end and at each evaluation.
+    assert info["held_out_endpoints"] == 4
+    assert info["held_out_trained"]["endpoint_psnr"] != info["held_out_trained"]["psnr"]
+    assert [h["step"] for h in info["log_history"] if "eval_endpoint_psnr" in h] == [20, 40]
     assert (trained / "loss.png").is_file()
     assert (trained / "checkpoint-20" / "checkpoint_complete.json").is_file()
     tiny = tiny_decoder.TinyDecoder.load(tiny_decoder.find_decoder_folder(trained))
@@ -105,6 +111,12 @@ def test_export_both_decoders_in_optimum_and_genai(folder, trained):
     record = json.loads((folder / export.RECORD_FILE).read_text())
     assert record["active"] == "tiny" and (folder / "vae_decoder_full" / "openvino_model.xml").is_file()
     assert "## VAE decoder" in (folder / "README.md").read_text()
+    # The IR reads back the torch decoder's held-out figures: image latents and sampling endpoints alike.
+    trained_info = json.loads((trained / "final" / decoder.TRAINING_INFO_FILE).read_text())["held_out_trained"]
+    assert record["tiny"]["held_out_endpoint_latents"] == 4
+    assert abs(record["tiny"]["held_out_endpoint_psnr_vs_full_db"] - trained_info["endpoint_psnr"]) < 0.1
+    assert abs(record["tiny"]["held_out_psnr_vs_full_db"] - trained_info["psnr"]) < 0.1
+    assert "4 held-out samplings" in (folder / "README.md").read_text()
     pipe = load_ov_pipeline(folder, SIZE, SIZE, ov_config=F32)
     tiny_image = np.array(optimum_image(pipe))
     # The IR gets what optimum feeds it (latents / scaling_factor) and must give the torch decoder's image of the
@@ -211,3 +223,41 @@ def test_eval_compares_tiny_and_full_decode_of_the_same_latents(folder, tiny_pip
     # the folder's own images come from its active (tiny) decoder: the tiny decode of the same final latents is them
     assert all(psnr(a, b) > 40 for a, b in zip(grid[1], grid[3]))
     assert d["psnr"] < 40 and max(psnr(a, b) for a, b in zip(grid[1], grid[2])) < 40  # the control: full differs
+
+
+@pytest.mark.slow  # the shared consistency run (`lcm_run`) and its export: CI
+def test_endpoints_from_a_few_step_student_folder(tiny_pipeline, lcm_run, tmp_path):
+    """`endpoint_model`: the training and held-out endpoints are the exported student's own, sampled at the steps and
+    guidance its folder records, not the teacher's."""
+    from ov_sd_trainer.pipeline_folder import trained_sampling
+
+    extra = ["--max_steps", "1", "--save_strategy", "no", "--sampling_endpoints", "3", "--held_out_endpoints", "2"]
+    cfg, _ = decoder.parse_decoder_config(train_args(tiny_pipeline, tmp_path / "s", *extra, "--endpoint_model",
+                                                     str(lcm_run["ov"])))  # fmt: skip
+    _, steps, guidance, batch = decoder.endpoint_sampler(cfg, _teacher(tiny_pipeline), 32)
+    assert (steps, guidance, batch) == (trained_sampling(lcm_run["ov"])["steps"],
+                                        trained_sampling(lcm_run["ov"])["guidance_scale"], 1)  # fmt: skip
+    decoder.run(cfg)
+    cfg, _ = decoder.parse_decoder_config(train_args(tiny_pipeline, tmp_path / "t", *extra))
+    decoder.run(cfg)
+    info = json.loads((tmp_path / "s" / "final" / decoder.TRAINING_INFO_FILE).read_text())
+    assert info["endpoint_model"] == str(lcm_run["ov"]) and info["train_latents"] == 48 + 3
+    from safetensors.torch import load_file
+
+    student, teacher = (load_file(str(tmp_path / r / "final" / tiny_decoder.HELD_OUT_FILE)) for r in ("s", "t"))
+    assert student["endpoints"].shape == teacher["endpoints"].shape and len(student["endpoints"]) == 2
+    assert not torch.allclose(student["endpoints"], teacher["endpoints"], atol=1e-3)  # the control: another sampler
+    torch.testing.assert_close(student["latents"], teacher["latents"])  # the image latents are the same
+
+
+def test_endpoint_model_must_be_an_openvino_folder(tiny_pipeline, tmp_path):
+    cfg, _ = decoder.parse_decoder_config(train_args(tiny_pipeline, tmp_path / "r", "--held_out_endpoints", "1",
+                                                     "--endpoint_model", str(tiny_pipeline)))  # fmt: skip
+    with pytest.raises(UserError, match="--endpoint_model"):
+        decoder.endpoint_sampler(cfg, _teacher(tiny_pipeline), 32)
+
+
+def _teacher(path):
+    from ov_sd_trainer.pipeline_folder import load_pipeline
+
+    return load_pipeline(path)
