@@ -273,7 +273,7 @@ class DecoderConfig(TrainingArguments):
         default=0,
         metadata={"help": "add the final latents of N samplings of the dataset's captions to the inputs (the "
                   "teacher's, or endpoint_model's)"},
-    )
+    )  # fmt: skip
     held_out_endpoints: int = field(
         default=16,
         metadata={"help": "also evaluate on the final latents of N samplings of held-out captions at other seeds "
