@@ -319,7 +319,8 @@ def main(args) -> int:
         print(f"{args.model}: the {args.activate} decoder is active")
         return 0
     record = add_tiny_decoder(args.model, args.decoder, args.int8, activate=not args.keep_active)
-    psnr = record["tiny"].get("held_out_psnr_vs_full_db")
+    psnr, ends = (record["tiny"].get(f"held_out{k}_psnr_vs_full_db") for k in ("", "_endpoint"))
     print(f"{args.model}: tiny decoder added ({record['active']} active)"
-          + (f", {psnr:.2f} dB PSNR from the full decoder on held-out latents" if psnr is not None else ""))  # fmt: skip
+          + (f", {psnr:.2f} dB PSNR from the full decoder on held-out image latents" if psnr is not None else "")
+          + (f", {ends:.2f} dB on held-out sampling endpoints" if ends is not None else ""))  # fmt: skip
     return 0
