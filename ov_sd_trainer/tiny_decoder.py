@@ -44,6 +44,12 @@ def decoder_config(vae_config, width: int = DEFAULT_WIDTH, blocks: int = DEFAULT
     }
 
 
+def latent_space(config: dict) -> tuple:
+    """What a decoder's input must match, from a tiny decoder config (`decoder_config`): latent channels, VAE factor,
+    scaling and shift factor."""
+    return (config["latent_channels"], config["vae_scale_factor"], config["scaling_factor"], config["shift_factor"])
+
+
 class TinyDecoder(nn.Module):
     """diffusers' `DecoderTiny`: scaled latents (the UNet's space) -> image in [-1, 1]."""
 

@@ -34,7 +34,7 @@ import torch
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..pipeline_folder import check_openvino_folder
-from ..tiny_decoder import HELD_OUT_FILE, TinyDecoder, find_decoder_folder
+from ..tiny_decoder import HELD_OUT_FILE, TinyDecoder, decoder_config, find_decoder_folder, latent_space
 
 ACTIVE_DIR = "vae_decoder"  # what optimum and GenAI load
 STORED_DIR = {"full": "vae_decoder_full", "tiny": "vae_decoder_tiny"}  # the inactive decoder's folder
@@ -45,6 +45,9 @@ INPUT_NAME, OUTPUT_NAME = "latent_sample", "sample"  # optimum-intel's VAE-decod
 TINY_CONFIG = "tiny_decoder.json"  # in the tiny decoder's folder: its own config (the VAE's config.json stays)
 INT8_MODES = ("none", "weights", "full")
 CARD_HEADING = "## VAE decoder"
+
+# held_out_latents.safetensors key -> the record's key prefix: held-out image latents, held-out sampling endpoints
+HELD_OUT_SETS = (("latents", "held_out"), ("endpoints", "held_out_endpoint"))
 
 
 class _ForExport(torch.nn.Module):
@@ -232,7 +235,7 @@ def add_tiny_decoder(folder: str | Path, decoder: str | Path, int8: str = "none"
         "int8": int8,
         "ir_bytes": (folder / STORED_DIR["tiny"] / DECODER_XML).with_suffix(".bin").stat().st_size,
     }
-    for key, prefix in (("latents", "held_out"), ("endpoints", "held_out_endpoint")):
+    for key, prefix in HELD_OUT_SETS:
         if key in pipeline_latents:
             latents = pipeline_latents[key]
             info[f"{prefix}_psnr_vs_full_db"] = round(
@@ -251,9 +254,7 @@ def add_tiny_decoder(folder: str | Path, decoder: str | Path, int8: str = "none"
 
 def _check_matches(tiny: dict, vae: dict, folder: Path) -> None:
     """The tiny decoder was trained for this folder's VAE: same latent channels, factor and latent scale."""
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    theirs = (int(vae["latent_channels"]), factor, float(vae["scaling_factor"]), float(vae.get("shift_factor") or 0))
-    mine = (tiny["latent_channels"], tiny["vae_scale_factor"], tiny["scaling_factor"], tiny["shift_factor"])
+    theirs, mine = latent_space(decoder_config(vae)), latent_space(tiny)
     if not np.allclose(theirs, mine, rtol=1e-6):
         raise UserError(
             f"the tiny decoder was trained for another VAE (latent channels, factor, scaling, shift = {mine}) than "
@@ -319,7 +320,7 @@ def main(args) -> int:
         print(f"{args.model}: the {args.activate} decoder is active")
         return 0
     record = add_tiny_decoder(args.model, args.decoder, args.int8, activate=not args.keep_active)
-    psnr, ends = (record["tiny"].get(f"held_out{k}_psnr_vs_full_db") for k in ("", "_endpoint"))
+    psnr, ends = (record["tiny"].get(f"{prefix}_psnr_vs_full_db") for _, prefix in HELD_OUT_SETS)
     print(f"{args.model}: tiny decoder added ({record['active']} active)"
           + (f", {psnr:.2f} dB PSNR from the full decoder on held-out image latents" if psnr is not None else "")
           + (f", {ends:.2f} dB on held-out sampling endpoints" if ends is not None else ""))  # fmt: skip

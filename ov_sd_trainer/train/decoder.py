@@ -59,6 +59,7 @@ from ..tiny_decoder import (
     WEIGHTS_FILE,
     TinyDecoder,
     decoder_config,
+    latent_space,
 )
 from .ema import EMACallback
 from .report import plot_losses
@@ -366,7 +367,7 @@ class DecoderTrainer(Trainer):
     def __init__(self, *args, ema: EMACallback | None = None, held_out: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ema = ema
-        self.held_out = held_out or {}  # metric prefix -> fixed latents; "" is eval_dataset's
+        self.held_out = held_out or {}  # metric prefix -> fixed latents, evaluated beside eval_dataset's ("")
         if ema is not None:
             self.add_callback(ema)
         self._metrics: dict[str, list[float]] = {}
@@ -482,15 +483,17 @@ def build(cfg: DecoderConfig):
     path = resolve_model_path(cfg.pretrained_model_name_or_path)
     pipe = load_pipeline(path, revision=cfg.revision)
     vae = pipe.vae.to(cfg.device)
-    sampling = cfg.sampling_endpoints or cfg.held_out_endpoints
-    if sampling:  # the teacher samples on the training device too
-        pipe.to(cfg.device)
     if type(vae).__name__ != "AutoencoderKL":
         raise UserError(f"{path!r} has a {type(vae).__name__}; train-decoder distils an AutoencoderKL's decoder")
     factor = pipe.vae_scale_factor
     resolution = cfg.resolution or int(pipe.unet.config.sample_size) * factor
     if resolution % factor:
         raise UserError(f"resolution={resolution} is not divisible by the VAE factor {factor} of {path}")
+    sampling = cfg.sampling_endpoints or cfg.held_out_endpoints
+    if sampling:  # before the slow part: a wrong endpoint_model is a one-line error now
+        sampler, steps, guidance, batch = endpoint_sampler(cfg, pipe, resolution)
+        if sampler is pipe:  # the teacher samples on the training device too
+            pipe.to(cfg.device)
     ds = load_captioned_dataset(cfg.dataset_name, image_column=cfg.image_column, caption_column=cfg.caption_column,
                                 max_samples=cfg.max_train_samples, synthetic_size=cfg.synthetic_size,
                                 synthetic_resolution=resolution, seed=cfg.seed,
@@ -508,7 +511,6 @@ def build(cfg: DecoderConfig):
     held_out_ends = None
     if sampling:
         check_captions(ds, cfg.caption_column)
-        sampler, steps, guidance, batch = endpoint_sampler(cfg, pipe, resolution)
 
         def endpoints(captions, n, seed, desc="sampling endpoints"):
             captions = [captions[i % len(captions)] for i in range(n)]
@@ -544,11 +546,10 @@ def endpoint_sampler(cfg: DecoderConfig, pipe, resolution: int):
 
     folder = check_openvino_folder(cfg.endpoint_model, "--endpoint_model")
     theirs = json.loads((folder / "vae_decoder" / "config.json").read_text())
-    ours = pipe.vae.config
-    if (int(theirs["latent_channels"]), float(theirs["scaling_factor"])) != (ours.latent_channels, ours.scaling_factor):
+    if latent_space(decoder_config(theirs)) != latent_space(decoder_config(pipe.vae.config)):
         raise UserError(
             f"--endpoint_model {cfg.endpoint_model!r} has another VAE than {cfg.pretrained_model_name_or_path!r} "
-            "(latent channels or scaling factor differ); pass a folder exported from this model"
+            "(latent channels, factor, scaling or shift differ); pass a folder exported from this model"
         )
     sampling = trained_sampling(folder) or {}
     steps = int(sampling.get("steps", cfg.endpoint_steps))
@@ -584,7 +585,8 @@ def run(cfg: DecoderConfig, recipe: dict | None = None) -> Path:
     untrained = held_out_report(objective, held_out_sets)
     ema = EMACallback(objective.student, cfg.ema_decay) if cfg.use_ema else None
     trainer = DecoderTrainer(model=objective, args=cfg, train_dataset=train_set, data_collator=collate, ema=ema,
-                             eval_dataset=LatentSet(held_out, torch.zeros_like(held_out)), held_out=held_out_sets)  # fmt: skip
+                             eval_dataset=LatentSet(held_out, torch.zeros_like(held_out)),
+                             held_out={k: v for k, v in held_out_sets.items() if k})  # fmt: skip
     result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     if ema is not None:
         ema.copy_to(objective.student)

@@ -235,8 +235,8 @@ def test_endpoints_from_a_few_step_student_folder(tiny_pipeline, lcm_run, tmp_pa
     cfg, _ = decoder.parse_decoder_config(train_args(tiny_pipeline, tmp_path / "s", *extra, "--endpoint_model",
                                                      str(lcm_run["ov"])))  # fmt: skip
     _, steps, guidance, batch = decoder.endpoint_sampler(cfg, _teacher(tiny_pipeline), 32)
-    assert (steps, guidance, batch) == (trained_sampling(lcm_run["ov"])["steps"],
-                                        trained_sampling(lcm_run["ov"])["guidance_scale"], 1)  # fmt: skip
+    recorded = trained_sampling(lcm_run["ov"])
+    assert (steps, guidance, batch) == (recorded["steps"], recorded["guidance_scale"], 1)
     decoder.run(cfg)
     cfg, _ = decoder.parse_decoder_config(train_args(tiny_pipeline, tmp_path / "t", *extra))
     decoder.run(cfg)
