@@ -64,7 +64,8 @@ def test_sd15_recipes_follow_the_published_workflow():
 def test_consistency_recipes_follow_the_measurements_and_the_diffusers_example():
     """reference-lcm-int8: the bundled model, the measured-best order (docs/few-step.md): 300 float steps at lr 3e-5
     (1e-4 and above make the 4-step gap worse), then 100 full-int8 QAT steps at lr 3e-6 with the float student as the
-    teacher (at 3e-5 QAT drifted below its calibrated start), best checkpoint by the few-step PSNR;
+    teacher (at 3e-5 QAT drifted below its calibrated start), best checkpoint by the few-step PSNR, trained at the one
+    guidance it samples at;
     sd15-pokemon-lcm-int8: the diffusers LCM example's settings (batch 12, lr 1e-6, Huber, 50 DDIM steps, w 5..15,
     target decay 0.95, checkpointing, 8-bit Adam)."""
     ref, _ = parse_config(["--recipe", "reference-lcm-int8"])
@@ -72,6 +73,8 @@ def test_consistency_recipes_follow_the_measurements_and_the_diffusers_example()
     assert (ref.float_steps, ref.float_learning_rate, ref.qat_teacher) == (300, 3e-5, "init_student")
     assert ref.pretrained_model_name_or_path == "reference" and ref.use_cpu and ref.max_steps <= 300
     assert ref.metric_for_best_model == "few_step_psnr" and ref.greater_is_better
+    # trained at the one guidance it samples at (w = scale - 1): 59.1 % against 51.5 % for the w range 5..15
+    assert ref.w_min == ref.w_max == ref.few_step_guidance_scale - 1
     sd, _ = parse_config(["--recipe", "sd15-pokemon-lcm-int8"])
     assert sd.objective == "consistency" and sd.per_device_train_batch_size == 12 and sd.learning_rate == 1e-6
     assert sd.consistency_loss_type == "huber" and sd.num_ddim_timesteps == 50 and (sd.w_min, sd.w_max) == (5, 15)
