@@ -50,6 +50,12 @@ def latent_space(config: dict) -> tuple:
     return (config["latent_channels"], config["vae_scale_factor"], config["scaling_factor"], config["shift_factor"])
 
 
+def same_latent_space(a: dict, b: dict) -> bool:
+    """Two tiny decoder configs (`decoder_config`) decode the same latents: `latent_space` equal, the float factors
+    to a relative 1e-6 (one rule for the export's and train-decoder's checks)."""
+    return all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(latent_space(a), latent_space(b), strict=True))
+
+
 class TinyDecoder(nn.Module):
     """diffusers' `DecoderTiny`: scaled latents (the UNet's space) -> image in [-1, 1]."""
 

@@ -34,7 +34,14 @@ import torch
 from ..errors import UserError
 from ..outputs import atomic_output_dir
 from ..pipeline_folder import check_openvino_folder
-from ..tiny_decoder import HELD_OUT_FILE, TinyDecoder, decoder_config, find_decoder_folder, latent_space
+from ..tiny_decoder import (
+    HELD_OUT_FILE,
+    TinyDecoder,
+    decoder_config,
+    find_decoder_folder,
+    latent_space,
+    same_latent_space,
+)
 
 ACTIVE_DIR = "vae_decoder"  # what optimum and GenAI load
 STORED_DIR = {"full": "vae_decoder_full", "tiny": "vae_decoder_tiny"}  # the inactive decoder's folder
@@ -254,11 +261,11 @@ def add_tiny_decoder(folder: str | Path, decoder: str | Path, int8: str = "none"
 
 def _check_matches(tiny: dict, vae: dict, folder: Path) -> None:
     """The tiny decoder was trained for this folder's VAE: same latent channels, factor and latent scale."""
-    theirs, mine = latent_space(decoder_config(vae)), latent_space(tiny)
-    if not np.allclose(theirs, mine, rtol=1e-6):
+    if not same_latent_space(decoder_config(vae), tiny):
         raise UserError(
-            f"the tiny decoder was trained for another VAE (latent channels, factor, scaling, shift = {mine}) than "
-            f"{str(folder)!r}'s {theirs}; train one on this model's pipeline"
+            f"the tiny decoder was trained for another VAE (latent channels, factor, scaling, shift = "
+            f"{latent_space(tiny)}) than {str(folder)!r}'s {latent_space(decoder_config(vae))}; train one on this "
+            "model's pipeline"
         )
 
 

@@ -59,7 +59,7 @@ from ..tiny_decoder import (
     WEIGHTS_FILE,
     TinyDecoder,
     decoder_config,
-    latent_space,
+    same_latent_space,
 )
 from .ema import EMACallback
 from .report import plot_losses
@@ -546,7 +546,7 @@ def endpoint_sampler(cfg: DecoderConfig, pipe, resolution: int):
 
     folder = check_openvino_folder(cfg.endpoint_model, "--endpoint_model")
     theirs = json.loads((folder / "vae_decoder" / "config.json").read_text())
-    if latent_space(decoder_config(theirs)) != latent_space(decoder_config(pipe.vae.config)):
+    if not same_latent_space(decoder_config(theirs), decoder_config(pipe.vae.config)):
         raise UserError(
             f"--endpoint_model {cfg.endpoint_model!r} has another VAE than {cfg.pretrained_model_name_or_path!r} "
             "(latent channels, factor, scaling or shift differ); pass a folder exported from this model"
