@@ -34,6 +34,7 @@ from ..lcm import (
     lcm_scheduler,
     ode_scheduler,
 )
+from . import fsdp
 from .unet_inputs import GUIDANCE
 
 # Guidance w drawn per sample (CFG scale w + 1): `families.LCM_W_MIN` / `LCM_W_MAX`, the diffusers script's 5 and 15.
@@ -253,53 +254,72 @@ class ConsistencyTarget(TrainerCallback):
     averaged too) updated after every optimizer step (`on_step_end`) as θ⁻ <- decay θ⁻ + (1 - decay) θ.
 
     It runs a forward every training step, so it lives on the training device (`on_train_begin` moves it there),
-    unlike the CPU-RAM EMA of `ema.EMACallback`; frozen (no grad) and in eval mode. `state_dict` /
-    `load_state_dict` (`save` / `load`: `TARGET_FILE`) restore it exactly on resume."""
+    unlike the CPU-RAM EMA of `ema.EMACallback`; frozen (no grad) and in eval mode. Under FSDP it is sharded like
+    the student (`shard`), so each rank averages its own shards. `save` / `load` (`TARGET_FILE`) restore it exactly
+    on resume."""
 
     def __init__(self, student: torch.nn.Module, decay: float = TARGET_DECAY):
         if not 0 <= decay < 1:
             raise UserError(f"the target network's EMA decay must be in [0, 1), got {decay}")
         self.student, self.decay = student, decay
         self.net = copy.deepcopy(student).requires_grad_(False).eval()
-        pairs = list(zip(student.named_parameters(), self.net.named_parameters(), strict=True))
+        self.sharded = False
+        self._pairs()  # checks that the copy lines up
+
+    def shard(self, sharder: fsdp.ShardedStudent) -> None:
+        """Shard the target network as `sharder` sharded the student (call after the student is sharded)."""
+        sharder.shard(self.net)
+        self.sharded = True
+        self._pairs()
+
+    def _pairs(self):
+        """(student, target) local tensors to average: floating-point parameters only (NNCF keeps integer state,
+        bit widths and signedness, in Parameters too); the shards when sharded, never a forward's gathered copy."""
+        fsdp.reshard(self.student)
+        fsdp.reshard(self.net)
+        pairs = list(zip(self.student.named_parameters(), self.net.named_parameters(), strict=True))
         if any(n != m for (n, _), (m, _) in pairs):
             raise RuntimeError("the target network's parameters do not line up with the student's")
-        # floating-point parameters only: NNCF keeps integer state (bit widths, signedness) in Parameters too
-        self._pairs = [(p, q) for (_, p), (_, q) in pairs if p.is_floating_point()]
+        return [(fsdp.local(p), fsdp.local(q)) for (_, p), (_, q) in pairs if p.is_floating_point()]
 
     @torch.no_grad()
     def step(self):
-        for p, q in self._pairs:
+        for p, q in self._pairs():
             q.lerp_(p.detach().to(q.dtype), 1 - self.decay)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.net.to(next(self.student.parameters()).device)
+        if not self.sharded:  # (sharded: already on the student's device, unit for unit)
+            self.net.to(next(self.student.parameters()).device)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step()
         return control
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.net.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]):
-        self.net.load_state_dict(state)
-
-    def save(self, directory):
-        """Write the target network to `directory`/`TARGET_FILE` (safetensors' `save_model`: an NNCF model may hold
-        one tensor under several names)."""
+    def save(self, directory, net: torch.nn.Module | None = None):
+        """Write the target network (or `net`: its gathered copy when sharded) to `directory`/`TARGET_FILE`
+        (safetensors' `save_model`: an NNCF model may hold one tensor under several names)."""
         from pathlib import Path
 
         from safetensors.torch import save_model
 
-        save_model(self.net, str(Path(directory) / TARGET_FILE), metadata={"decay": str(self.decay)})
+        save_model(self.net if net is None else net, str(Path(directory) / TARGET_FILE),
+                   metadata={"decay": str(self.decay)})  # fmt: skip
 
-    def load(self, directory):
+    def load(self, directory, scratch: torch.nn.Module | None = None):
+        """Restore the target network from `directory`/`TARGET_FILE`. Sharded, the whole file is loaded into
+        `scratch` (an unsharded student of the same architecture, overwritten) and each rank keeps its shards."""
         from pathlib import Path
 
         from safetensors.torch import load_model
 
-        load_model(self.net, str(Path(directory) / TARGET_FILE), device=str(next(self.net.parameters()).device))
+        path = str(Path(directory) / TARGET_FILE)
+        if not self.sharded:
+            load_model(self.net, path, device=str(next(self.net.parameters()).device))
+            return
+        if scratch is None:
+            raise ValueError("a sharded target network loads through an unsharded scratch copy of the student")
+        load_model(scratch, path, device="cpu")
+        fsdp.ShardedStudent.load_from(self.net, scratch)
 
 
 # --------------------------------------------------------------------------------------------------------------------

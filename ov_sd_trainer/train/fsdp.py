@@ -1,7 +1,8 @@
 """Fully sharded student (torch FSDP2 `fully_shard`) for `accelerate launch --config_file .../fsdp-full-shard.yaml`.
 
 Only the student is sharded: its weights, quantizer ranges, gradients, optimizer state and EMA each live 1/N on
-each of the N ranks. The frozen teacher, VAE and text encoders stay whole on every rank (they take no gradients
+each of the N ranks (and a consistency run's target network, an average of the student, is sharded the same way,
+unit for unit, so that its update is a shard-local lerp). The frozen teacher, VAE and text encoders stay whole on every rank (they take no gradients
 and are also called outside the student's forward). accelerate's own FSDP route would shard the whole `QATModel`
 instead, and on the CPU it is not taken at all (accelerate only turns FSDP on for GPU-like devices; on the CPU
 the run silently became DDP), so the sharding is done here and accelerate is told not to:
@@ -106,7 +107,6 @@ class ShardedStudent:
     def __init__(self, student: nn.Module, device: torch.device):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         reshard_after_forward, names = _settings()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -115,22 +115,31 @@ class ShardedStudent:
             device_before = next(student.parameters()).device
             self.template = copy.deepcopy(student.to("cpu"))
             student.to(device_before)
-        mesh = init_device_mesh(torch.device(device).type, (self.world_size,))
-        blocks = [m for m in student.modules() if type(m).__name__ in names]
-        if not blocks:
-            raise UserError(f"fsdp_transformer_layer_cls_to_wrap {','.join(names)}: no such module in the UNet")
-        for m in blocks:
-            fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(student, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        self.mesh = init_device_mesh(torch.device(device).type, (self.world_size,))
+        self.reshard_after_forward, self.names = reshard_after_forward, names
+        units = self.shard(student)
         params = list(student.parameters())
         self.info = {
             "strategy": "FSDP2 fully_shard of the student" + ("" if reshard_after_forward else " (SHARD_GRAD_OP)"),
-            "units": len(blocks) + 1,
+            "units": units,
             "student_params": sum(p.numel() for p in params),
             "student_params_local": sum(local(p).numel() for p in params),  # this rank's
         }
         logger.info("FSDP: rank %d holds %d of the student's %d parameters (%d units)", self.rank,
                     self.info["student_params_local"], self.info["student_params"], self.info["units"])  # fmt: skip
+
+    def shard(self, module: nn.Module) -> int:
+        """Shard `module` (the student, or a copy of it such as a consistency run's target network) in place, unit by
+        unit as the student is: its shards then line up with the student's. Returns the number of units."""
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = [m for m in module.modules() if type(m).__name__ in self.names]
+        if not blocks:
+            raise UserError(f"fsdp_transformer_layer_cls_to_wrap {','.join(self.names)}: no such module in the UNet")
+        for m in blocks:
+            fully_shard(m, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward)
+        return len(blocks) + 1
 
     def full_state_dict(self, student: nn.Module) -> dict[str, torch.Tensor]:
         """The student's whole state on the main process (CPU), {} elsewhere; a collective."""
@@ -140,7 +149,9 @@ class ShardedStudent:
         return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def gathered(self, student: nn.Module) -> nn.Module | None:
-        """An unsharded quantized UNet equal to `student` on the main process (None elsewhere); a collective."""
+        """An unsharded quantized UNet equal to `student` (or to another module sharded by `shard`, such as the target
+        network) on the main process (None elsewhere); a collective. It is the one `template`: the next call
+        overwrites it."""
         state = self.full_state_dict(student)
         if self.template is None:
             return None

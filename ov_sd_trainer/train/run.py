@@ -195,10 +195,7 @@ def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -
     """`objective: consistency`: the student is the teacher plus the guidance embedding (`make_student_unet`),
     calibrated on its own few-step sampling and quantized (or left float with `quantization_scheme none`); the loss
     is `ConsistencyObjective`. The target network (`ConsistencyTarget`) is made in `build_trainer`, after the
-    student is final."""
-    if fsdp.requested():
-        raise UserError("objective consistency does not support FSDP sharding yet (its target network is whole); "
-                        "launch with DDP")  # fmt: skip
+    student is final and before it is sharded."""
     float_student = lcm.make_student_unet(model.teacher, cfg.time_cond_proj_dim)
     model.time_cond_proj_dim = cfg.time_cond_proj_dim
     init_teacher = None
@@ -313,7 +310,11 @@ def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
     from accelerate.utils import gather_object
 
     start_digests = gather_object([quantizer_digest(model.student)])
+    if model.consistency is not None:  # the target network starts as the final (calibrated) student, unsharded
+        model.consistency_target = lcd.ConsistencyTarget(model.student, cfg.target_decay)
     sharded, sharding = shard_student(cfg, model)
+    if sharded is not None and model.consistency_target is not None:
+        model.consistency_target.shard(sharded)  # unit for unit like the student: each rank averages its shards
     ema = None
     if cfg.use_ema:  # after sharding: each rank keeps the EMA of its shards
         ema = EMACallback(model.student, cfg.ema_decay, cfg.ema_device, cfg.ema_use_warmup, cfg.ema_power)
@@ -321,8 +322,7 @@ def build_trainer(cfg: QATConfig, recipe: dict | None = None) -> Training:
         model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collate, ema=ema,
         augmentation=augmentation, fsdp=sharded,
     )  # fmt: skip
-    if model.consistency is not None:  # the target network starts as the final (calibrated) student
-        model.consistency_target = lcd.ConsistencyTarget(model.student, cfg.target_decay)
+    if model.consistency_target is not None:
         trainer.add_callback(model.consistency_target)
     if trainer.is_world_process_zero():
         out = Path(cfg.output_dir)

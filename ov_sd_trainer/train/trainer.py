@@ -201,16 +201,22 @@ class QATTrainer(Trainer):
         student = self.fsdp.gathered(self._qat().student)
         ema = self.ema.full_state() if self.ema is not None else None
         if self.args.should_save:
-            self._save(output_dir, student=student, ema=ema)
+            self._save(output_dir, student=student, ema=ema, target=False)
+        target = self._qat().consistency_target
+        if target is not None:  # gathered into the same template, after the student is written
+            net = self.fsdp.gathered(target.net)
+            if self.args.should_save:
+                target.save(output_dir or self.args.output_dir, net)
 
-    def _save(self, output_dir: str | None = None, state_dict=None, student=None, ema=None):
-        """A checkpoint that restores the quantized student exactly: NNCF config + state dict."""
+    def _save(self, output_dir: str | None = None, state_dict=None, student=None, ema=None, target=True):
+        """A checkpoint that restores the quantized student exactly: NNCF config + state dict (and the EMA, and a
+        consistency run's target network unless `target` is False: a sharded one is written by `save_model`)."""
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         save_student(student if student is not None else self._qat().student, output_dir / STUDENT_DIR)
         if self.ema is not None:
             self.ema.save(output_dir, ema)
-        if self._qat().consistency_target is not None:
+        if target and self._qat().consistency_target is not None:
             self._qat().consistency_target.save(output_dir)
         (output_dir / CONFIG_FILE).write_text(self.args.to_json_string())
 
@@ -243,8 +249,8 @@ class QATTrainer(Trainer):
             self.fsdp.load_from(model.student, loaded)  # each rank keeps its shards
         else:
             model.student.load_state_dict(loaded.state_dict())
+        if model.consistency_target is not None:
+            model.consistency_target.load(src, scratch=loaded)  # (sharded: through `loaded`, overwritten)
         del loaded
         if self.ema is not None and (src / EMA_FILE).is_file():
             self.ema.load(src)
-        if model.consistency_target is not None:
-            model.consistency_target.load(src)

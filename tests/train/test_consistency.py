@@ -190,11 +190,11 @@ def test_target_network_is_an_ema_of_the_student_and_resumes_exactly(tmp_path):
     assert all(not q.requires_grad for q in target.net.parameters())
 
     target.save(tmp_path)
-    saved = {k: v.clone() for k, v in target.state_dict().items()}
+    saved = {k: v.clone() for k, v in target.net.state_dict().items()}
     target.step()
-    assert any(not torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    assert any(not torch.equal(saved[k], v) for k, v in target.net.state_dict().items())
     target.load(tmp_path)
-    assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    assert all(torch.equal(saved[k], v) for k, v in target.net.state_dict().items())
 
 
 def test_quantized_student_trains_its_quantizers_and_the_target_follows_them(tmp_path):

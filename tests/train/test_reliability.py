@@ -1,5 +1,5 @@
 """Crash and resume with a real `accelerate launch -m ov_sd_trainer.train` killed by SIGKILL; incomplete checkpoints;
-determinism; two processes with gloo (DDP, and FSDP sharding the student)."""
+determinism; two processes with gloo (DDP, and FSDP sharding the student; both for the consistency objective too)."""
 
 import json
 import math
@@ -141,19 +141,56 @@ def test_two_processes_gloo(ddp_run):
     )
 
 
+LCM_FLAGS = ("--objective", "consistency", "--time_cond_proj_dim", "8", "--num_ddim_timesteps", "10")
+
+
+@pytest.fixture(scope="module")
+def lcm_ddp_run(recipe, tmp_path_factory):
+    """`objective consistency` under DDP (torchrun + gloo, 2 processes), 4 steps, checkpoints at 2 and 4: checked by
+    `test_two_processes_gloo_consistency` and the reference of the FSDP consistency test."""
+    out = tmp_path_factory.mktemp("lcm-ddp") / "lcm"
+    return {"out": out, "info": _launch_two(recipe, out, *LCM_FLAGS, fsdp=False)}
+
+
 @pytest.mark.slow  # two processes (~60 s), run in CI
-def test_two_processes_gloo_consistency(recipe, tmp_path):
-    """`objective consistency` under DDP (torchrun + gloo, 2 processes): the ranks calibrate once (the main process's
-    student handed over), stay identical through training (quantizers and target network alike), and the main
-    process saves the target network with each checkpoint."""
-    out = tmp_path / "lcm"
-    info = _launch_two(recipe, out, "--objective", "consistency", "--time_cond_proj_dim", "8", "--num_ddim_timesteps",
-                       "10", "--max_steps", "2", "--save_steps", "2", fsdp=False)  # fmt: skip
-    assert info["world_size"] == 2 and info["global_step"] == 2
+def test_two_processes_gloo_consistency(lcm_ddp_run):
+    """`objective consistency` under DDP: the ranks calibrate once (the main process's student handed over), stay
+    identical through training (quantizers and target network alike), and the main process saves the target network
+    with each checkpoint."""
+    out, info = lcm_ddp_run["out"], lcm_ddp_run["info"]
+    assert info["world_size"] == 2 and info["global_step"] == 4
     start, end = info["quantizer_digests_at_start"], info["quantizer_digests_at_end"]
     assert start[0] == start[1] and end[0] == end[1] and start[0] != end[0]
     assert all(h["consistency_loss"] > 0 for h in info["log_history"] if "loss" in h)
     assert (out / "checkpoint-2" / "consistency_target.safetensors").is_file()
+
+
+@pytest.mark.slow  # two FSDP launches (~2.5 min), run in CI
+def test_fsdp_consistency_shards_student_and_target_and_matches_ddp(recipe, lcm_ddp_run, tmp_path):
+    """`objective consistency` under FSDP (gloo, 2 processes): the student and the target network are sharded, the
+    run trains to what DDP trains (losses, student and target network), checkpoints the target network as whole
+    tensors, and resumes it exactly."""
+    out, ddp_out = tmp_path / "fsdp", lcm_ddp_run["out"]
+    info = _launch_two(recipe, out, *LCM_FLAGS, fsdp=True)
+    shard = info["sharding"]
+    assert shard is not None and info["global_step"] == 4
+    assert all(abs(n / shard["student_params"] - 0.5) < 0.01 for n in shard["student_params_local"]), shard
+    losses = [[h["consistency_loss"] for h in i["log_history"] if "loss" in h] for i in (info, lcm_ddp_run["info"])]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-3)
+    target = "consistency_target.safetensors"
+    name = quantize.STATE_SAFETENSORS
+    for sub, ref in ((f"checkpoint-4/{target}", f"checkpoint-2/{target}"),
+                     (f"checkpoint-4/student/{name}", f"checkpoint-2/student/{name}")):  # fmt: skip
+        gap = _relative_gap(out / sub, ddp_out / sub, out / ref)  # (whole tensors, the same names as DDP's)
+        print(f"{sub}: FSDP vs DDP {gap:.2e} of the steps-3-4 movement")
+        assert gap < 0.02, (sub, gap)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    _launch_two(recipe, resumed, *LCM_FLAGS, "--resume_from_checkpoint", "latest", fsdp=True)
+    for sub in (f"checkpoint-4/{target}", f"checkpoint-4/student/{name}", f"{FINAL_DIR}/student/{name}"):
+        assert _max_diff(out / sub, resumed / sub) == 0, sub
 
 
 FSDP_CONFIG = Path(__file__).resolve().parents[2] / "ov_sd_trainer" / "recipes" / "accelerate" / "fsdp-full-shard.yaml"
