@@ -337,8 +337,6 @@ class QATConfig(TrainingArguments):
             )
         if self.calibration_draws != 1:
             raise UserError(f"calibration_draws={self.calibration_draws}: a consistency run calibrates once; set 1")
-        if self.tome_ratio:
-            raise UserError(f"tome_ratio={self.tome_ratio}: token merging is not wired into consistency runs; set 0")
         if self.task_weight:
             raise UserError(f"task_weight={self.task_weight}: the consistency loss is the only loss; set 0")
 

@@ -144,7 +144,7 @@ def build(cfg: QATConfig):
     train_ds, augmentation = prepare_dataset(cfg, pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
     device = cfg.device
     if cfg.objective == "consistency":
-        return build_consistency(cfg, model, pipe, train_ds, device), train_ds, augmentation
+        return build_consistency(cfg, model, pipe, train_ds, device, tome), train_ds, augmentation
     calls = calibration_calls(cfg, pipe, train_ds)
     teacher = model.teacher
     # Token merging goes on a copy of the FP32 UNet before NNCF traces it, so that the quantizers sit on the merged
@@ -191,12 +191,15 @@ def consistency_calibration_calls(cfg: QATConfig, pipe, float_student, train_ds)
     )  # fmt: skip
 
 
-def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device) -> QATModel:
-    """`objective: consistency`: the student is the teacher plus the guidance embedding (`make_student_unet`),
+def build_consistency(cfg: QATConfig, model: QATModel, pipe, train_ds, device, tome: TomeConfig) -> QATModel:
+    """`objective: consistency`: the student is the teacher plus the guidance embedding (`make_student_unet`), token
+    merging applied if `tome` is active (before NNCF traces it, as in distillation runs; the teacher stays exact),
     calibrated on its own few-step sampling and quantized (or left float with `quantization_scheme none`); the loss
     is `ConsistencyObjective`. The target network (`ConsistencyTarget`) is made in `build_trainer`, after the
     student is final and before it is sharded."""
     float_student = lcm.make_student_unet(model.teacher, cfg.time_cond_proj_dim)
+    if tome.active:  # (patching adds no module: a float phase's student loads onto it unchanged)
+        apply_tome_config(float_student, tome)
     model.time_cond_proj_dim = cfg.time_cond_proj_dim
     init_teacher = None
     if cfg.init_student is not None:  # a float consistency run's student (the float-then-QAT orders)

@@ -1,5 +1,5 @@
 """`ov-sd bench --few-step` (on by default with `--arch sd15`): the few-step int8 student's rows at 2/4/8 steps and the
-tiny VAE decoder beside the VAE decode, in the same run as the 50-step rows. On the tiny pipeline, with the session's
+tiny VAE decoder beside the VAE decode, in the same run as the 50-step rows, and the same student with ToDo. On the tiny pipeline, with the session's
 FP32 export and LCM export put into the work folder (bench reuses what a --work-dir holds), so only the int8 student
 and the tiny decoders are built here."""
 
@@ -38,13 +38,22 @@ def test_few_step_rows_are_composed_from_measured_parts(bench):
     assert few["unet_inputs"]["sample"][0] == 1 and few["unet_inputs"]["timestep_cond"] == [1, 8]  # batch 1, no CFG
     decode = {k: v["s"] for k, v in few["decode"].items()}
     assert set(decode) == {"full", fewstep.TINY_F32, fewstep.TINY_INT8}
-    assert [r["steps"] for r in few["rows"]] == list(fewstep.FEW_STEPS)
-    for r in few["rows"]:
-        parts = few["text_encoder_s"] + r["steps"] * few["unet_step_s"]
+    steps = list(fewstep.FEW_STEPS)
+    assert [r["name"] for r in few["rows"]] == [f"lcm-int8-{k}step" for k in steps] + [
+        f"lcm-int8-todo-{k}step" for k in steps
+    ]
+    todo = few["todo"]
+    assert todo["settings"]["mode"] == "todo" and todo["unet_step_s"] > 0
+    assert todo["speedup_vs_lcm_int8"] == pytest.approx(few["unet_step_s"] / todo["unet_step_s"])
+    for r in few["rows"]:  # each student's own UNet step; the text encoder and decodes are shared
+        step = todo["unet_step_s"] if "-todo-" in r["name"] else few["unet_step_s"]
+        parts = few["text_encoder_s"] + r["steps"] * step
         assert r["image_s"] == pytest.approx(parts + decode["full"])
         assert r["image_tiny_s"] == pytest.approx(parts + decode[fewstep.TINY_INT8])
     assert few["check"]["measured_s"] > 0 and few["check"]["steps"] == fewstep.CHECK_STEPS
     assert bench["preparation"]["lcm-int8"]["fake_quantize_ops"] > 0  # the int8 student's graph
+    todo_unet = ov.Core().read_model(f"{todo['folder']}/unet/openvino_model.xml")  # int8, and ToDo's pooling
+    assert count_fake_quantize(todo_unet) > 0 and "AvgPool" in {op.get_type_name() for op in todo_unet.get_ops()}
 
 
 def test_tiny_decoder_beside_the_vae_decode(bench):

@@ -360,25 +360,42 @@ def test_consistency_resume_restores_the_target_network_exactly(lcm_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_hybrid_consistency_student_trains_and_exports(tiny_pipeline, tmp_path):
-    """The hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) trains and exports the same LCM
-    folder layout (the float mode: `test_float_then_qat_run_and_the_ptq_peer_of_its_float_student`)."""
+def test_hybrid_todo_consistency_student_trains_and_exports(tiny_pipeline, tmp_path):
+    """The hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) with ToDo token merging (one run for
+    both: each only changes the student's graph) trains and exports the same LCM folder layout, which optimum's LCM
+    pipeline runs. ToDo sits on the student and the target network, never on the teacher, and the IR carries its
+    pooling (the float mode: `test_float_then_qat_run_and_the_ptq_peer_of_its_float_student`)."""
     scheme = "hybrid"
     import json
 
+    import numpy as np
+    import openvino as ov
     from conftest import lcm_run_argv, train_tiny
+    from optimum.intel import OVLatentConsistencyModelPipeline
 
     from ov_sd_trainer.compress import quantize
+    from ov_sd_trainer.compress.tome import tome_config
 
     run = train_tiny(lcm_run_argv(tiny_pipeline, tmp_path / "run", "--quantization_scheme", scheme, "--max_steps",
-                                  "1", "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false"))  # fmt: skip
-    student = run["training"].model.student
+                                  "1", "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false",
+                                  "--tome_ratio", "0.5", "--tome_mode", "todo"))  # fmt: skip
+    model = run["training"].model
+    student = model.student
     assert quantize.is_quantized(student) == (scheme != "none")
     assert any(not torch.equal(p, run["before"][n]) for n, p in student.named_parameters())
+    assert tome_config(student).mode == "todo" and tome_config(model.consistency_target.net).mode == "todo"
+    assert tome_config(model.teacher) is None
     results = json.loads((run["ov"] / "results.json").read_text())
     assert json.loads((run["ov"] / "model_index.json").read_text())["_class_name"] == "LatentConsistencyModelPipeline"
     assert results["few_step"]["quantization_scheme"] == scheme
     assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
+    assert results["token_merging"]["mode"] == "todo"
+    ops = {op.get_type_name() for op in ov.Core().read_model(run["ov"] / "unet" / "openvino_model.xml").get_ops()}
+    assert "AvgPool" in ops and "TopK" not in ops  # ToDo pools the keys and values; no ToMe matching
+    pipe = OVLatentConsistencyModelPipeline.from_pretrained(run["ov"], compile=True)
+    image = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+                 generator=np.random.RandomState(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
 
 
 @pytest.mark.slow  # a float-then-QAT run and the PTQ peer of its float student (~60 s), run in CI

@@ -12,6 +12,9 @@ rows.
   weights, so a random student times as a trained one. Batch 1, no classifier-free guidance (the guidance is the
   `timestep_cond` input). Per image at K in FEW_STEPS: text encoder + K UNet calls + decode (full and tiny), and one
   measured CHECK_STEPS-step pipeline run checks the composition.
+- **The same student with ToDo** (key/value pooling, `--tome-ratio` / `--tome-max-downsample` as for the 50-step
+  ToMe row, mode todo): its own int8 UNet (ToDo applied before quantization, as training applies it), timed with
+  the same inputs in the same process; its rows (`lcm-int8-todo-Kstep`) share the text encoder and decode times.
 """
 
 from __future__ import annotations
@@ -104,9 +107,15 @@ def add_tiny_image_latency(rows: list[dict], tiny: dict) -> None:
         row["image_tiny_s"] = row["image_s"] - row["vae_decode_s"] + tiny[which]["s"]
 
 
+def todo_kwargs(settings: BenchSettings) -> dict[str, Any]:
+    """`tome.apply_tome` arguments of the few-step ToDo student: the bench's token-merging settings in mode todo."""
+    return settings.tome_kwargs() | {"mode": "todo"}
+
+
 def measure_few_step(folder: Path, tiny_dir: Path, settings: BenchSettings, height: int, width: int,
-                     progress: bool) -> dict:  # fmt: skip
-    """The LCM int8 folder's parts at batch 1 without CFG, its rows at FEW_STEPS and the measured check run."""
+                     progress: bool, todo_folder: Path | None = None) -> dict:  # fmt: skip
+    """The LCM int8 folder's parts at batch 1 without CFG, its rows at FEW_STEPS and the measured check run; with
+    `todo_folder` (the same student with ToDo) also its UNet step and rows."""
     import numpy as np
 
     from ...pipeline_folder import geometry, lcm_default_guidance, load_ov_pipeline
@@ -131,15 +140,25 @@ def measure_few_step(folder: Path, tiny_dir: Path, settings: BenchSettings, heig
              width=width, generator=np.random.RandomState(settings.seed))  # fmt: skip
 
     unet_times = timed(lambda: pipe.unet(**feed), "LCM UNet steps")
+    todo_times = None
+    if todo_folder is not None:
+        todo = load_ov_pipeline(todo_folder, height, width, batch_size=1, ov_config=ov_config)
+        todo_times = timed(lambda: todo.unet(**feed), "LCM + ToDo UNet steps")
+        del todo
     text_times = timed(text, "LCM text encoder")
     decode = time_tiny_decoders(pipe, tiny_dir, settings, ov_config, (1, *inputs["sample"].shape[1:]), progress)
     measured = time_calls(run, 0, settings.pipeline_repeats, "LCM pipeline runs", progress)
     unet_s, text_s = median_or_none(unet_times), median_or_none(text_times)
+    todo_s = median_or_none(todo_times) if todo_times else None
     rows = []
-    for k in FEW_STEPS:
-        image = {name: text_s + k * unet_s + d["s"] for name, d in decode.items()}
-        rows.append({"name": f"lcm-int8-{k}step", "steps": k, "unet_calls_per_image": k, "image_s": image["full"],
-                     "image_tiny_f32_s": image[TINY_F32], "image_tiny_s": image[TINY_INT8]})  # fmt: skip
+    for name, step_s in (("lcm-int8", unet_s), ("lcm-int8-todo", todo_s)):
+        if step_s is None:
+            continue
+        for k in FEW_STEPS:
+            image = {which: text_s + k * step_s + d["s"] for which, d in decode.items()}
+            rows.append({"name": f"{name}-{k}step", "steps": k, "unet_calls_per_image": k, "unet_step_s": step_s,
+                         "image_s": image["full"], "image_tiny_f32_s": image[TINY_F32],
+                         "image_tiny_s": image[TINY_INT8]})  # fmt: skip
     check_s = median_or_none(measured)
     composed = text_s + CHECK_STEPS * unet_s + decode["full"]["s"]
     return {
@@ -151,6 +170,15 @@ def measure_few_step(folder: Path, tiny_dir: Path, settings: BenchSettings, heig
         "text_encoder_s": text_s,
         "decode": decode,
         "unet_step_times_s": [round(t, 4) for t in unet_times],
+        "todo": None
+        if todo_s is None
+        else {
+            "folder": str(todo_folder),
+            "settings": todo_kwargs(settings),
+            "unet_step_s": todo_s,
+            "unet_step_times_s": [round(t, 4) for t in todo_times],
+            "speedup_vs_lcm_int8": unet_s / todo_s,
+        },  # fmt: skip
         "rows": rows,
         "check": {
             "steps": CHECK_STEPS,
@@ -198,9 +226,12 @@ def few_step_section(result: dict) -> list[str]:
                       for r in with_tiny]  # fmt: skip
         lines.append("")
     if few:
+        todo = few.get("todo")
+        with_todo = (f" With ToDo ({todo['settings']['mode']}, max_downsample {todo['settings']['max_downsample']}): "
+                     f"UNet step {todo['unet_step_s']:.4f} s, {todo['speedup_vs_lcm_int8']:.2f}x." if todo else "")  # fmt: skip
         lines += ["## Few-step int8 student (LCM, batch 1, no CFG)", "",
                   f"UNet step {few['unet_step_s']:.4f} s, text encoder {few['text_encoder_s']:.4f} s (random-weight "
-                  "student: speed only).", "",
+                  f"student: speed only).{with_todo}", "",
                   "| variant | steps | image s (VAE decode) | image s (tiny int8 decode) | x PyTorch FP32 50-step | "
                   "x optimum hybrid PTQ 50-step | x hybrid PTQ, tiny decode |", "|---|---|---|---|---|---|---|"]  # fmt: skip
 
@@ -243,10 +274,19 @@ def run_few_step(diffusers_dir: Path, work: Path, settings: BenchSettings, heigh
 
     lcm_int8 = cached(work / "lcm-int8", build_int8, "lcm-int8", prep_log)
     prep_log["lcm-int8"].update(info)
+    todo_info: dict[str, Any] = {}
+
+    def build_todo(d):
+        kwargs = todo_kwargs(settings)
+        todo_info.update(build_qat_folder(lcm_diffusers, lcm_fp32, d, latent_hw=latent_hw, batch=1, tome=kwargs))
+
+    todo_name = "lcm-int8-todo-" + "-".join(f"{k}{v}" for k, v in todo_kwargs(settings).items())
+    lcm_todo = cached(work / todo_name, build_todo, todo_name, prep_log)
+    prep_log[todo_name].update(todo_info)
     tiny_info: dict[str, Any] = {}
     tiny_dir = cached(work / "tiny-decoder", lambda d: tiny_info.update(build_tiny_decoders(vae_config(lcm_fp32), d,
                       latent_hw, settings.seed)), "tiny-decoder", prep_log)  # fmt: skip
-    few = measure_few_step(lcm_int8, tiny_dir, settings, height, width, progress)
+    few = measure_few_step(lcm_int8, tiny_dir, settings, height, width, progress, todo_folder=lcm_todo)
     free_memory()  # the pipeline went with measure_few_step's frame
     tiny = {"parameters": tiny_info.get("parameters"), "decode": few["decode"], "folder": str(tiny_dir)}
     return few, tiny
