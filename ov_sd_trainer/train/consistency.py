@@ -264,12 +264,13 @@ class ConsistencyTarget(TrainerCallback):
         self.student, self.decay = student, decay
         self.net = copy.deepcopy(student).requires_grad_(False).eval()
         self.sharded = False
-        self._pairs()  # checks that the copy lines up
+        self._whole = self._pairs()  # (also checks that the copy lines up)
 
     def shard(self, sharder: fsdp.ShardedStudent) -> None:
         """Shard the target network as `sharder` sharded the student (call after the student is sharded)."""
         sharder.shard(self.net)
         self.sharded = True
+        self._whole = None
         self._pairs()
 
     def _pairs(self):
@@ -284,7 +285,9 @@ class ConsistencyTarget(TrainerCallback):
 
     @torch.no_grad()
     def step(self):
-        for p, q in self._pairs():
+        # whole: the same tensors every step; sharded: the local shards, looked up after resharding (a forward may
+        # have left the unsharded copies registered)
+        for p, q in self._whole or self._pairs():
             q.lerp_(p.detach().to(q.dtype), 1 - self.decay)
 
     def on_train_begin(self, args, state, control, **kwargs):
