@@ -207,42 +207,54 @@ def test_make_tiny_sdxl(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# calibrate -> export -> load -> generate
+# the recipe: calibrate -> train -> export -> load -> generate
 # --------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, parts):
-    """A tiny SDXL folder, its UNet quantized (NNCF, calibrated on 4 calls of the teacher's own trajectories) and
-    exported with `export_openvino_pipeline`."""
-    from ov_sd_trainer.compress.quantize import quantize_unet
-    from ov_sd_trainer.export.openvino import export_openvino_pipeline
-    from ov_sd_trainer.train.unet_inputs import collect_trajectory_inputs
+def recipe_run(tmp_path_factory):
+    """The shipped `sdxl-pokemon-int8` recipe on a tiny SDXL (only the model, data, size and length overridden), 3
+    steps with export: calibration on the teacher's own trajectories (4 calls), NNCF, training, then
+    `export_openvino_pipeline`. Checked by the recipe test below, and its export by the optimum and GenAI tests (one
+    trained, exported SDXL for all three)."""
+    from ov_sd_trainer.run_folder import OPENVINO_DIR
+    from ov_sd_trainer.train.config import parse_config
+    from ov_sd_trainer.train.run import run
 
     root = tmp_path_factory.mktemp("sdxl")
-    pipe = build_tiny_pipeline(root / "base", TinySDConfig(family="sdxl"))
-    calls = collect_trajectory_inputs(pipe, PROMPTS, num_samples=4, resolution=SIZE, seed=0, steps=4)
-    student = quantize_unet(pipe.unet, [{k: v for k, v in c.items() if k != "teacher_pred"} for c in calls])
-    out = export_openvino_pipeline(str(root / "base"), student, root / "openvino", recipe={"family": "sdxl"})
-    return {"base": root / "base", "ov": out}
+    build_tiny_pipeline(root / "base", TinySDConfig(family="sdxl"))
+    argv = [
+        "--recipe", "sdxl-pokemon-int8", "--pretrained_model_name_or_path", str(root / "base"),
+        "--dataset_name", "synthetic:12", "--resolution", str(SIZE), "--output_dir", str(root / "run"),
+        "--max_steps", "3", "--num_calibration_samples", "4", "--calibration_steps", "4", "--eval_steps", "3",
+        "--teacher_gap_samples", "4", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true", "--learning_rate", "1e-4",
+    ]  # fmt: skip
+    cfg, recipe = parse_config(argv)
+    out = run(cfg, recipe)
+    return {"root": root, "base": root / "base", "cfg": cfg, "out": out, "ov": out / OPENVINO_DIR}
 
 
-@pytest.mark.slow  # the export fixture: ~80 s on 2 cores (NNCF + optimum-intel's export)
-def test_sdxl_export_loads_in_optimum_and_generates(export):
+@pytest.mark.slow  # the recipe_run fixture: ~2 min on 2 cores (calibration, 3 steps, NNCF, optimum's export)
+def test_sdxl_export_loads_in_optimum_and_generates(recipe_run):
     import openvino as ov
 
     from ov_sd_trainer.pipeline_folder import UNET_XML, has_openvino_tokenizer, load_ov_pipeline
 
-    index = json.loads((export["ov"] / "model_index.json").read_text())
+    index = json.loads((recipe_run["ov"] / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
-    ir = ov.Core().read_model(export["ov"] / UNET_XML)
+    ir = ov.Core().read_model(recipe_run["ov"] / UNET_XML)
     assert [p.get_any_name() for p in ir.inputs] == [
         "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]  # fmt: skip
-    results = json.loads((export["ov"] / "results.json").read_text())
+    results = json.loads((recipe_run["ov"] / "results.json").read_text())
     assert results["fake_quantize_ops"] > 50 and results["unet_size_ratio"] < 0.5
-    assert has_openvino_tokenizer(export["ov"]) and (export["ov"] / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
-    assert "from optimum.intel import OVStableDiffusionXLPipeline" in (export["ov"] / "README.md").read_text()
-    pipe = load_ov_pipeline(export["ov"], SIZE, SIZE)
+    assert (
+        has_openvino_tokenizer(recipe_run["ov"])
+        and (recipe_run["ov"] / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
+    )
+    assert "from optimum.intel import OVStableDiffusionXLPipeline" in (recipe_run["ov"] / "README.md").read_text()
+    pipe = load_ov_pipeline(recipe_run["ov"], SIZE, SIZE)
     assert type(pipe).__name__ == "OVStableDiffusionXLPipeline"
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     image = pipe(PROMPTS[0], num_inference_steps=3, height=SIZE, width=SIZE).images[0]
@@ -250,15 +262,15 @@ def test_sdxl_export_loads_in_optimum_and_generates(export):
 
 
 @pytest.mark.slow
-def test_sdxl_export_runs_in_genai_as_in_optimum(export, tmp_path):
+def test_sdxl_export_runs_in_genai_as_in_optimum(recipe_run, tmp_path):
     from ov_sd_trainer.eval.generate import generate, load_genai_pipeline
     from ov_sd_trainer.pipeline_folder import load_ov_pipeline
 
     out = tmp_path / "genai.png"  # `ov-sd generate --runtime genai`
-    info = generate(str(export["ov"]), PROMPTS[0], str(out), steps=3, guidance_scale=5.0, runtime="genai")
+    info = generate(str(recipe_run["ov"]), PROMPTS[0], str(out), steps=3, guidance_scale=5.0, runtime="genai")
     assert info["steps"] == 3 and np.asarray(Image.open(out)).std() > 1
-    optimum = load_ov_pipeline(export["ov"], SIZE, SIZE, ov_config=F32)
-    genai = load_genai_pipeline(export["ov"], SIZE, SIZE, 5.0, **F32)
+    optimum = load_ov_pipeline(recipe_run["ov"], SIZE, SIZE, ov_config=F32)
+    genai = load_genai_pipeline(recipe_run["ov"], SIZE, SIZE, 5.0, **F32)
     scores = []
     for seed in (3, 4):
         want = optimum(PROMPTS[1], num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,
@@ -273,30 +285,16 @@ def test_sdxl_export_runs_in_genai_as_in_optimum(export, tmp_path):
     assert psnr(np.array(want), other) < 43.0
 
 
-@pytest.mark.slow  # ~90 s train + export, ~20 s eval on 2 cores
-def test_sdxl_recipe_trains_on_images_exports_and_evaluates(tmp_path):
-    """The shipped `sdxl-pokemon-int8` recipe's own path on a tiny SDXL (only the model, data, size and length
-    overridden): calibration on the teacher's trajectories, pure distillation on training images (both encoders,
-    pooled embeddings, time ids), a bfloat16 teacher, 8-bit Adam, gradient checkpointing, the held-out teacher gap on
-    images from step 0; training moves the gap; then `ov-sd eval` against the FP32 teacher (its UNet noise MSE feeds
-    text_embeds and time_ids to the IR)."""
+@pytest.mark.slow  # the recipe_run fixture, then ~20 s of eval on 2 cores
+def test_sdxl_recipe_trains_on_images_exports_and_evaluates(recipe_run, tmp_path):
+    """The shipped `sdxl-pokemon-int8` recipe's own path on a tiny SDXL (`recipe_run`): calibration on the teacher's
+    trajectories, pure distillation on training images (both encoders, pooled embeddings, time ids), a bfloat16
+    teacher, 8-bit Adam, gradient checkpointing, the held-out teacher gap on images from step 0; training moves the
+    gap; then `ov-sd eval` against the FP32 teacher (its UNet noise MSE feeds text_embeds and time_ids to the IR)."""
     from ov_sd_trainer import cli
-    from ov_sd_trainer.run_folder import OPENVINO_DIR
-    from ov_sd_trainer.train.config import parse_config
-    from ov_sd_trainer.train.run import run
 
-    build_tiny_pipeline(tmp_path / "base", TinySDConfig(family="sdxl"))
-    argv = [
-        "--recipe", "sdxl-pokemon-int8", "--pretrained_model_name_or_path", str(tmp_path / "base"),
-        "--dataset_name", "synthetic:12", "--resolution", str(SIZE), "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "3", "--num_calibration_samples", "4", "--calibration_steps", "4", "--eval_steps", "3",
-        "--teacher_gap_samples", "4", "--save_strategy", "no", "--load_best_model_at_end", "false",
-        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--dataloader_num_workers", "0",
-        "--disable_tqdm", "true", "--learning_rate", "1e-4",
-    ]  # fmt: skip
-    cfg, recipe = parse_config(argv)
+    cfg, out = recipe_run["cfg"], recipe_run["out"]
     assert (cfg.task_weight, cfg.calibration_source, cfg.teacher_dtype) == (0.0, "trajectories", "bfloat16")
-    out = run(cfg, recipe)
     info = json.loads((out / "final" / "training_info.json").read_text())
     assert info["global_step"] == 3 and np.isfinite(info["log_history"][-1]["train_loss"])
     logs = [h for h in info["log_history"] if "loss" in h]
@@ -308,9 +306,9 @@ def test_sdxl_recipe_trains_on_images_exports_and_evaluates(tmp_path):
         np.isfinite(g["teacher_mse"]) and g["teacher_mse"] > 0 and np.isfinite(g["task_loss"]) for g in (start, end)
     )
     assert end["teacher_mse"] != start["teacher_mse"]  # training moved the student
-    ov_dir = out / OPENVINO_DIR
+    ov_dir = recipe_run["ov"]
     assert json.loads((ov_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
-    argv = ["eval", "--reference", str(tmp_path / "base"), "--model", f"qat={ov_dir}", "--output",
+    argv = ["eval", "--reference", str(recipe_run["base"]), "--model", f"qat={ov_dir}", "--output",
             str(tmp_path / "eval"), "--steps", "4", "--guidance-scale", "5", "--seeds", "1", "--subset", "4",
             "--unet-samples", "4", "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0

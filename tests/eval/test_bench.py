@@ -302,16 +302,29 @@ def test_image_composition():
 
 
 @pytest.mark.slow
-def test_arch_sd15_path_builds_qat_and_tome_graphs(tmp_path):
+def test_arch_sd15_path_builds_qat_and_tome_graphs(local_run, tmp_path):
     """`--arch sd15` with `builders.build_sd15_pipeline` swapped for the tiny pipeline (the real one is 1.1 B
-    parameters): the same code builds the optimum export, the PTQ peer and the QAT graphs with and without ToMe."""
-    argv = ["bench", "--arch", "sd15", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    parameters): the same code builds the QAT graphs with and without ToMe and step caching, and their int8 text/VAE
+    twins. The optimum export, the PTQ peers and their twins are the work folder's cache: `local_run` built them from
+    the same tiny pipeline (seed 0) with the same code and settings, so they are copied in and reused, not built
+    twice."""
+    work = tmp_path / "work"
+    reused = [d for d in local_run["work"].iterdir() if d.name == "openvino-fp32" or d.name.startswith("optimum-")]
+    assert len(reused) == 5, reused  # the FP32 export, both PTQ peers and their +w8tv twins
+    for d in reused:
+        shutil.copytree(d, work / d.name)
+    argv = ["bench", "--arch", "sd15", "--output", str(tmp_path / "out"), "--work-dir", str(work)]
     # the few-step rows (on by default with --arch sd15: test_arch_defaults) are tests/eval/test_bench_fewstep.py's
     argv += FAST + ["--profile", "--ptq-samples", "2", "--ptq-steps", "1", "--no-few-step"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(builders, "build_sd15_pipeline", _tiny_sd15)
         assert cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    prep = result["preparation"]
+    assert prep["openvino-fp32 export"] == {"reused": str(work / "openvino-fp32")}
+    for source in ("ptq-hybrid", "ptq-full", "qat", "qat-hybrid", "qat-tome"):
+        want = "reused" if source.startswith("ptq") else "build_s"
+        assert want in prep[source] and want in prep[source + W], (source, prep[source], prep[source + W])
     # a default run leaves PyTorch bf16 out on a CPU without bf16 instructions (an AVX2-only host), and only then
     skipped = run.default_skips(ALL, False, result["machine"])
     assert result["skipped"] == skipped
@@ -377,18 +390,20 @@ def test_arch_sdxl_pytorch_step_takes_sdxl_inputs(tmp_path):
     assert f"text_embeds {shapes['text_embeds']}, time_ids [2, 6]" in md and "both text encoders" in md
 
 
-@pytest.mark.slow  # ~5 min on 2 cores: optimum's SDXL export, two PTQ peers, three QAT graphs
-def test_arch_sdxl_path_builds_every_variant(tmp_path):
+@pytest.mark.slow  # ~3 min on 2 cores: optimum's SDXL export, a PTQ peer and its twin, two QAT graphs
+def test_arch_sdxl_path_builds_export_ptq_and_qat_graphs(tmp_path):
     """`--arch sdxl` with the tiny SDXL pipeline: the same code builds optimum's SDXL export (FP32: not compressed for
-    size), both PTQ peers (calibrated through `OVStableDiffusionXLPipeline`), the QAT graphs (calibrated with
+    size), the PTQ peer (calibrated through `OVStableDiffusionXLPipeline`), the QAT graph (calibrated with
     text_embeds and time_ids) and the ToMe one (downsampling 2 by default: SDXL has no attention at full
     resolution); the `+w8tv` twin compresses both text encoders. Every OpenVINO UNet IR takes text_embeds and
-    time_ids, statically shaped as the fixed inputs."""
+    time_ids, statically shaped as the fixed inputs. Left out, as they add no SDXL-specific path: the hybrid PTQ peer
+    and the hybrid QAT graph (the same calibration with another scheme; `local_run` and the sd15 test build them),
+    OpenVINO's default hint (the FP32 IR again) and PyTorch bf16 (the fp32 step's inputs)."""
     import openvino as ov
 
     from ov_sd_trainer.compress.convert import count_int8_constants
 
-    names = [A, B, C, D, H, E, E + W, F, FH, G, DC]
+    names = [A, C, E, E + W, F, G, DC]
     result = _run_sdxl(tmp_path, ["--variants", ",".join(names), "--profile", "--ptq-samples", "2", "--ptq-steps", "1"])
     rows = check_rows(result, [n for n in names if n != DC], extra_calls=0)
     assert list(result["skipped"]) == [DC] and "SD 1.x/2.x UNets only" in result["skipped"][DC]
@@ -401,7 +416,7 @@ def test_arch_sdxl_path_builds_every_variant(tmp_path):
             assert ir["text_embeds"] == str(shapes["text_embeds"]).replace(" ", "") and ir["time_ids"] == "[2,6]", ir
     fp32_unet = ov.Core().read_model(tmp_path / "work" / "openvino-fp32" / "unet" / "openvino_model.xml")
     assert count_int8_constants(fp32_unet) == 0 and "nncf" not in fp32_unet.get_rt_info()
-    for name in (H, E, E + W, F, FH, G):
+    for name in (E, E + W, F, G):
         assert rows[name]["unet_bytes"] < 0.5 * rows[C]["unet_bytes"], name
         assert rows[name]["profile"]["by_precision_ms"].get("i8", 0) > 0, name
     twin = Path(rows[E + W]["folder"])
