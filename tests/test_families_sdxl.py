@@ -242,19 +242,17 @@ def test_sdxl_export_loads_in_optimum_and_generates(recipe_run):
 
     from ov_sd_trainer.pipeline_folder import UNET_XML, has_openvino_tokenizer, load_ov_pipeline
 
-    index = json.loads((recipe_run["ov"] / "model_index.json").read_text())
+    folder = recipe_run["ov"]
+    index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
-    ir = ov.Core().read_model(recipe_run["ov"] / UNET_XML)
+    ir = ov.Core().read_model(folder / UNET_XML)
     assert [p.get_any_name() for p in ir.inputs] == [
         "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]  # fmt: skip
-    results = json.loads((recipe_run["ov"] / "results.json").read_text())
+    results = json.loads((folder / "results.json").read_text())
     assert results["fake_quantize_ops"] > 50 and results["unet_size_ratio"] < 0.5
-    assert (
-        has_openvino_tokenizer(recipe_run["ov"])
-        and (recipe_run["ov"] / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
-    )
-    assert "from optimum.intel import OVStableDiffusionXLPipeline" in (recipe_run["ov"] / "README.md").read_text()
-    pipe = load_ov_pipeline(recipe_run["ov"], SIZE, SIZE)
+    assert has_openvino_tokenizer(folder) and (folder / "tokenizer_2" / "openvino_tokenizer.xml").is_file()
+    assert "from optimum.intel import OVStableDiffusionXLPipeline" in (folder / "README.md").read_text()
+    pipe = load_ov_pipeline(folder, SIZE, SIZE)
     assert type(pipe).__name__ == "OVStableDiffusionXLPipeline"
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     image = pipe(PROMPTS[0], num_inference_steps=3, height=SIZE, width=SIZE).images[0]
@@ -266,11 +264,12 @@ def test_sdxl_export_runs_in_genai_as_in_optimum(recipe_run, tmp_path):
     from ov_sd_trainer.eval.generate import generate, load_genai_pipeline
     from ov_sd_trainer.pipeline_folder import load_ov_pipeline
 
+    folder = recipe_run["ov"]
     out = tmp_path / "genai.png"  # `ov-sd generate --runtime genai`
-    info = generate(str(recipe_run["ov"]), PROMPTS[0], str(out), steps=3, guidance_scale=5.0, runtime="genai")
+    info = generate(str(folder), PROMPTS[0], str(out), steps=3, guidance_scale=5.0, runtime="genai")
     assert info["steps"] == 3 and np.asarray(Image.open(out)).std() > 1
-    optimum = load_ov_pipeline(recipe_run["ov"], SIZE, SIZE, ov_config=F32)
-    genai = load_genai_pipeline(recipe_run["ov"], SIZE, SIZE, 5.0, **F32)
+    optimum = load_ov_pipeline(folder, SIZE, SIZE, ov_config=F32)
+    genai = load_genai_pipeline(folder, SIZE, SIZE, 5.0, **F32)
     scores = []
     for seed in (3, 4):
         want = optimum(PROMPTS[1], num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ov_sd_trainer.compress import quantize
-from ov_sd_trainer.run_folder import COMPLETE_MARKER, FINAL_DIR, find_resumable_checkpoint
+from ov_sd_trainer.run_folder import COMPLETE_MARKER, FINAL_DIR, OPENVINO_DIR, find_resumable_checkpoint
 from ov_sd_trainer.train.config import parse_config
 from ov_sd_trainer.train.run import run
 
@@ -183,13 +183,13 @@ def test_fsdp_consistency_shards_student_and_target_and_matches_ddp(recipe, lcm_
     assert sum(local) >= total  # (FSDP pads the last rank's shard of a tensor, never drops any of it)
     start = info["quantizer_digests_at_start"]
     assert start[0] == start[1] and info["quantizer_digests_at_end"][0] != start[0]
-    assert (out / "openvino" / "unet" / "openvino_model.xml").is_file()
+    assert (out / OPENVINO_DIR / "unet" / "openvino_model.xml").is_file()
+    target = "consistency_target.safetensors"
     for step in (2, 4):  # whole tensors each save: student, EMA, optimizer, target network
         names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-        assert {"student", "ema.safetensors", "optimizer.pt", "scheduler.pt", "consistency_target.safetensors"} <= names
+        assert {"student", "ema.safetensors", "optimizer.pt", "scheduler.pt", target} <= names
     losses = [[h["consistency_loss"] for h in i["log_history"] if "loss" in h] for i in (info, lcm_ddp_run["info"])]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-3)
-    target = "consistency_target.safetensors"
     name = quantize.STATE_SAFETENSORS
     for sub, ref in ((f"checkpoint-4/{target}", f"checkpoint-2/{target}"),
                      (f"checkpoint-4/student/{name}", f"checkpoint-2/student/{name}")):  # fmt: skip
