@@ -359,68 +359,37 @@ def test_consistency_resume_restores_the_target_network_exactly(lcm_run, tmp_pat
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
 
 
-@pytest.mark.slow
-def test_hybrid_todo_consistency_student_trains_and_exports(tiny_pipeline, tmp_path):
-    """The hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) with ToDo token merging (one run for
-    both: each only changes the student's graph) trains and exports the same LCM folder layout, which optimum's LCM
-    pipeline runs. ToDo sits on the student and the target network, never on the teacher, and the IR carries its
-    pooling (the float mode: `test_float_then_qat_run_and_the_ptq_peer_of_its_float_student`)."""
-    scheme = "hybrid"
-    import json
-
-    import numpy as np
-    import openvino as ov
-    from conftest import lcm_run_argv, train_tiny
-    from optimum.intel import OVLatentConsistencyModelPipeline
-
-    from ov_sd_trainer.compress import quantize
-    from ov_sd_trainer.compress.tome import tome_config
-
-    run = train_tiny(lcm_run_argv(tiny_pipeline, tmp_path / "run", "--quantization_scheme", scheme, "--max_steps",
-                                  "1", "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false",
-                                  "--tome_ratio", "0.5", "--tome_mode", "todo"))  # fmt: skip
-    model = run["training"].model
-    student = model.student
-    assert quantize.is_quantized(student) == (scheme != "none")
-    assert any(not torch.equal(p, run["before"][n]) for n, p in student.named_parameters())
-    assert tome_config(student).mode == "todo" and tome_config(model.consistency_target.net).mode == "todo"
-    assert tome_config(model.teacher) is None
-    results = json.loads((run["ov"] / "results.json").read_text())
-    assert json.loads((run["ov"] / "model_index.json").read_text())["_class_name"] == "LatentConsistencyModelPipeline"
-    assert results["few_step"]["quantization_scheme"] == scheme
-    assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
-    assert results["token_merging"]["mode"] == "todo"
-    ops = {op.get_type_name() for op in ov.Core().read_model(run["ov"] / "unet" / "openvino_model.xml").get_ops()}
-    assert "AvgPool" in ops and "TopK" not in ops  # ToDo pools the keys and values; no ToMe matching
-    pipe = OVLatentConsistencyModelPipeline.from_pretrained(run["ov"], compile=True)
-    image = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
-                 generator=np.random.RandomState(0)).images[0]  # fmt: skip
-    assert image.size == (64, 64) and np.asarray(image).std() > 0
-
-
-@pytest.mark.slow  # a float-then-QAT run and the PTQ peer of its float student (~60 s), run in CI
-def test_float_then_qat_run_and_the_ptq_peer_of_its_float_student(tiny_pipeline, tmp_path):
-    """`--float_steps` trains the float consistency student first (output_dir/float-phase/, exported: a float UNet IR
-    in the LCM layout), then QATs it in the same run:
-    - the QAT phase starts from the float student's weights (`init_student`), calibrated on its sampling, and with
-      `--qat_teacher init_student` trains on the output gap to it; the export and the card record both;
+@pytest.mark.slow  # one float-then-QAT run (hybrid scheme, ToDo) and the PTQ peer of its float student (~90 s): CI
+def test_float_then_hybrid_todo_qat_run_and_the_ptq_peer_of_its_float_student(tiny_pipeline, tmp_path):
+    """One run for three paths, each of which only changes the student's graph or where it starts:
+    - `--float_steps` trains the float consistency student first (output_dir/float-phase/, exported: a float UNet IR
+      in the LCM layout), then QATs it in the same run. The QAT phase starts from the float student's weights
+      (`init_student`), calibrated on its sampling, and with `--qat_teacher init_student` trains on the output gap to
+      it; the export and the card record both;
+    - the hybrid scheme (int8 weights of the linear layers, full int8 elsewhere) with ToDo token merging trains and
+      exports the same LCM folder layout, which optimum's LCM pipeline runs. ToDo sits on the student and the target
+      network, never on the teacher, and the IR carries its pooling;
     - `ov-sd ptq` of the float student's export calibrates on its own sampling (LCMScheduler, 4 steps, guidance 7.5,
       read from the folder's `few_step` record) and keeps that record, so generate / eval sample the peer as they
       sample the student; optimum's `OVLatentConsistencyModelPipeline` runs the peer."""
     import json
 
     import numpy as np
+    import openvino as ov
     from conftest import lcm_run_argv, train_tiny
     from optimum.intel import OVLatentConsistencyModelPipeline
     from safetensors.torch import load_file
 
+    from ov_sd_trainer.compress import quantize
+    from ov_sd_trainer.compress.tome import tome_config
     from ov_sd_trainer.eval.ptq import quantize_pipeline_int8
     from ov_sd_trainer.pipeline_folder import trained_sampling
     from ov_sd_trainer.train.run import run_float_phase
 
     quick = ("--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false")
     argv = lcm_run_argv(tiny_pipeline, tmp_path / "run", "--float_steps", "1", "--float_learning_rate", "2e-4",
-                        "--qat_teacher", "init_student", "--max_steps", "2", *quick)  # fmt: skip
+                        "--qat_teacher", "init_student", "--max_steps", "2", "--quantization_scheme", "hybrid",
+                        "--tome_ratio", "0.5", "--tome_mode", "todo", *quick)  # fmt: skip
     qat = train_tiny(argv, run_first=run_float_phase)
     phase = tmp_path / "run" / "float-phase"
     results = json.loads((phase / "openvino" / "results.json").read_text())  # the float student, exported
@@ -434,14 +403,28 @@ def test_float_then_qat_run_and_the_ptq_peer_of_its_float_student(tiny_pipeline,
     # the calibrated student's weights are the float student's (its biases moved by NNCF's bias correction)
     started = {n: p for n, p in qat["before"].items() if n in float_weights and not n.endswith(".bias")}
     assert len(started) > 10 and all(torch.equal(p, float_weights[n]) for n, p in started.items())
+    model = qat["training"].model
     logged = [h for h in qat["training"].trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and all(h["distillation_loss"] > 0 and "consistency_loss" not in h for h in logged)
-    assert qat["training"].model.consistency.init_teacher is not None
-    few_step = json.loads((qat["ov"] / "results.json").read_text())["few_step"]
+    assert model.consistency.init_teacher is not None
+    assert quantize.is_quantized(model.student) and model.student.config.time_cond_proj_dim == 8
+    assert any(not torch.equal(p, qat["before"][n]) for n, p in model.student.named_parameters())
+    assert tome_config(model.student).mode == "todo" and tome_config(model.consistency_target.net).mode == "todo"
+    assert tome_config(model.teacher) is None
+    results = json.loads((qat["ov"] / "results.json").read_text())
+    few_step = results["few_step"]
     assert (few_step["init_student"], few_step["float_steps"], few_step["qat_teacher"]) == (str(phase), 1,
                                                                                            "init_student")  # fmt: skip
-    assert few_step["quantization_scheme"] == "full" and qat["training"].model.student.config.time_cond_proj_dim == 8
+    assert few_step["quantization_scheme"] == "hybrid" and results["token_merging"]["mode"] == "todo"
+    assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
+    assert json.loads((qat["ov"] / "model_index.json").read_text())["_class_name"] == LCM_CLASS
     assert "QAT with the float student as the teacher" in (qat["ov"] / "README.md").read_text()
+    ops = {op.get_type_name() for op in ov.Core().read_model(qat["ov"] / "unet" / "openvino_model.xml").get_ops()}
+    assert "AvgPool" in ops and "TopK" not in ops  # ToDo pools the keys and values; no ToMe matching
+    pipe = OVLatentConsistencyModelPipeline.from_pretrained(qat["ov"], compile=True)
+    image = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+                 generator=np.random.RandomState(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
 
     peer = quantize_pipeline_int8(phase / "openvino", tmp_path / "ptq", ["a red circle", "a blue square"],
                                   num_samples=8, mode="hybrid", progress=False)  # fmt: skip
