@@ -10,7 +10,7 @@ import torch
 
 from ov_sd_trainer import lcm as L
 from ov_sd_trainer.errors import UserError
-from ov_sd_trainer.pipeline_folder import LCM_CLASS
+from ov_sd_trainer.pipeline_folder import LCM_CLASS, UNET_XML
 from ov_sd_trainer.train import consistency as C
 from ov_sd_trainer.train.losses import QATModel
 
@@ -419,7 +419,7 @@ def test_float_then_hybrid_todo_qat_run_and_the_ptq_peer_of_its_float_student(ti
     assert results["fake_quantize_ops"] > 0 and results["unet_size_ratio"] < 0.9
     assert json.loads((qat["ov"] / "model_index.json").read_text())["_class_name"] == LCM_CLASS
     assert "QAT with the float student as the teacher" in (qat["ov"] / "README.md").read_text()
-    ops = {op.get_type_name() for op in ov.Core().read_model(qat["ov"] / "unet" / "openvino_model.xml").get_ops()}
+    ops = {op.get_type_name() for op in ov.Core().read_model(qat["ov"] / UNET_XML).get_ops()}
     assert "AvgPool" in ops and "TopK" not in ops  # ToDo pools the keys and values; no ToMe matching
     pipe = OVLatentConsistencyModelPipeline.from_pretrained(qat["ov"], compile=True)
     image = pipe("a red circle", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,

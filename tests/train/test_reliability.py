@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from ov_sd_trainer.compress import quantize
+from ov_sd_trainer.pipeline_folder import UNET_XML
 from ov_sd_trainer.run_folder import COMPLETE_MARKER, FINAL_DIR, OPENVINO_DIR, find_resumable_checkpoint
 from ov_sd_trainer.train.config import parse_config
+from ov_sd_trainer.train.consistency import TARGET_FILE
 from ov_sd_trainer.train.run import run
 
 STEPS = 12  # the SIGKILL test's run: the kill lands after step 2, ten steps before the end
@@ -134,7 +136,7 @@ def test_two_processes_gloo(ddp_run):
     assert len(end) == 2 and end[0] == end[1], "quantizer parameters diverged across ranks"
     assert start[0] != end[0], "training did not move the quantizers"
     # only the main process wrote: one export, checkpoints, and no leftover calibration hand-over
-    assert (out / "openvino" / "unet" / "openvino_model.xml").is_file()
+    assert (out / OPENVINO_DIR / UNET_XML).is_file()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["checkpoint-2", "checkpoint-4", FINAL_DIR, "loss.png", "openvino", "training_recipe.json"]
     )
@@ -161,7 +163,7 @@ def test_two_processes_gloo_consistency(lcm_ddp_run):
     start, end = info["quantizer_digests_at_start"], info["quantizer_digests_at_end"]
     assert start[0] == start[1] and end[0] == end[1] and start[0] != end[0]
     assert all(h["consistency_loss"] > 0 for h in info["log_history"] if "loss" in h)
-    assert (out / "checkpoint-2" / "consistency_target.safetensors").is_file()
+    assert (out / "checkpoint-2" / TARGET_FILE).is_file()
 
 
 @pytest.mark.slow  # two FSDP launches (~2.5 min), run in CI
@@ -183,15 +185,14 @@ def test_fsdp_consistency_shards_student_and_target_and_matches_ddp(recipe, lcm_
     assert sum(local) >= total  # (FSDP pads the last rank's shard of a tensor, never drops any of it)
     start = info["quantizer_digests_at_start"]
     assert start[0] == start[1] and info["quantizer_digests_at_end"][0] != start[0]
-    assert (out / OPENVINO_DIR / "unet" / "openvino_model.xml").is_file()
-    target = "consistency_target.safetensors"
+    assert (out / OPENVINO_DIR / UNET_XML).is_file()
     for step in (2, 4):  # whole tensors each save: student, EMA, optimizer, target network
         names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-        assert {"student", "ema.safetensors", "optimizer.pt", "scheduler.pt", target} <= names
+        assert {"student", "ema.safetensors", "optimizer.pt", "scheduler.pt", TARGET_FILE} <= names
     losses = [[h["consistency_loss"] for h in i["log_history"] if "loss" in h] for i in (info, lcm_ddp_run["info"])]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-3)
     name = quantize.STATE_SAFETENSORS
-    for sub, ref in ((f"checkpoint-4/{target}", f"checkpoint-2/{target}"),
+    for sub, ref in ((f"checkpoint-4/{TARGET_FILE}", f"checkpoint-2/{TARGET_FILE}"),
                      (f"checkpoint-4/student/{name}", f"checkpoint-2/student/{name}")):  # fmt: skip
         gap = _relative_gap(out / sub, ddp_out / sub, out / ref)  # (whole tensors, the same names as DDP's)
         print(f"{sub}: FSDP vs DDP {gap:.2e} of the steps-3-4 movement")
@@ -201,7 +202,7 @@ def test_fsdp_consistency_shards_student_and_target_and_matches_ddp(recipe, lcm_
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     _launch_two(recipe, resumed, *LCM_FLAGS, "--resume_from_checkpoint", "latest", fsdp=True)
-    for sub in (f"checkpoint-4/{target}", f"checkpoint-4/student/{name}", "checkpoint-4/ema.safetensors",
+    for sub in (f"checkpoint-4/{TARGET_FILE}", f"checkpoint-4/student/{name}", "checkpoint-4/ema.safetensors",
                 f"{FINAL_DIR}/student/{name}"):  # fmt: skip
         assert _max_diff(out / sub, resumed / sub) == 0, sub
 
