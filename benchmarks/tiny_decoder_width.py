@@ -1,11 +1,13 @@
-"""The SD 1.5-sized tiny decoder at several widths, timed at 512 px in one process (f32 and full int8 IRs).
+"""The SD 1.5-sized tiny decoder at several widths, with and without the global-context blocks, timed at 512 px in
+one process (f32 and full int8 IRs).
 
-    python benchmarks/tiny_decoder_width.py [--widths 64 96] [--threads 1]
+    python benchmarks/tiny_decoder_width.py [--widths 64 96] [--global-context] [--threads 1]
 
-`ov-sd bench --arch sd15` times the default width only. This times `TinyDecoder(decoder_config(SD 1.5 VAE, width))`
+`ov-sd bench --arch sd15` times the default decoder only. This times `TinyDecoder(decoder_config(SD 1.5 VAE, width))`
+(and with `--global-context`, each width again with `global_context=True`)
 with random weights, converted and quantized as the export does (`export.tiny_decoder.convert_tiny_decoder`,
 `compress_int8(..., "full")` calibrated on 8 random latents), latents 1x4x64x64, OpenVINO LATENCY hint: best of 3
-calls after a warm-up. Prints a table; ratios are to the first width, in the same process."""
+calls after a warm-up. Prints a table; ratios are to the first row, in the same process."""
 
 import argparse
 import time
@@ -34,6 +36,7 @@ def best_of(compiled, x, calls: int = 3) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="+", default=[64, 96])
+    p.add_argument("--global-context", action="store_true", help="also time each width with global_context=True")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     core = ov.Core()
@@ -42,18 +45,19 @@ def main():
     calibration = np.random.RandomState(1).randn(8, 4, 64, 64).astype(np.float32)
     rows = []
     for width in args.widths:
-        torch.manual_seed(0)
-        decoder = TinyDecoder(decoder_config(SD15_VAE, width))
-        params = sum(p.numel() for p in decoder.parameters())
-        times = {mode: best_of(core.compile_model(compress_int8(convert_tiny_decoder(decoder), mode, calibration),
-                                                  "CPU", config), x)
-                 for mode in ("none", "full")}  # fmt: skip
-        rows.append((width, params, times))
+        for context in (False, True) if args.global_context else (False,):
+            torch.manual_seed(0)
+            decoder = TinyDecoder(decoder_config(SD15_VAE, width, global_context=context))
+            params = sum(p.numel() for p in decoder.parameters())
+            times = {mode: best_of(core.compile_model(compress_int8(convert_tiny_decoder(decoder), mode, calibration),
+                                                      "CPU", config), x)
+                     for mode in ("none", "full")}  # fmt: skip
+            rows.append((f"{width}" + (" + global context" if context else ""), params, times))
     base = rows[0][2]
-    print("| width | parameters | f32 s | full int8 s | f32 x first | int8 x first |")
+    print("| decoder width | parameters | f32 s | full int8 s | f32 x first | int8 x first |")
     print("|---|---|---|---|---|---|")
-    for width, params, t in rows:
-        print(f"| {width} | {params / 1e6:.2f} M | {t['none']:.3f} | {t['full']:.3f} | "
+    for name, params, t in rows:
+        print(f"| {name} | {params / 1e6:.2f} M | {t['none']:.3f} | {t['full']:.3f} | "
               f"{t['none'] / base['none']:.2f} | {t['full'] / base['full']:.2f} |")  # fmt: skip
 
 

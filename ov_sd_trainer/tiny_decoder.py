@@ -25,11 +25,14 @@ HELD_OUT_FILE = "held_out_latents.safetensors"  # in final/: held-out scaled lat
 FORMAT = "ov-sd-trainer/tiny-decoder"
 DEFAULT_WIDTH = 64  # TAESD's channel width
 DEFAULT_BLOCKS = 3  # TAESD's AutoencoderTinyBlocks per upsampling stage
+DEFAULT_GLOBAL_CONTEXT = False  # TAESD has none; docs/tiny-decoder.md measures the option
 
 
-def decoder_config(vae_config, width: int = DEFAULT_WIDTH, blocks: int = DEFAULT_BLOCKS) -> dict:
-    """The tiny decoder's config for a VAE: its latent channels, one upsampling stage per factor doubling, and the
-    latent scale (scaling / shift factor) the export puts in front of it."""
+def decoder_config(vae_config, width: int = DEFAULT_WIDTH, blocks: int = DEFAULT_BLOCKS,
+                   global_context: bool = DEFAULT_GLOBAL_CONTEXT) -> dict:  # fmt: skip
+    """The tiny decoder's config for a VAE: its latent channels, one upsampling stage per factor doubling, the
+    latent scale (scaling / shift factor) the export puts in front of it, and whether a `GlobalContext` follows each
+    residual block."""
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     stages = int(math.log2(factor))
     return {
@@ -41,6 +44,7 @@ def decoder_config(vae_config, width: int = DEFAULT_WIDTH, blocks: int = DEFAULT
         "vae_scale_factor": factor,
         "scaling_factor": float(vae_config["scaling_factor"]),
         "shift_factor": float(vae_config.get("shift_factor") or 0.0),
+        "global_context": bool(global_context),
     }
 
 
@@ -56,8 +60,28 @@ def same_latent_space(a: dict, b: dict) -> bool:
     return all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(latent_space(a), latent_space(b), strict=True))
 
 
+class GlobalContext(nn.Module):
+    """x + W2 relu(W1 mean(x)): each image's channel means, through two 1x1 convolutions, added back everywhere.
+
+    The full VAE decoder leans on whole-image statistics (its GroupNorms and mid-block attention; docs/tiny-decoder.md
+    measures how much), which TAESD's conv-only decoder can only approximate through its receptive field. This gives
+    it one global path made of int8-friendly operations (ReduceMean, Conv, ReLU, Add): no attention, no GroupNorm.
+    W2 starts at zero, so an untrained block is the identity and the decoder starts as TAESD's."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels // 2 or 1, 1)
+        self.expand = nn.Conv2d(channels // 2 or 1, channels, 1)
+        nn.init.zeros_(self.expand.weight)
+        nn.init.zeros_(self.expand.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.expand(torch.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True))))
+
+
 class TinyDecoder(nn.Module):
-    """diffusers' `DecoderTiny`: scaled latents (the UNet's space) -> image in [-1, 1]."""
+    """diffusers' `DecoderTiny`: scaled latents (the UNet's space) -> image in [-1, 1]; with `global_context`, a
+    `GlobalContext` after each of its residual blocks."""
 
     def __init__(self, config: dict):
         super().__init__()
@@ -73,6 +97,15 @@ class TinyDecoder(nn.Module):
             act_fn="relu",
             upsample_fn="nearest",
         )
+        if config.get("global_context"):
+            from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
+
+            layers = []
+            for layer in self.decoder.layers:
+                layers.append(layer)
+                if isinstance(layer, AutoencoderTinyBlock):
+                    layers.append(GlobalContext(layer.conv[0].out_channels))
+            self.decoder.layers = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)

@@ -7,6 +7,8 @@ Upsample, a tanh clamp of its input; no attention, no GroupNorm, so it quantizes
 VAE's latent channels in, one 2x upsampling stage per VAE factor doubling (3 for SD's factor 8: TAESD's layout,
 1.22 M parameters at the default width 64). Like TAESD it takes the *scaled* latents, the UNet's own space
 (`vae latents x scaling_factor`); the export puts the `/ scaling_factor` of the pipelines back in front of it.
+`decoder_global_context` adds a `tiny_decoder.GlobalContext` block after each residual block (each image's channel
+means through two 1x1 convolutions, added back: whole-image statistics without attention or GroupNorm).
 
 The teacher is the pipeline's frozen VAE decoder. Inputs: latents of the dataset's images, drawn from the frozen VAE
 encoder's posterior (a fresh draw each step, seeded by the step, so a resumed run draws the same), and with
@@ -54,6 +56,7 @@ from ..run_folder import COMPLETE_MARKER, EMA_FILE, FINAL_DIR, LOSS_PLOT, find_r
 from ..tiny_decoder import (
     DECODER_DIR,
     DEFAULT_BLOCKS,
+    DEFAULT_GLOBAL_CONTEXT,
     DEFAULT_WIDTH,
     HELD_OUT_FILE,
     WEIGHTS_FILE,
@@ -292,6 +295,11 @@ class DecoderConfig(TrainingArguments):
     decoder_blocks: int = field(
         default=DEFAULT_BLOCKS, metadata={"help": "residual conv blocks per upsampling stage (TAESD: 3)"}
     )
+    decoder_global_context: bool = field(
+        default=DEFAULT_GLOBAL_CONTEXT,
+        metadata={"help": "add a global-context block (per-image channel means -> 1x1 convs, added back) after each "
+                  "residual block: whole-image statistics without attention or GroupNorm"},
+    )  # fmt: skip
     pixel_weight: float = field(default=1.0, metadata={"help": "weight of the pixel MSE to the teacher's image"})
     perceptual_weight: float = field(
         default=0.0, metadata={"help": "weight of the feature distance in the frozen VAE encoder's features"}
@@ -525,7 +533,8 @@ def build(cfg: DecoderConfig):
         pipe.unet.to("cpu")  # only the VAE is needed from here on
         pipe.text_encoder.to("cpu")
     logger.info("encoded %d training latents in %.1f s", len(mean), time.perf_counter() - t0)
-    student = TinyDecoder(decoder_config(vae.config, cfg.decoder_width, cfg.decoder_blocks)).to(cfg.device)
+    config = decoder_config(vae.config, cfg.decoder_width, cfg.decoder_blocks, cfg.decoder_global_context)
+    student = TinyDecoder(config).to(cfg.device)
     objective = DecoderDistillation(vae, student, cfg.pixel_weight, cfg.perceptual_weight, cfg.adversarial_weight)
     info = {"resolution": resolution, "train_latents": len(mean), "dataset_images": len(ds), "skipped": skipped,
             "sampling_endpoints": cfg.sampling_endpoints, "endpoint_model": cfg.endpoint_model,

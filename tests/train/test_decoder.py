@@ -261,3 +261,41 @@ def _teacher(path):
     from ov_sd_trainer.pipeline_folder import load_pipeline
 
     return load_pipeline(path)
+
+
+def test_global_context_starts_as_taesd_reaches_the_whole_image_and_exports(tmp_path):
+    """`global_context`: an untrained decoder is TAESD's; a trained block lets a corner of the latents change the
+    opposite corner of the image, which TAESD's receptive field cannot; the IR has ReduceMean and no normalization or
+    attention, and matches torch."""
+    import openvino as ov
+
+    vae = {"block_out_channels": [8, 8, 8], "latent_channels": 4, "scaling_factor": 0.5}
+    torch.manual_seed(0)
+    gc = tiny_decoder.TinyDecoder(tiny_decoder.decoder_config(vae, 16, global_context=True)).eval()
+    blocks = [m for m in gc.modules() if isinstance(m, tiny_decoder.GlobalContext)]
+    assert len(blocks) == sum(gc.config["num_blocks"]) == 7  # one per residual block: (3, 3, 1)
+    plain = tiny_decoder.TinyDecoder(tiny_decoder.decoder_config(vae, 16)).eval()
+    plain.decoder.layers = torch.nn.Sequential(
+        *[m for m in gc.decoder.layers if not isinstance(m, tiny_decoder.GlobalContext)]
+    )  # the same weights, blocks left out
+    z = torch.randn(2, 4, 48, 48)
+    moved = z.clone()
+    moved[:, :, -8:, -8:] += 3.0  # the far corner: 40 latent pixels away, beyond TAESD's receptive field of (0, 0)
+    with torch.no_grad():
+        assert torch.equal(gc(z), plain(z))  # zero-initialised: the identity
+        assert torch.equal(plain(z)[:, :, :8, :8], plain(moved)[:, :, :8, :8])  # the control: out of reach
+        for block in blocks:  # as training would move them
+            torch.nn.init.normal_(block.expand.weight, std=0.1)
+        assert (gc(z)[:, :, :8, :8] - gc(moved)[:, :, :8, :8]).abs().max() > 1e-3
+        expected = gc(z[:1]).numpy()
+    gc.save(tmp_path / "gc")
+    loaded = tiny_decoder.TinyDecoder.load(tmp_path / "gc")
+    assert loaded.config["global_context"] and torch.equal(loaded(z[:1]), gc(z[:1]))
+    model = export.convert_tiny_decoder(loaded)
+    ops = {op.get_type_name() for op in model.get_ops()}
+    assert "ReduceMean" in ops and not ops & {"MVN", "GroupNormalization", "Softmax", "MatMul"}, ops
+    ir = ov.Core().compile_model(model, "CPU", F32)
+    got = ir(z[:1].numpy() / vae["scaling_factor"])[0]  # the pipelines' latent_sample: latents / scaling_factor
+    assert psnr((got + 1) * 127.5, (expected + 1) * 127.5) > 45.0
+    cfg, _ = decoder.parse_decoder_config(["--decoder_global_context", "true", "--output_dir", str(tmp_path / "o")])
+    assert cfg.decoder_global_context
