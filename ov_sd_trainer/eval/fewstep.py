@@ -2,7 +2,9 @@
 
 Few-step variants (an LCM folder, or any `--model` given its own `--steps NAME=N`) run with their own steps,
 guidance and scheduler (an LCM folder keeps its `LCMScheduler`; its trained steps and guidance come from
-`pipeline_folder.trained_sampling`). What a consistency model approximates is the teacher's ODE endpoint from the
+`pipeline_folder.trained_sampling`; any other folder samples with the teacher's scheduler, or with
+`--scheduler NAME=KIND`, one of `SCHEDULERS`: the naive few-step baseline is the teacher's own export at 2-8 steps
+with DDIM or Euler). What a consistency model approximates is the teacher's ODE endpoint from the
 same initial latent at the same guidance, so they are scored against the teacher sampled with deterministic DDIM
 without clipping (`ode_scheduler`) at `ODE_STEPS` steps, and by a Fréchet distance between their image set and the
 teacher's in the judge's penultimate features (`JudgeFeatures`, torchmetrics' `FrechetInceptionDistance` with a
@@ -23,8 +25,11 @@ import torch
 
 from ..errors import UserError
 from ..export.tiny_decoder import DECODER_XML, active_decoder, decoder_dir
+from ..lcm import ode_scheduler
 from ..pipeline_folder import trained_sampling
 
+# --scheduler NAME=KIND: the few-step samplers a plain (non-LCM) variant can use, on the teacher's noise schedule
+SCHEDULERS = ("ddim", "euler", "dpm")
 ODE_STEPS = (25, 50)  # the teacher's DDIM steps for the ODE endpoints (the issue's 25 and 50)
 FLOOR_SEED_OFFSET = 1000  # the noise floor's teacher images: seeds shifted by this (other initial latents)
 
@@ -47,18 +52,50 @@ def parse_per_variant(specs: list[str], flag: str, cast, names: list[str]) -> tu
     return plain, per
 
 
+def parse_schedulers(specs: list[str], names: list[str]) -> dict[str, str]:
+    """`--scheduler naive=euler`: {name: kind}; a NAME must be a --model name and KIND one of `SCHEDULERS`."""
+    out = {}
+    for spec in specs:
+        name, sep, kind = spec.rpartition("=")
+        if not sep or kind not in SCHEDULERS:
+            raise UserError(f"--scheduler {spec!r}: give NAME=KIND with KIND one of {', '.join(SCHEDULERS)}")
+        if name not in names:
+            raise UserError(f"--scheduler {spec!r}: {name!r} is not a --model name (names: {', '.join(names)})")
+        out[name] = kind
+    return out
+
+
+def few_step_scheduler(kind: str, teacher_config):
+    """A diffusers scheduler of `kind` (`SCHEDULERS`) on the teacher's noise schedule: `ddim` is the teacher's ODE
+    solver (DDIM without clipping), `euler` `EulerDiscreteScheduler`, `dpm` `DPMSolverMultistepScheduler` (DPM-Solver++
+    2M), each with its defaults otherwise (leading spacing for DDIM, as the teacher's config says)."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if kind == "ddim":
+        return ode_scheduler(teacher_config)
+    return {"euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[kind].from_config(teacher_config)
+
+
 def variant_sampling(name: str, path: Path, steps: dict, guidance: dict, default_steps: int,
-                     default_guidance: float) -> dict | None:  # fmt: skip
-    """A few-step variant's steps, guidance and whether it keeps its own scheduler; None for an ordinary variant
-    (the teacher's scheduler, steps and guidance)."""
+                     default_guidance: float, schedulers: dict | None = None) -> dict | None:  # fmt: skip
+    """A few-step variant's steps, guidance and scheduler: `own_scheduler` (an LCM folder keeps its LCMScheduler)
+    or `scheduler` (a `SCHEDULERS` kind, None for the teacher's); None for an ordinary variant (the teacher's
+    scheduler, steps and guidance)."""
+    schedulers = schedulers or {}
     trained = trained_sampling(path)
-    if trained is None and name not in steps and name not in guidance:
+    if trained is not None and name in schedulers:
+        raise UserError(
+            f"--scheduler {name}={schedulers[name]}: {path} is a few-step (latent consistency) folder, which samples "
+            "with its own LCMScheduler; give --scheduler to a plain folder (e.g. the teacher's export)"
+        )
+    if trained is None and name not in steps and name not in guidance and name not in schedulers:
         return None
     trained = trained or {}
     return {
         "steps": steps.get(name, trained.get("steps", default_steps)),
         "guidance_scale": guidance.get(name, trained.get("guidance_scale", default_guidance)),
         "own_scheduler": bool(trained),  # an LCM folder samples with its LCMScheduler, as optimum and GenAI do
+        "scheduler": schedulers.get(name),
     }
 
 

@@ -56,10 +56,13 @@ from .accuracy import load_for_quality
 from .fewstep import (
     FLOOR_SEED_OFFSET,
     ODE_STEPS,
+    SCHEDULERS,
     decoder_comparison,
+    few_step_scheduler,
     frechet_distance,
     has_tiny_decoder,
     parse_per_variant,
+    parse_schedulers,
     variant_sampling,
 )
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate_set, initial_latents
@@ -250,17 +253,20 @@ def evaluate_fidelity(
     cache_intervals: dict[str, int] | None = None,
     variant_steps: dict[str, int] | None = None,
     variant_guidance: dict[str, float] | None = None,
+    variant_schedulers: dict[str, str] | None = None,
     twins: list[tuple[str, str]] | None = None,
 ) -> tuple[dict, list[list]]:
     """Run the evaluation. Returns (result dict as written to eval.json, grid rows of PIL images).
 
     `models`: (name, OpenVINO folder) pairs; `cache_intervals`: name -> step-caching interval for those variants
     (their UNet noise MSE stays the plain IR's, one call); `variant_steps` / `variant_guidance`: name -> that
-    variant's own steps / guidance, making it a few-step variant (`fewstep`; an LCM folder is one anyway). Raises
+    variant's own steps / guidance, making it a few-step variant (`fewstep`; an LCM folder is one anyway);
+    `variant_schedulers`: name -> a `fewstep.SCHEDULERS` kind that variant samples with (also a few-step one). Raises
     UserError for bad input before any slow work. `twins`: (A, B) variant pairs: A's images against B's (an int8
     student against its float twin, from the same latents), in `result["twins"]`."""
     cache_intervals = cache_intervals or {}
     variant_steps, variant_guidance = variant_steps or {}, variant_guidance or {}
+    variant_schedulers = variant_schedulers or {}
     from .judge import load_judge
 
     if min([steps, seeds, batch_size, unet_samples, grid_samples, *variant_steps.values()]) < 1:
@@ -279,12 +285,14 @@ def evaluate_fidelity(
         check_cache_folder(name, checked[-1][1], cache_intervals.get(name))
     few_step_reference = trained_sampling(ref_path) is not None  # an LCM folder or a consistency student's export
     if not few_step_reference:
-        sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale)
+        sampling = {name: variant_sampling(name, path, variant_steps, variant_guidance, steps, guidance_scale,
+                                           variant_schedulers)
                     for name, path in checked}  # fmt: skip
-    elif variant_steps or variant_guidance:
+    elif variant_steps or variant_guidance or variant_schedulers:
         raise UserError(
             "the reference is itself a few-step (latent consistency) model, so there are no teacher ODE "
-            "endpoints to score per-variant steps against; give --steps N and --guidance-scale W without NAME="
+            "endpoints to score per-variant steps or schedulers against; give --steps N and --guidance-scale W "
+            "without NAME="
         )
     else:  # a few-step reference: its variants sample as it does (--steps, --guidance-scale), scored against it
         sampling = {name: None for name, _ in checked}
@@ -338,7 +346,13 @@ def evaluate_fidelity(
         t0 = time.perf_counter()
         interval = cache_intervals.get(name)
         own = sampling[name]
-        pipe = load_variant(path, batch_size, ov_config, None if own and own["own_scheduler"] else scheduler, interval)
+        if own and own["own_scheduler"]:
+            sampler = None  # the folder's own LCMScheduler
+        elif own and own["scheduler"]:
+            sampler = few_step_scheduler(own["scheduler"], scheduler.config)
+        else:
+            sampler = scheduler
+        pipe = load_variant(path, batch_size, ov_config, sampler, interval)
         variant_gen = {**gen, "steps": own["steps"], "guidance_scale": own["guidance_scale"]} if own else gen
         images, final = generate_set(pipe, jobs, latents, desc=f"generate {name}", progress=progress, **variant_gen)
         gen_s = time.perf_counter() - t0
@@ -495,6 +509,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "is one with the steps it was trained for (repeatable)")  # fmt: skip
     parser.add_argument("--guidance-scale", action="append", default=[], metavar="[NAME=]W",
                         help=f"guidance scale (default {DEFAULT_GUIDANCE}); NAME=W: that --model's own (repeatable)")  # fmt: skip
+    parser.add_argument("--scheduler", action="append", default=[], metavar="NAME=KIND",
+                        help=f"sample --model NAME with KIND ({', '.join(SCHEDULERS)}) on the teacher's noise schedule "
+                        "instead of the teacher's scheduler, as a few-step variant (the naive baseline: the teacher's "
+                        "export at --steps NAME=4 --scheduler NAME=euler) (repeatable)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
     parser.add_argument("--subset", type=int, default=None, help="N evenly spaced prompts of the 132 (default all)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
@@ -549,6 +567,7 @@ def run(args: argparse.Namespace) -> dict:
     twins = [parse_pair(spec, "--twin", names) for spec in args.twin]
     steps, variant_steps = parse_per_variant(args.steps, "--steps", int, names)
     guidance, variant_guidance = parse_per_variant(args.guidance_scale, "--guidance-scale", float, names)
+    variant_schedulers = parse_schedulers(args.scheduler, names)
     result, grid_rows = evaluate_fidelity(
         args.reference,
         models,
@@ -557,6 +576,7 @@ def run(args: argparse.Namespace) -> dict:
         guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
         variant_steps=variant_steps,
         variant_guidance=variant_guidance,
+        variant_schedulers=variant_schedulers,
         twins=twins,
         seeds=args.seeds,
         subset=args.subset,

@@ -38,8 +38,12 @@ def ddim_teacher(tiny_pipeline, tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(ddim_teacher, fp32_export, lcm_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("fewstep-eval") / "out"
+    # naive: the teacher's export with the teacher's ODE solver named (`--scheduler naive=ddim`); euler: the same
+    # export at 4 Euler steps (the naive few-step baseline)
     argv = ["eval", "--reference", str(ddim_teacher), "--model", f"naive={fp32_export}", "--model",
-            f"lcm={lcm_export}", "--steps", "3", "--steps", "naive=25", "--guidance-scale", f"naive={NAIVE_GUIDANCE}",
+            f"lcm={lcm_export}", "--model", f"euler={fp32_export}", "--steps", "3", "--steps", "naive=25",
+            "--guidance-scale", f"naive={NAIVE_GUIDANCE}", "--scheduler", "naive=ddim", "--steps", "euler=4",
+            "--guidance-scale", f"euler={NAIVE_GUIDANCE}", "--scheduler", "euler=euler",
             "--seeds", "1", "--subset", "3", "--batch-size", "3", "--unet-samples", "2", "--grid-samples", "2",
             "--threads", "1", "--no-progress", "--compare", "lcm,naive", "--output", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
@@ -53,13 +57,16 @@ def test_each_variant_samples_with_its_own_settings(result):
     # an LCM folder without a training record: its family's 4 steps, diffusers' LCM guidance, its own LCMScheduler
     assert (lcm["steps"], lcm["guidance_scale"], lcm["scheduler"]) == (4, 8.5, "LCMScheduler")
     assert "few_step" not in rows["fp32"] and result["settings"]["steps"] == 3
+    euler = rows["euler"]["few_step"]
+    assert (euler["steps"], euler["scheduler"]) == (4, "EulerDiscreteScheduler")
+    assert euler["guidance_scale"] == NAIVE_GUIDANCE
 
 
 def test_ode_endpoints_are_the_teachers_from_the_same_latents(result):
     naive = {v["name"]: v for v in result["variants"]}["naive"]["few_step"]
     # the same sampler, latents and guidance as the 25-step endpoint: equal up to OpenVINO's f32 numerics; the
     # 50-step endpoint is another image (the control: a wrong guidance or other latents would fail the first)
-    assert naive["ode"]["ddim25"]["psnr"] > 40
+    assert naive["ode"]["ddim25"]["psnr"] > 40  # so `--scheduler naive=ddim` is the teacher's ODE solver
     assert naive["ode"]["ddim50"]["psnr"] < naive["ode"]["ddim25"]["psnr"] - 5
     assert naive["frechet_floor"] > 0 and np.isfinite(naive["frechet_distance"])
     metrics = {r["metric"] for r in result["comparisons"]["lcm vs naive"]}
@@ -90,3 +97,16 @@ def test_per_variant_flags_are_checked():
         fewstep.parse_per_variant(["b=4"], "--steps", int, ["a"])
     with pytest.raises(UserError, match="give a number or NAME=number"):
         fewstep.parse_per_variant(["a=four"], "--steps", int, ["a"])
+    assert fewstep.parse_schedulers(["a=euler"], ["a"]) == {"a": "euler"}
+    with pytest.raises(UserError, match="KIND one of ddim, euler, dpm"):
+        fewstep.parse_schedulers(["a=pndm"], ["a"])
+    with pytest.raises(UserError, match="'b' is not a --model name"):
+        fewstep.parse_schedulers(["b=ddim"], ["a"])
+    for kind in fewstep.SCHEDULERS:  # on the teacher's noise schedule, never clipping
+        sampler = fewstep.few_step_scheduler(kind, ode_scheduler({"beta_schedule": "scaled_linear"}).config)
+        assert sampler.config.beta_schedule == "scaled_linear" and not sampler.config.get("clip_sample")
+
+
+def test_an_lcm_folder_keeps_its_scheduler(lcm_export):
+    with pytest.raises(UserError, match="samples with its own LCMScheduler"):
+        fewstep.variant_sampling("lcm", lcm_export, {}, {}, 25, 7.5, {"lcm": "euler"})
