@@ -297,5 +297,11 @@ def test_global_context_starts_as_taesd_reaches_the_whole_image_and_exports(tmp_
     ir = ov.Core().compile_model(model, "CPU", F32)
     got = ir(z[:1].numpy() / vae["scaling_factor"])[0]  # the pipelines' latent_sample: latents / scaling_factor
     assert psnr((got + 1) * 127.5, (expected + 1) * 127.5) > 45.0
+    # full int8 quantizes the residual blocks and keeps the context path float (quantized, it cost 2.0 dB)
+    quantized = export.compress_int8(model, "full", np.random.RandomState(0).randn(4, 4, 48, 48).astype(np.float32))
+    fed = {t.get_node().get_friendly_name() for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize"
+           for out in op.outputs() for t in out.get_target_inputs()}  # fmt: skip
+    assert any(".conv.0/" in name for name in fed)
+    assert not any(part in name for name in fed for part in (".reduce/", ".expand/", "aten::mean"))
     cfg, _ = decoder.parse_decoder_config(["--decoder_global_context", "true", "--output_dir", str(tmp_path / "o")])
     assert cfg.decoder_global_context
