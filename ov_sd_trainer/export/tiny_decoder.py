@@ -255,6 +255,7 @@ def add_tiny_decoder(folder: str | Path, decoder: str | Path, int8: str = "none"
     info = {
         "source": str(source.resolve()),
         "parameters": sum(p.numel() for p in tiny.parameters()),
+        "global_context": bool(tiny.config.get("global_context")),
         "int8": int8,
         "ir_bytes": (folder / STORED_DIR["tiny"] / DECODER_XML).with_suffix(".bin").stat().st_size,
     }
@@ -290,7 +291,8 @@ def card_section(record: dict) -> str:
     lines = [CARD_HEADING, ""]
     if record["active"] == "tiny":
         lines.append(
-            f"`vae_decoder/` is a distilled tiny decoder (TAESD architecture, {tiny.get('parameters', '?'):,} "
+            f"`vae_decoder/` is a distilled tiny decoder (TAESD architecture{' with global-context blocks' if tiny.get('global_context') else ''}, "
+            f"{tiny.get('parameters', '?'):,} "
             f"parameters, int8: {tiny.get('int8', 'none')}) trained on this model's VAE decoder by `ov-sd "
             "train-decoder`; the original VAE decoder is kept in `vae_decoder_full/`."
         )

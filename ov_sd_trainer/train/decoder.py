@@ -7,8 +7,9 @@ Upsample, a tanh clamp of its input; no attention, no GroupNorm, so it quantizes
 VAE's latent channels in, one 2x upsampling stage per VAE factor doubling (3 for SD's factor 8: TAESD's layout,
 1.22 M parameters at the default width 64). Like TAESD it takes the *scaled* latents, the UNet's own space
 (`vae latents x scaling_factor`); the export puts the `/ scaling_factor` of the pipelines back in front of it.
-`decoder_global_context` adds a `tiny_decoder.GlobalContext` block after each residual block (each image's channel
-means through two 1x1 convolutions, added back: whole-image statistics without attention or GroupNorm).
+By default (`decoder_global_context`) a `tiny_decoder.GlobalContext` block follows each residual block: each image's
+channel means through two 1x1 convolutions, added back (whole-image statistics without attention or GroupNorm;
+measured better on sampled latents, docs/tiny-decoder.md); `--decoder_global_context false` is TAESD's architecture.
 
 The teacher is the pipeline's frozen VAE decoder. Inputs: latents of the dataset's images, drawn from the frozen VAE
 encoder's posterior (a fresh draw each step, seeded by the step, so a resumed run draws the same), and with
@@ -297,8 +298,9 @@ class DecoderConfig(TrainingArguments):
     )
     decoder_global_context: bool = field(
         default=DEFAULT_GLOBAL_CONTEXT,
-        metadata={"help": "add a global-context block (per-image channel means -> 1x1 convs, added back) after each "
-                  "residual block: whole-image statistics without attention or GroupNorm"},
+        metadata={"help": "a global-context block (per-image channel means -> 1x1 convs, added back) after each "
+                  "residual block: whole-image statistics without attention or GroupNorm (false: TAESD's "
+                  "architecture)"},
     )  # fmt: skip
     pixel_weight: float = field(default=1.0, metadata={"help": "weight of the pixel MSE to the teacher's image"})
     perceptual_weight: float = field(

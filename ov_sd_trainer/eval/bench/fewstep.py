@@ -1,7 +1,8 @@
 """The bench's few-step rows and tiny VAE decoder timings (issues 26 and 27), measured in the same run as the 50-step
 rows.
 
-- **Tiny decoder**: TAESD's architecture sized for the pipeline's VAE (`tiny_decoder.TinyDecoder(decoder_config(...))`,
+- **Tiny decoder**: the default tiny decoder (TAESD's architecture with global-context blocks) sized for the
+  pipeline's VAE (`tiny_decoder.TinyDecoder(decoder_config(...))`,
   random weights) converted with the export's own interface (`export.tiny_decoder.convert_tiny_decoder`), in f32 and
   full int8 (NNCF PTQ on random latents). Timed with the same latents, warm-up and repeats as the VAE decode, each
   with the same postprocessing to PIL; every per-image row then also gets its image latency with the tiny decoder
