@@ -1,7 +1,6 @@
 """What a tiny VAE decoder is: its architecture (TAESD's, diffusers' `DecoderTiny`, plus `GlobalContext` blocks), its
-config for a given VAE, and
-where a `ov-sd train-decoder` output keeps it. Training (`train.decoder`) writes these folders; export
-(`export.tiny_decoder`), eval and bench read them through here, so neither stage imports the other.
+config for a given VAE, and where a `ov-sd train-decoder` output keeps it. Training (`train.decoder`) writes these
+folders; export (`export.tiny_decoder`), eval and bench read them through here, so neither stage imports the other.
 
     output_dir/final/tiny_decoder/         config.json (the config below) + model.safetensors (EMA applied)
     output_dir/final/held_out_latents.safetensors   scaled latents of held-out images ("latents") and, where the run

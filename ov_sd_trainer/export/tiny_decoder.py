@@ -290,9 +290,9 @@ def card_section(record: dict) -> str:
     tiny = record.get("tiny") or {}
     lines = [CARD_HEADING, ""]
     if record["active"] == "tiny":
+        architecture = "TAESD architecture" + (" with global-context blocks" if tiny.get("global_context") else "")
         lines.append(
-            f"`vae_decoder/` is a distilled tiny decoder (TAESD architecture{' with global-context blocks' if tiny.get('global_context') else ''}, "
-            f"{tiny.get('parameters', '?'):,} "
+            f"`vae_decoder/` is a distilled tiny decoder ({architecture}, {tiny.get('parameters', '?'):,} "
             f"parameters, int8: {tiny.get('int8', 'none')}) trained on this model's VAE decoder by `ov-sd "
             "train-decoder`; the original VAE decoder is kept in `vae_decoder_full/`."
         )
