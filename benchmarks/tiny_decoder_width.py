@@ -3,23 +3,22 @@ one process (f32 and full int8 IRs).
 
     python benchmarks/tiny_decoder_width.py [--widths 64 96] [--global-context] [--threads 1] [--rounds 5]
 
-`ov-sd bench --arch sd15` times the default decoder only. This times `TinyDecoder(decoder_config(SD 1.5 VAE, width))`
-(and with `--global-context`, each width again with `global_context=True`)
-with random weights, converted and quantized as the export does (`export.tiny_decoder.convert_tiny_decoder`,
-`compress_int8(..., "full")` calibrated on 8 random latents), latents 1x4x64x64, OpenVINO LATENCY hint. Every IR is
-compiled and warmed up first, then timed in `--rounds` interleaved rounds (one call of each per round), so that a
-host's drift hits every row alike: best and median per IR. Prints a table; ratios are of the best times, to the
-first row, in the same process."""
+`ov-sd bench --arch sd15` times the default decoder only. This builds each one as the bench does
+(`eval.bench.fewstep.build_tiny_decoders`: random weights, the export's conversion, full int8 calibrated on random
+latents), for the SD 1.5 VAE at each width (and with `--global-context`, each width again with the blocks; without,
+TAESD's architecture), latents 1x4x64x64, OpenVINO LATENCY hint. Every IR is compiled and warmed up first, then timed
+in `--rounds` interleaved rounds (one call of each per round), so that a host's drift hits every row alike: best and
+median per IR. Prints a table; ratios are of the best times, to the first row, in the same process."""
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
-import torch
 
-from ov_sd_trainer.export.tiny_decoder import compress_int8, convert_tiny_decoder
-from ov_sd_trainer.tiny_decoder import TinyDecoder, decoder_config
+from ov_sd_trainer.eval.bench.fewstep import TINY_F32, TINY_INT8, build_tiny_decoders
 
 SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "out_channels": 3,
             "scaling_factor": 0.18215}  # fmt: skip
@@ -35,18 +34,18 @@ def main():
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
     x = np.random.RandomState(0).randn(1, 4, 64, 64).astype(np.float32)
-    calibration = np.random.RandomState(1).randn(8, 4, 64, 64).astype(np.float32)
     rows, irs = [], {}
-    for width in args.widths:
-        for context in (False, True) if args.global_context else (False,):
-            torch.manual_seed(0)
-            decoder = TinyDecoder(decoder_config(SD15_VAE, width, global_context=context))
-            name = f"{width}" + (" + global context" if context else "")
-            rows.append((name, sum(p.numel() for p in decoder.parameters())))
-            for mode in ("none", "full"):
-                ir = compress_int8(convert_tiny_decoder(decoder), mode, calibration)
-                irs[name, mode] = core.compile_model(ir, "CPU", config)
-                irs[name, mode](x)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        for width in args.widths:
+            for context in (False, True) if args.global_context else (False,):
+                name = f"{width}" + (" + global context" if context else "")
+                out = Path(tmp) / name.replace(" ", "")
+                out.mkdir()
+                info = build_tiny_decoders(SD15_VAE, out, x.shape[2:], width=width, global_context=context)
+                rows.append((name, info["parameters"]))
+                for mode, ir in (("none", TINY_F32), ("full", TINY_INT8)):
+                    irs[name, mode] = core.compile_model(out / f"{ir}.xml", "CPU", config)
+                    irs[name, mode](x)  # warm-up
     times = {key: [] for key in irs}
     for _ in range(args.rounds):
         for key, compiled in irs.items():

@@ -38,8 +38,10 @@ TINY_CALIBRATION = 4  # random latents for the tiny decoder's full-int8 PTQ (spe
 TINY_F32, TINY_INT8 = "tiny-f32", "tiny-int8"
 
 
-def build_tiny_decoders(vae_config: dict, out: Path, latent_hw: tuple[int, int], seed: int = 0) -> dict[str, Any]:
-    """f32 and full-int8 IRs of a random tiny decoder sized for `vae_config` (`out/tiny-f32.xml`, `tiny-int8.xml`)."""
+def build_tiny_decoders(vae_config: dict, out: Path, latent_hw: tuple[int, int], seed: int = 0,
+                        **options) -> dict[str, Any]:  # fmt: skip
+    """f32 and full-int8 IRs of a random tiny decoder sized for `vae_config` (`out/tiny-f32.xml`, `tiny-int8.xml`);
+    `options`: `decoder_config`'s width / blocks / global_context (default: the default decoder's)."""
     import numpy as np
     import openvino as ov
     import torch
@@ -48,7 +50,7 @@ def build_tiny_decoders(vae_config: dict, out: Path, latent_hw: tuple[int, int],
     from ...tiny_decoder import TinyDecoder, decoder_config
 
     torch.manual_seed(seed)
-    tiny = TinyDecoder(decoder_config(vae_config)).eval()
+    tiny = TinyDecoder(decoder_config(vae_config, **options)).eval()
     model = convert_tiny_decoder(tiny)
     ov.save_model(model, out / f"{TINY_F32}.xml", compress_to_fp16=False)
     rng = np.random.default_rng(seed)
