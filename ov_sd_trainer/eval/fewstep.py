@@ -4,12 +4,12 @@ Few-step variants (an LCM folder, or any `--model` given its own `--steps NAME=N
 guidance and scheduler (an LCM folder keeps its `LCMScheduler`; its trained steps and guidance come from
 `pipeline_folder.trained_sampling`; any other folder samples with the teacher's scheduler, or with
 `--scheduler NAME=KIND`, one of `SCHEDULERS`: the naive few-step baseline is the teacher's own export at 2-8 steps
-with DDIM or Euler). What a consistency model approximates is the teacher's ODE endpoint from the
-same initial latent at the same guidance, so they are scored against the teacher sampled with deterministic DDIM
-without clipping (`ode_scheduler`) at `ODE_STEPS` steps, and by a Fréchet distance between their image set and the
-teacher's in the judge's penultimate features (`JudgeFeatures`, torchmetrics' `FrechetInceptionDistance` with a
-custom feature extractor), beside the teacher-vs-teacher distance at other seeds (the noise floor: what two image
-sets of the same model differ by).
+with DDIM, Euler or DPM-Solver++, the last the best at 2 and 4 steps on the bundled model). What a consistency model
+approximates is the teacher's ODE endpoint from the same initial latent at the same guidance, so they are scored
+against the teacher sampled with deterministic DDIM without clipping (`ode_scheduler`) at `ODE_STEPS` steps, and
+by a Fréchet distance between their image set and the teacher's in the judge's penultimate features
+(`JudgeFeatures`, torchmetrics' `FrechetInceptionDistance` with a custom feature extractor), beside the
+teacher-vs-teacher distance at other seeds (the noise floor: what two image sets of the same model differ by).
 
 A variant folder holding a tiny decoder (`ov-sd tiny-decoder`) gets its final latents decoded by both decoder IRs
 (`decode_both`): PSNR/SSIM of the tiny decode against the full one from the same latents, the judge's accuracy of each.

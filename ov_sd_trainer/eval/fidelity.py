@@ -512,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", action="append", default=[], metavar="NAME=KIND",
                         help=f"sample --model NAME with KIND ({', '.join(SCHEDULERS)}) on the teacher's noise schedule "
                         "instead of the teacher's scheduler, as a few-step variant (the naive baseline: the teacher's "
-                        "export at --steps NAME=4 --scheduler NAME=euler) (repeatable)")  # fmt: skip
+                        "export at --steps NAME=4 --scheduler NAME=dpm, its best) (repeatable)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
     parser.add_argument("--subset", type=int, default=None, help="N evenly spaced prompts of the 132 (default all)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
