@@ -14,7 +14,7 @@ from the teacher's scheduler config) and `OUTPUT/openvino` (optimum-intel's expo
 whose UNet has `time_cond_proj_dim` skips classifier-free guidance and embeds guidance_scale - 1 instead, in diffusers
 and in optimum-intel alike, so each step is one UNet call at batch 1:
 
-    ov-sd eval --reference reference --model gd=OUTPUT/openvino --steps gd=4 ...
+    ov-sd eval --reference reference --model gd=OUTPUT/openvino --steps gd=4 --scheduler gd=dpm ...
 
 OpenVINO GenAI has no DPM-Solver scheduler, so it cannot run this folder as written. docs/few-step.md has the
 measurements."""
