@@ -21,11 +21,8 @@ measurements."""
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,27 +32,35 @@ from tqdm import tqdm
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output", required=True, help="a new folder: diffusers/, openvino/, training.json")
+    p.add_argument("--output", required=True, help="folder for diffusers/, openvino/, training.json")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--w", type=float, default=6.5, help="distilled guidance w (CFG scale w + 1)")
     p.add_argument("--dataset-size", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     a = p.parse_args()
-    out = Path(a.output)
-    if out.exists() and any(out.iterdir()):
-        sys.exit(f"error: {out} is not empty; pass a new --output folder")
 
     from ov_sd_trainer import logs
+    from ov_sd_trainer.errors import UserError
+    from ov_sd_trainer.outputs import atomic_output_dir, check_output_dir
+
+    try:
+        check_output_dir(a.output, a.overwrite)  # before the training, not after it
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
     logs.configure()  # the ov-sd commands' quiet output (before the libraries are imported)
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from optimum.intel import OVDiffusionPipeline
 
     from ov_sd_trainer import families
     from ov_sd_trainer.assets import reference_model_path, synthetic
+    from ov_sd_trainer.assets.reference_training import encode_posteriors
     from ov_sd_trainer.lcm import make_student_unet
+    from ov_sd_trainer.train.consistency import empty_prompt_states
     from ov_sd_trainer.train.data import tokenize
 
     torch.manual_seed(a.seed)
@@ -66,12 +71,10 @@ def main() -> int:
     ds = synthetic.make_synthetic_dataset(a.dataset_size, a.seed, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     with torch.no_grad():
         images = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in ds["image"]])
-        images = images.float() / 127.5 - 1
-        latents = torch.cat([pipe.vae.encode(images[i : i + 200]).latent_dist.mean for i in range(0, len(images), 200)])
-        latents = latents * pipe.vae.config.scaling_factor
+        latents = encode_posteriors(pipe.vae, images, batch_size=200)[0] * pipe.vae.config.scaling_factor
         ids = tokenize(pipe.tokenizer, ds["text"])
         cond_all = torch.cat([pipe.text_encoder(ids[i : i + 200])[0] for i in range(0, len(ids), 200)])
-        uncond = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]
+        uncond = empty_prompt_states(pipe.tokenizer, pipe.text_encoder)
 
     sched = pipe.scheduler
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
@@ -97,29 +100,23 @@ def main() -> int:
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
 
     student.eval()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     gd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=student,
                                  scheduler=DPMSolverMultistepScheduler.from_config(sched.config),
                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    gd.save_pretrained(tmp / "diffusers")
-    export = subprocess.run([str(Path(sys.executable).with_name("optimum-cli")), "export", "openvino", "--model",
-                             str(tmp / "diffusers"), "--task", "text-to-image", str(tmp / "openvino")],
-                            capture_output=True, text=True)  # fmt: skip
-    if export.returncode:
-        sys.exit(f"error: optimum-cli export failed (the trained folder is kept in {tmp / 'diffusers'}):\n"
-                 f"{export.stderr[-3000:]}")  # fmt: skip
     every = max(1, a.steps // 20)
-    (tmp / "training.json").write_text(json.dumps({
-        **vars(a), "seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
-        f"loss_every_{every}_steps": [round(float(np.mean(losses[i:i + every])), 5)
-                                              for i in range(0, len(losses), every)],
-    }, indent=1))  # fmt: skip
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    with atomic_output_dir(a.output, a.overwrite) as tmp:
+        gd.save_pretrained(tmp / "diffusers")
+        # optimum-intel's export, as `export.openvino.export_openvino_pipeline` makes it
+        OVDiffusionPipeline.from_pretrained(tmp / "diffusers", export=True, compile=False).save_pretrained(
+            tmp / "openvino"
+        )
+        (tmp / "training.json").write_text(json.dumps({
+            **vars(a), "seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
+            f"loss_every_{every}_steps": [round(float(np.mean(losses[i:i + every])), 5)
+                                          for i in range(0, len(losses), every)],
+        }, indent=1))  # fmt: skip
     print(
-        f"wrote {out}: diffusers/, openvino/ (sample with DPM-Solver++ at guidance {a.w + 1:g}, one UNet call a step)"
+        f"wrote {a.output}: diffusers/, openvino/ (sample with DPM-Solver++ at guidance {a.w + 1:g}, one UNet call a step)"
     )
     return 0
 

@@ -24,10 +24,11 @@ def main() -> int:
     logs.configure()
 
     import torch
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from tqdm import tqdm
 
     from ov_sd_trainer.assets import reference_model_path
+    from ov_sd_trainer.eval.fewstep import SCHEDULERS, few_step_scheduler
     from ov_sd_trainer.eval.generate import initial_latents
     from ov_sd_trainer.eval.judge import load_judge
     from ov_sd_trainer.eval.metrics import judge_accuracy
@@ -39,13 +40,12 @@ def main() -> int:
     side = pipe.unet.config.sample_size
     judge, jobs = load_judge(), jobs_for(a.subset, a.seeds)
     latents = initial_latents(jobs, (pipe.unet.config.in_channels, side, side))
-    kinds = {"ddim": (DDIMScheduler, {"clip_sample": False}), "euler": (EulerDiscreteScheduler, {}),
-             "dpm": (DPMSolverMultistepScheduler, {})}  # fmt: skip
-    rows = [(k, sp, n) for k in kinds for sp in ("leading", "trailing") for n in a.steps]
+    teacher_config = dict(pipe.scheduler.config)
+    rows = [(k, sp, n) for k in SCHEDULERS for sp in ("leading", "trailing") for n in a.steps]
     results = {}
     for kind, spacing, n in tqdm(rows, desc="samplers"):
-        cls, extra = kinds[kind]
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing=spacing, **extra)
+        # `ov-sd eval --scheduler`'s own samplers (DDIM without clipping), at the spacing of this column
+        pipe.scheduler = few_step_scheduler(kind, {**teacher_config, "timestep_spacing": spacing})
         images = []
         for i in range(0, len(jobs), 33):
             images += pipe([j["prompt"] for j in jobs[i : i + 33]], num_inference_steps=n,
@@ -58,7 +58,7 @@ def main() -> int:
     cols = [(sp, n) for sp in ("leading", "trailing") for n in a.steps]
     print("| sampler | " + " | ".join(f"{sp}, {n} steps" for sp, n in cols) + " |")
     print("|---|" + "---|" * len(cols))
-    for kind in kinds:
+    for kind in SCHEDULERS:
         cells = [f"{results[kind, sp, n][0]:.1%} {results[kind, sp, n][1]}" for sp, n in cols]
         print(f"| {kind} | " + " | ".join(cells) + " |")
     return 0
